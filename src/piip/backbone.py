@@ -1,0 +1,174 @@
+"""PIIPBackbone: N branches + interactions + branch merging + simple feature pyramid.
+
+One implementation for any number of branches and every task; a single-branch config is a
+plain ViT / ViTDet backbone.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from .branches import Branch, Tokens, build_branch
+from .config import PIIPConfig
+from .layers.deform_attn import MSDeformAttn
+from .layers.interaction import InteractionGroup, default_edges, validate_edges
+from .layers.merge import BranchMerge
+from .layers.pyramid import SimpleFeaturePyramid
+
+
+class PIIPBackbone(nn.Module):
+    """Parameter-inverted image pyramid backbone.
+
+    Input: one batch (B, 3, H, W) at the finest branch's resolution; every other branch gets it
+    resized (bilinear) by the ratio of registered resolutions. ``forward`` returns an
+    OrderedDict of 4 NCHW maps at strides 4, 8, 16, 32 (keys '0'..'3'); ``forward_features``
+    the merged map before the pyramid.
+    """
+
+    def __init__(self, cfg: PIIPConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n = len(cfg.branches)
+        if n < 1:
+            raise ValueError("a PIIP model needs at least one branch")
+        self.branches = nn.ModuleList(build_branch(b, name=f"branch {i} ({_describe(b)})")
+                                      for i, b in enumerate(cfg.branches))
+        base = cfg.branches[0].img_size
+        self.scales = [b.img_size / base for b in cfg.branches]
+        num_groups = {br.num_groups for br in self.branches}
+        if len(num_groups) != 1:
+            raise ValueError(f"all branches need the same number of interaction groups, got "
+                             f"{[br.num_groups for br in self.branches]}")
+        self.num_groups = num_groups.pop()
+        self.edges = validate_edges(cfg.edges, n) if cfg.edges is not None else default_edges(n)
+        if n > 1 and self.edges:
+            self.interactions = nn.ModuleList(
+                InteractionGroup([br.group_dims[g] for br in self.branches], self.edges,
+                                 with_proj=cfg.interaction_proj, attn_type=cfg.attn_type,
+                                 num_heads=cfg.deform_num_heads, num_points=cfg.n_points,
+                                 deform_ratio=cfg.deform_ratio, with_cffn=cfg.with_cffn,
+                                 cffn_ratio=cfg.cffn_ratio, drop_path=cfg.interaction_drop_path)
+                for g in range(self.num_groups))
+        else:
+            self.interactions = None
+        self.embed_dim = max(br.out_dim for br in self.branches)
+        if cfg.merge is not None and (n > 1 or cfg.merge == "linear"):
+            self.merge: Optional[BranchMerge] = BranchMerge([br.out_dim for br in self.branches],
+                                                            self.embed_dim, cfg.merge)
+        else:
+            if n > 1 and cfg.task != "classification":
+                raise ValueError("a multi-branch dense model needs merge='conv' or 'linear'")
+            self.merge = None
+        self.pyramid = SimpleFeaturePyramid(self.embed_dim, cfg.pyramid) if cfg.pyramid else None
+        self.out_channels = self.embed_dim
+        self._init_new_modules()
+
+    # ------------------------------------------------------------------ init
+    def _init_new_modules(self) -> None:
+        for mod in (self.interactions, self.merge, self.pyramid):
+            if mod is not None:
+                mod.apply(_init_weights)
+        if self.interactions is not None:
+            for m in self.interactions.modules():
+                if isinstance(m, MSDeformAttn):
+                    m.reset_parameters()
+
+    # ------------------------------------------------------------------ inputs
+    def resize_inputs(self, x: Tensor) -> list[Tensor]:
+        """Validate the input and produce each branch's view (finest branch gets ``x`` itself)."""
+        if not isinstance(x, Tensor):
+            raise ValueError(f"PIIP input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"PIIP input must be (B, 3, H, W), got shape {tuple(x.shape)}")
+        if not torch.is_floating_point(x):
+            raise ValueError(f"PIIP input must be a floating-point tensor (float32/bfloat16/float16), got {x.dtype}")
+        h, w = x.shape[-2:]
+        p = self.branches[0].patch_size if hasattr(self.branches[0], "patch_size") else 1
+        stride = p
+        if h % stride or w % stride:
+            raise ValueError(f"branch 0 ({_describe(self.cfg.branches[0])}) cannot take a {h}x{w} input: height and "
+                             f"width must be multiples of {stride} (e.g. {_round_up(h, stride)}x{_round_up(w, stride)})")
+        dtype = self.branches[0].patch_embed.proj.weight.dtype if hasattr(self.branches[0], "patch_embed") else x.dtype
+        x = x.to(dtype)
+        views = []
+        for br, s in zip(self.branches, self.scales):
+            v = x if s >= 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+            br.check_input(*v.shape[-2:])
+            views.append(v)
+        return views
+
+    # ------------------------------------------------------------------ forward
+    def forward_branches(self, x: Tensor) -> list[Tokens]:
+        """Run all branches with interactions; returns each branch's final tokens."""
+        views = self.resize_inputs(x)
+        states = [br.embed(v) for br, v in zip(self.branches, views)]
+        for g in range(self.num_groups):
+            states = [br.forward_group(t, g) for br, t in zip(self.branches, states)]
+            if self.interactions is not None:
+                xs = self.interactions[g]([t.x for t in states], [t.hw for t in states])
+                states = [t._replace(x=nx) for t, nx in zip(states, xs)]
+        return states
+
+    def merge_tokens(self, states: list[Tokens]) -> Tensor:
+        maps = [_to_map(t) for t in states]
+        if self.merge is None and len(maps) > 1:
+            raise RuntimeError("this model has no branch merging (merge=None); use forward_branches()")
+        return self.merge(maps) if self.merge is not None else maps[0]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Merged (B, C, H/16, W/16) map at the finest branch's grid, before the pyramid."""
+        return self.merge_tokens(self.forward_branches(x))
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        feats = self.forward_features(x)
+        if self.pyramid is None:
+            return OrderedDict([("0", feats)])
+        return self.pyramid(feats)
+
+    # ------------------------------------------------------------------ misc
+    @property
+    def branch_resolutions(self) -> list[float]:
+        return [b.img_size for b in self.cfg.branches]
+
+    def extra_repr(self) -> str:
+        return f"resolutions={[round(r, 1) for r in self.branch_resolutions]}, edges={self.edges}"
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters()
+                if n.endswith(("pos_embed", "cls_token")) or "gamma" in n or ".weights." in n}
+
+
+def _to_map(t: Tokens) -> Tensor:
+    b, n, c = t.x.shape
+    return t.x.transpose(1, 2).reshape(b, c, t.hw[0], t.hw[1])
+
+
+def _describe(b: Any) -> str:
+    return f"{b.kind} {b.embed_dim}-wide at {round(b.img_size, 1)} px"
+
+
+def _round_up(v: int, m: int) -> int:
+    return max(m, int(math.ceil(v / m)) * m)
+
+
+def _init_weights(m: nn.Module) -> None:
+    """Initialisation of the modules PIIP adds on top of pretrained branches (released code's)."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+        if m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,144 @@
+"""Plain ViT branch (DeiT / DeiT III / AugReg / ViTDet layout) with optional window attention."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import Tensor, nn
+
+from ..config import BranchConfig
+from ..layers.attention import Attention
+from ..layers.mlp import Mlp
+from .base import Branch, Tokens
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with optional layer scale (gamma_1, gamma_2)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 layer_scale: Optional[float] = None, drop_path: float = 0.0, window_size: int = 0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, window_size=window_size)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale is not None:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        a = self.attn(self.norm1(x), hw)
+        x = x + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)
+        m = self.mlp(self.norm2(x))
+        return x + self.drop_path(m if self.gamma_2 is None else self.gamma_2 * m)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+
+def resize_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
+    """(1, h*w, C) position table -> (1, H*W, C) by bicubic interpolation (float32, no corners)."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos
+    c = pos.shape[-1]
+    grid = pos.float().reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=dst_grid, mode="bicubic", align_corners=False)
+    return grid.flatten(2).transpose(1, 2).to(pos.dtype)
+
+
+class ViTBranch(Branch):
+    """A ViT cut into interaction groups. Keys follow timm/official names (patch_embed.proj,
+    pos_embed, cls_token, blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,gamma_1,gamma_2})."""
+
+    def __init__(self, cfg: BranchConfig, name: str = "branch") -> None:
+        super().__init__()
+        self.cfg, self.name = cfg, name
+        self.patch_size = cfg.patch_size
+        if cfg.embed_dim % cfg.num_heads:
+            raise ValueError(f"{name}: embed_dim={cfg.embed_dim} not divisible by num_heads={cfg.num_heads}")
+        if len(cfg.window_sizes) != cfg.depth:
+            raise ValueError(f"{name}: window_sizes has {len(cfg.window_sizes)} entries for depth {cfg.depth}")
+        if cfg.cls_token and any(w > 0 for w in cfg.window_sizes):
+            raise ValueError(f"{name}: a class token cannot be combined with windowed attention")
+        self.groups = _check_groups(cfg.interaction_groups, cfg.depth, name)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
+        grid = cfg.pos_grid or max(1, int(cfg.img_size) // cfg.patch_size)
+        self.pos_grid = (grid, grid)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.cls_token else None
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale, cfg.drop_path, ws)
+            for ws in cfg.window_sizes)
+        self.group_dims = [cfg.embed_dim] * len(self.groups)
+        self.group_strides = [cfg.patch_size] * len(self.groups)
+        self._pos_cache: dict = {}
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def check_input(self, h: int, w: int) -> None:
+        p = self.patch_size
+        if h < p or w < p:
+            raise ValueError(f"{self.name} ({self.cfg.embed_dim}-wide ViT, patch {p}) received a {h}x{w} view, "
+                             f"smaller than one patch; use a larger input (at least {p} px per side for this branch)")
+
+    def pos_embed_for(self, hw: tuple[int, int]) -> Tensor:
+        """Position table at grid ``hw``; cached in eval mode while the parameter is unchanged."""
+        if torch.is_grad_enabled() and self.pos_embed.requires_grad:
+            return resize_pos_embed(self.pos_embed, self.pos_grid, hw)
+        key = (hw, self.pos_embed._version, self.pos_embed.dtype, self.pos_embed.device, self.pos_embed.data_ptr())
+        hit = self._pos_cache.get(hw)
+        if hit is None or hit[0] != key:
+            hit = (key, resize_pos_embed(self.pos_embed.detach(), self.pos_grid, hw))
+            self._pos_cache = {hw: hit} if len(self._pos_cache) > 8 else {**self._pos_cache, hw: hit}
+        return hit[1]
+
+    def embed(self, img: Tensor) -> Tokens:
+        x, hw = self.patch_embed(img)
+        x = x + self.pos_embed_for(hw).to(x.dtype)
+        cls = self.cls_token.expand(x.shape[0], -1, -1) if self.cls_token is not None else None
+        return Tokens(x, hw, cls)
+
+    def forward_group(self, tokens: Tokens, group: int) -> Tokens:
+        x, hw, cls = tokens
+        first, last = self.groups[group]
+        if cls is not None:
+            x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks[first:last + 1]:
+            x = blk(x, hw)
+        if cls is not None:
+            cls, x = x[:, :1], x[:, 1:]
+        return Tokens(x, hw, cls)
+
+
+def _check_groups(groups: list[list[int]], depth: int, name: str) -> list[tuple[int, int]]:
+    out, expected = [], 0
+    for g in groups:
+        if len(g) != 2 or g[0] != expected or g[1] < g[0]:
+            raise ValueError(f"{name}: interaction_groups {groups} must be consecutive [first, last] block ranges "
+                             f"covering blocks 0..{depth - 1}")
+        out.append((int(g[0]), int(g[1])))
+        expected = g[1] + 1
+    if expected != depth:
+        raise ValueError(f"{name}: interaction_groups {groups} cover {expected} blocks, branch has {depth}")
+    return out

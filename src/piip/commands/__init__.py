@@ -1,0 +1,1 @@
+"""Sub-commands of the ``piip`` CLI (see :mod:`piip.cli`)."""

@@ -1,0 +1,126 @@
+"""Configuration of a PIIP model: plain dataclasses, JSON-serialisable (saved next to weights)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class BranchConfig:
+    """One branch: a ViT fed the image at ``img_size`` (its registered resolution).
+
+    ``interaction_groups`` lists, for each interaction, the inclusive [first, last] block run
+    before it. ``window_sizes`` has one entry per block: 0 = global attention.
+    ``pos_grid`` is the grid the position embedding is stored at (the pretraining grid);
+    None stores it at this branch's own grid.
+    """
+
+    img_size: float
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    kind: str = "vit"
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layer_scale: Optional[float] = 1.0
+    drop_path: float = 0.0
+    cls_token: bool = False
+    pos_grid: Optional[int] = 14
+    window_sizes: Optional[list[int]] = None
+    interaction_groups: Optional[list[list[int]]] = None
+
+    def __post_init__(self) -> None:
+        if self.window_sizes is None:
+            self.window_sizes = [0] * self.depth
+        if self.interaction_groups is None:
+            self.interaction_groups = [[i, i] for i in range(self.depth)]
+
+
+@dataclass
+class PIIPConfig:
+    """A whole model. Branches are ordered from the finest resolution (smallest model) up."""
+
+    branches: list[BranchConfig]
+    attn_type: str = "deform"          # 'deform' | 'normal' cross-attention in interactions
+    deform_num_heads: int = 16
+    n_points: int = 4
+    deform_ratio: float = 0.5
+    with_cffn: bool = True
+    cffn_ratio: float = 0.25
+    interaction_drop_path: float = 0.4
+    interaction_proj: bool = True
+    edges: Optional[list[list[int]]] = None   # directed (src, dst); None = bidirectional adjacent
+    merge: Optional[str] = "conv"            # 'conv' | 'linear' | None (single branch)
+    pyramid: Optional[str] = "gn"            # 'gn' | 'ln' | None
+    task: str = "dense"                       # 'dense' | 'classification'
+    head: str = "cls_token"                   # classification: 'cls_token' | 'merged'
+    # token the per-branch heads read: 'cls' (the class token) or 'first_patch' (what the released
+    # classification code actually feeds its heads: token 0 after the class token is split off)
+    head_token: str = "cls"
+    num_classes: int = 1000
+
+    @property
+    def img_size(self) -> float:
+        return self.branches[0].img_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PIIPConfig":
+        d = dict(d)
+        d["branches"] = [BranchConfig(**b) for b in d["branches"]]
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> "PIIPConfig":
+        """A copy with overrides. ``img_size`` rescales every branch together; ``branches`` may be
+        a dict applied to every branch or a list of per-branch dicts."""
+        overrides = dict(overrides)
+        branches = [dataclasses.replace(b) for b in self.branches]
+        if "img_size" in overrides:
+            size = overrides.pop("img_size")
+            if not isinstance(size, (int, float)) or size <= 0:
+                raise ValueError(f"img_size must be a positive number, got {size!r}")
+            factor = size / self.branches[0].img_size
+            for b in branches:
+                b.img_size = b.img_size * factor
+        if "branches" in overrides:
+            bo = overrides.pop("branches")
+            per = [bo] * len(branches) if isinstance(bo, dict) else list(bo)
+            if len(per) != len(branches):
+                raise ValueError(f"branches override has {len(per)} entries, model has {len(branches)} branches")
+            branches = [_replace_branch(b, o or {}) for b, o in zip(branches, per)]
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"unknown model overrides {sorted(unknown)}; valid: img_size, {sorted(names)}")
+        return dataclasses.replace(self, branches=branches, **overrides)
+
+
+def _replace_branch(b: BranchConfig, o: dict[str, Any]) -> BranchConfig:
+    names = {f.name for f in dataclasses.fields(b)}
+    unknown = set(o) - names
+    if unknown:
+        raise ValueError(f"unknown branch overrides {sorted(unknown)}; valid: {sorted(names)}")
+    new = dataclasses.replace(b, **o)
+    if "depth" in o and "window_sizes" not in o:
+        new.window_sizes = (list(b.window_sizes) * new.depth)[:new.depth] if b.window_sizes else None
+    if "depth" in o and "interaction_groups" not in o:
+        new.interaction_groups = None
+    new.__post_init__()
+    return new
+
+
+def uniform_groups(depth: int, num_groups: int) -> list[list[int]]:
+    """Split ``depth`` blocks into ``num_groups`` equal consecutive groups."""
+    if depth % num_groups:
+        raise ValueError(f"cannot split {depth} blocks into {num_groups} equal interaction groups")
+    k = depth // num_groups
+    return [[i * k, i * k + k - 1] for i in range(num_groups)]
+
+
+def windows(depth: int, size: int, global_every: Optional[int] = None) -> list[int]:
+    """Window size per block; with ``global_every=n`` every n-th block (n-1, 2n-1, ...) is global."""
+    return [0 if global_every and (i + 1) % global_every == 0 else size for i in range(depth)]

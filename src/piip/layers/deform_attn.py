@@ -1,0 +1,66 @@
+"""Deformable cross-attention module (one level per attention in PIIP)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.ms_deform_attn import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Deformable-DETR attention whose values may be narrower than the query (``ratio``).
+
+    Key layout matches the released PIIP code: sampling_offsets, attention_weights, value_proj,
+    output_proj.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_points: int = 4, num_levels: int = 1,
+                 ratio: float = 1.0, dim_feat: int | None = None) -> None:
+        super().__init__()
+        value_dim = int(dim * ratio)
+        if value_dim % num_heads:
+            raise ValueError(f"MSDeformAttn: value width {value_dim} (dim={dim} x ratio={ratio}) "
+                             f"is not divisible by num_heads={num_heads}")
+        self.dim, self.num_heads, self.num_points, self.num_levels = dim, num_heads, num_points, num_levels
+        self.value_dim = value_dim
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim_feat or dim, value_dim)
+        self.output_proj = nn.Linear(value_dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable-DETR init: offsets start on a ring of directions, one radius per point."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query: Tensor, reference_points: Tensor, feat: Tensor,
+                spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
+        """query (N, Lq, C); reference_points (1 or N, Lq, L, 2) in [0, 1]; feat (N, S, C_feat)."""
+        n, lq, _ = query.shape
+        s = feat.shape[1]
+        value = self.value_proj(feat).view(n, s, self.num_heads, self.value_dim // self.num_heads)
+        offsets = self.sampling_offsets(query).view(n, lq, self.num_heads, self.num_levels, self.num_points, 2)
+        weights = self.attention_weights(query).view(n, lq, self.num_heads, self.num_levels * self.num_points)
+        weights = F.softmax(weights, -1).view(n, lq, self.num_heads, self.num_levels, self.num_points)
+        normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        # sampling runs in at least float32, as the released code does, for bf16/fp16 models
+        dt = torch.promote_types(value.dtype, torch.float32)
+        out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))
+        return self.output_proj(out.to(value.dtype))

@@ -1,0 +1,47 @@
+"""Feed-forward layers: the ViT MLP and the interaction unit's ConvFFN."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear (timm key layout: fc1, fc2)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DWConv(nn.Module):
+    """3x3 depthwise convolution applied to tokens laid out on their H x W grid."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=True)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        b, n, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
+        return self.dwconv(x).flatten(2).transpose(1, 2)
+
+
+class ConvFFN(nn.Module):
+    """Linear -> depthwise 3x3 conv on the token grid -> GELU -> Linear."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        x = self.drop(self.act(self.dwconv(self.fc1(x), hw)))
+        return self.drop(self.fc2(x))

@@ -1,0 +1,121 @@
+"""Multi-scale deformable attention (Deformable-DETR semantics) without compiled extensions.
+
+The reference implementation samples every level with ``grid_sample``; it is the ground
+truth that faster implementations (see issue "Speed") are checked against.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "register_impl", "available_impls"]
+
+_IMPLS: Dict[str, Callable[..., Tensor]] = {}
+
+
+def register_impl(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register an implementation of the op under ``name`` (selectable via PIIP_DEFORM_IMPL)."""
+
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        _IMPLS[name] = fn
+        return fn
+
+    return deco
+
+
+def available_impls() -> list[str]:
+    return sorted(_IMPLS)
+
+
+def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                  sampling_locations: Tensor, attention_weights: Tensor) -> None:
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be (N, S, M, D), got shape {tuple(value.shape)}")
+    n, s, m, _ = value.shape
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2), got {tuple(spatial_shapes.shape)}")
+    num_levels = spatial_shapes.shape[0]
+    if level_start_index.shape != (num_levels,):
+        raise ValueError(f"ms_deform_attn: level_start_index must be ({num_levels},), "
+                         f"got {tuple(level_start_index.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError("ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), "
+                         f"got {tuple(sampling_locations.shape)}")
+    nq, lq, mq, lvl, p, _ = sampling_locations.shape
+    if (nq, mq, lvl) != (n, m, num_levels):
+        raise ValueError(f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} do not match "
+                         f"value {tuple(value.shape)} and {num_levels} level(s)")
+    if attention_weights.shape != (n, lq, m, num_levels, p):
+        raise ValueError(f"ms_deform_attn: attention_weights must be {(n, lq, m, num_levels, p)}, "
+                         f"got {tuple(attention_weights.shape)}")
+    if int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum()) != s:
+        raise ValueError(f"ms_deform_attn: spatial_shapes cover "
+                         f"{int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())} positions "
+                         f"but value has S={s}")
+
+
+@register_impl("reference")
+def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                             sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """Per-level bilinear ``grid_sample`` (align_corners=False, zero padding), then weighted sum."""
+    n, _, m, d = value.shape
+    _, lq, _, num_levels, p, _ = sampling_locations.shape
+    grids = 2.0 * sampling_locations - 1.0  # [0, 1] -> [-1, 1]
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = value[:, starts[lvl]:starts[lvl] + h * w]  # (N, HW, M, D)
+        v = v.permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(n * m, lq, p, 2)
+        sampled.append(F.grid_sample(v, g.to(v.dtype), mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))  # (N*M, D, Lq, P)
+    stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (N*M, D, Lq, L*P)
+    w = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * p).to(stacked.dtype)
+    out = (stacked * w).sum(-1)  # (N*M, D, Lq)
+    return out.view(n, m * d, lq).transpose(1, 2).contiguous()
+
+
+def _select_impl(impl: Optional[str], value: Tensor) -> str:
+    name = impl or os.environ.get("PIIP_DEFORM_IMPL") or ""
+    if not name:
+        # Best available: implementations registered later (fused, triton) declare priority.
+        for candidate in ("triton", "fused", "reference"):
+            if candidate in _IMPLS and _supports(candidate, value):
+                return candidate
+        return "reference"
+    if name not in _IMPLS:
+        raise ValueError(f"unknown deformable-attention implementation {name!r}; "
+                         f"available: {available_impls()}")
+    return name
+
+
+def _supports(name: str, value: Tensor) -> bool:
+    fn = _IMPLS[name]
+    check = getattr(fn, "supports", None)
+    return True if check is None else bool(check(value))
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                   sampling_locations: Tensor, attention_weights: Tensor,
+                   impl: Optional[str] = None) -> Tensor:
+    """Multi-scale deformable attention.
+
+    Args:
+        value: (N, S, M, D) values of all levels, flattened row-major per level.
+        spatial_shapes: (L, 2) long, (H, W) of each level.
+        level_start_index: (L,) offset of each level in S.
+        sampling_locations: (N, Lq, M, L, P, 2), (x, y) normalised to [0, 1]; outside reads zeros.
+        attention_weights: (N, Lq, M, L, P).
+        impl: ``reference`` or another registered name; default from ``PIIP_DEFORM_IMPL`` or the
+            fastest available one.
+    Returns:
+        (N, Lq, M * D)
+    """
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _IMPLS[_select_impl(impl, value)](value, spatial_shapes, level_start_index,
+                                            sampling_locations, attention_weights)

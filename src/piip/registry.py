@@ -1,0 +1,83 @@
+"""timm-style model registry: ``create_model(name, **overrides)`` and ``list_models()``."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from .config import PIIPConfig
+
+_REGISTRY: dict[str, Callable[[], PIIPConfig]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_model(name: str, description: str = "") -> Callable[[Callable[[], PIIPConfig]], Callable[[], PIIPConfig]]:
+    """Decorator registering a function that returns the model's :class:`PIIPConfig`."""
+
+    def deco(fn: Callable[[], PIIPConfig]) -> Callable[[], PIIPConfig]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0] if (description or fn.__doc__) else ""
+        return fn
+
+    return deco
+
+
+def list_models(pattern: Optional[str] = None) -> list[str]:
+    """Registered names, sorted; ``pattern`` is a shell wildcard such as ``'piip_tsb*'``."""
+    names = sorted(_REGISTRY)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def describe_model(name: str) -> str:
+    _check_name(name)
+    return _DESCRIPTIONS[name]
+
+
+def get_config(name: str, **overrides: Any) -> PIIPConfig:
+    """The registered configuration with overrides applied (see :meth:`PIIPConfig.replace`)."""
+    _check_name(name)
+    cfg = _REGISTRY[name]()
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def build_from_config(cfg: PIIPConfig) -> nn.Module:
+    """Instantiate the task model a config describes."""
+    if cfg.task == "classification":
+        from .tasks.classification import PIIPClassifier
+        return PIIPClassifier(cfg)
+    if cfg.task == "dense":
+        from .backbone import PIIPBackbone
+        return PIIPBackbone(cfg)
+    raise ValueError(f"unknown task {cfg.task!r}: expected 'dense' or 'classification'")
+
+
+def create_model(name: str, pretrained_branches: Optional[list] = None, checkpoint: Optional[str] = None,
+                 **overrides: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models`.
+        pretrained_branches: per-branch weights (paths or timm names, ``None`` to skip), finest first.
+        checkpoint: an official PIIP checkpoint or a piip safetensors file to load.
+        **overrides: config fields, e.g. ``img_size=224``, ``merge='linear'``,
+            ``branches={'embed_dim': 64, 'num_heads': 2}``.
+    """
+    model = build_from_config(get_config(name, **overrides))
+    if pretrained_branches is not None or checkpoint is not None:
+        from . import weights  # loading code lives with the weights
+        if pretrained_branches is not None:
+            weights.load_pretrained_branches(model, pretrained_branches)
+        if checkpoint is not None:
+            weights.load_checkpoint(model, checkpoint)
+    return model
+
+
+def _check_name(name: str) -> None:
+    if name not in _REGISTRY:
+        import difflib
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (piip.list_models() lists {len(_REGISTRY)} models)")

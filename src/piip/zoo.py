@@ -1,0 +1,105 @@
+"""The paper's configurations with the released hyper-parameters.
+
+Branches are listed finest resolution (smallest model) first: PIIP-TSB 1120/896/448 is ViT-T at
+1120, ViT-S at 896, ViT-B at 448. Sources: the released Mask R-CNN and classification configs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .config import BranchConfig, PIIPConfig, uniform_groups, windows
+from .registry import register_model
+
+# width, depth, heads of the DeiT sizes
+VIT_SIZES = {"T": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "H": (1280, 32, 16)}
+# released detection drop-path rates (constant per block)
+DET_DROP_PATH = {"T": 0.05, "S": 0.05, "B": 0.15, "L": 0.4, "H": 0.5}
+
+
+def vit(size: str, img_size: float, groups: int = 12, window: int = 0, drop_path: float = 0.0,
+        cls_token: bool = False, pos_grid: Optional[int] = 14, layer_scale: Optional[float] = 1.0,
+        global_every: Optional[int] = None) -> BranchConfig:
+    dim, depth, heads = VIT_SIZES[size]
+    return BranchConfig(img_size=img_size, embed_dim=dim, depth=depth, num_heads=heads, drop_path=drop_path,
+                        cls_token=cls_token, pos_grid=pos_grid, layer_scale=layer_scale,
+                        window_sizes=windows(depth, window, global_every) if window else [0] * depth,
+                        interaction_groups=uniform_groups(depth, groups))
+
+
+def _detection(sizes: str, resolutions: tuple[int, ...], window: int) -> PIIPConfig:
+    branches = [vit(s, r, window=window, drop_path=DET_DROP_PATH[s]) for s, r in zip(sizes, resolutions)]
+    return PIIPConfig(branches=branches, merge="conv", pyramid="gn")
+
+
+def _register_detection(sizes: str, resolutions: tuple[int, ...], window: int) -> None:
+    name = f"piip_{sizes.lower()}_{'_'.join(map(str, resolutions))}"
+    desc = f"PIIP-{sizes} {'/'.join(map(str, resolutions))} detection backbone (released Mask R-CNN config)"
+    register_model(name, desc)(lambda: _detection(sizes, resolutions, window))
+
+
+for _res in ((1120, 896, 448), (1568, 896, 448), (1568, 1120, 672)):
+    _register_detection("TSB", _res, 14)
+for _res in ((1120, 672, 448), (1344, 896, 448), (1568, 896, 672)):
+    _register_detection("SBL", _res, 28)
+for _res in ((1344, 896, 672, 448), (1568, 1120, 672, 448), (1792, 1568, 1120, 448)):
+    _register_detection("TSBL", _res, 28)
+
+
+@register_model("vitdet_b_1024", "ViTDet-B at 1024 (window 14, global blocks 2/5/8/11), single-branch baseline")
+def vitdet_b_1024() -> PIIPConfig:
+    return PIIPConfig(branches=[vit("B", 1024, groups=1, window=14, drop_path=0.15, global_every=3)],
+                      merge=None, pyramid="ln")
+
+
+@register_model("vitdet_l_1024", "ViTDet-L at 1024 (window 14, every third block global), single-branch baseline")
+def vitdet_l_1024() -> PIIPConfig:
+    return PIIPConfig(branches=[vit("L", 1024, groups=1, window=14, drop_path=0.4, global_every=3)],
+                      merge=None, pyramid="ln")
+
+
+def _classification(branches: list[BranchConfig], **kw) -> PIIPConfig:
+    return PIIPConfig(branches=branches, merge=None, pyramid=None, task="classification", **kw)
+
+
+@register_model("piip_tsb_368_192_128_cls", "PIIP-TSB 368/192/128 ImageNet classifier (DeiT branches)")
+def piip_tsb_368_192_128_cls() -> PIIPConfig:
+    # DeiT-1 branches with layer scale 1; position tables stored at each branch's own grid
+    return _classification([vit("T", 368, drop_path=0.05, cls_token=True, pos_grid=None),
+                            vit("S", 192, drop_path=0.05, cls_token=True, pos_grid=None),
+                            vit("B", 128, drop_path=0.2, cls_token=True, pos_grid=None)],
+                           head="cls_token", head_token="first_patch")
+
+
+def _sbl_cls(res: tuple[int, int, int]) -> PIIPConfig:
+    # AugReg branches: no layer scale, position tables at the 224 pretraining grid
+    return _classification([vit("S", res[0], drop_path=0.05, cls_token=True, layer_scale=None),
+                            vit("B", res[1], drop_path=0.2, cls_token=True, layer_scale=None),
+                            vit("L", res[2], drop_path=0.4, cls_token=True, layer_scale=None)],
+                           head="cls_token", head_token="first_patch")
+
+
+register_model("piip_sbl_320_160_96_cls", "PIIP-SBL 320/160/96 ImageNet classifier (AugReg branches)")(
+    lambda: _sbl_cls((320, 160, 96)))
+register_model("piip_sbl_384_192_128_cls", "PIIP-SBL 384/192/128 ImageNet classifier (AugReg branches)")(
+    lambda: _sbl_cls((384, 192, 128)))
+
+
+@register_model("piip_b_512_256_128_cls", "PIIP-B 512/256/128 trained from scratch (Table X), merged-feature head")
+def piip_b_512_256_128_cls() -> PIIPConfig:
+    def branch(dim: int, heads: int, res: int) -> BranchConfig:
+        return BranchConfig(img_size=res, embed_dim=dim, depth=12, num_heads=heads, cls_token=False,
+                            pos_grid=None, layer_scale=None, drop_path=0.1)
+    return PIIPConfig(branches=[branch(160, 2, 512), branch(320, 4, 256), branch(640, 8, 128)],
+                      merge="linear", pyramid=None, task="classification", head="merged")
+
+
+@register_model("deit_b_224_cls", "DeiT-B 224 classifier (single-branch baseline)")
+def deit_b_224_cls() -> PIIPConfig:
+    return _classification([vit("B", 224, groups=1, drop_path=0.1, cls_token=True, layer_scale=None)],
+                           head="cls_token")
+
+
+@register_model("vit_l_224_cls", "ViT-L 224 classifier (single-branch baseline)")
+def vit_l_224_cls() -> PIIPConfig:
+    return _classification([vit("L", 224, groups=1, drop_path=0.1, cls_token=True, layer_scale=None)],
+                           head="cls_token")
