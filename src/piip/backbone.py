@@ -106,7 +106,12 @@ class PIIPBackbone(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward_branches(self, x: Tensor) -> list[Tokens]:
         """Run all branches with interactions; returns each branch's final tokens."""
-        views = self.resize_inputs(x)
+        return self.forward_views(self.resize_inputs(x))
+
+    def forward_views(self, views: list[Tensor]) -> list[Tokens]:
+        """Like :meth:`forward_branches` but with each branch's view given explicitly."""
+        if len(views) != len(self.branches):
+            raise ValueError(f"expected {len(self.branches)} views (one per branch), got {len(views)}")
         states = [br.embed(v) for br, v in zip(self.branches, views)]
         for g in range(self.num_groups):
             states = [br.forward_group(t, g) for br, t in zip(self.branches, states)]
