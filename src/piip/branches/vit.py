@@ -99,7 +99,7 @@ class ViTBranch(Branch):
     def check_input(self, h: int, w: int) -> None:
         p = self.patch_size
         if h < p or w < p:
-            raise ValueError(f"{self.name} ({self.cfg.embed_dim}-wide ViT, patch {p}) received a {h}x{w} view, "
+            raise ValueError(f"{self.name} received a {h}x{w} view, "
                              f"smaller than one patch; use a larger input (at least {p} px per side for this branch)")
 
     def pos_embed_for(self, hw: tuple[int, int]) -> Tensor:
