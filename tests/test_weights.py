@@ -15,8 +15,8 @@ import piip
 from piip.branches.vit import ViTBranch
 from piip.config import BranchConfig
 from piip.registry import build_from_config, get_config
-from piip.weights import (convert_mmdet_heads, convert_official_state_dict, load_checkpoint,
-                          load_pretrained_branches, to_official_state_dict)
+from piip.weights import (convert_mmdet_heads, convert_official_state_dict, convert_timm_vit, load_checkpoint,
+                          load_pretrained_branches, read_state_dict, strict_load, to_official_state_dict)
 
 KEYS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
 TINY = dict(img_size=128, branches={"embed_dim": 32, "num_heads": 2, "depth": 2}, deform_num_heads=2)
@@ -57,8 +57,6 @@ def test_timm_branch_reproduces_timm_tokens(tmp_path, variant):
     path = str(tmp_path / "vit.pth")
     torch.save(m.state_dict(), path)
     branch = _branch(cls_token=True, layer_scale=1.0 if variant == "deit3_layer_scale" else None)
-    from piip.weights.timm_branch import convert_timm_vit
-    from piip.weights.io import read_state_dict, strict_load
     bsd, _, notes = convert_timm_vit(read_state_dict(path), branch)
     strict_load(branch, bsd)
     img = torch.randn(2, 3, 64, 64)
@@ -74,8 +72,6 @@ def test_timm_branch_reproduces_timm_tokens(tmp_path, variant):
 def test_timm_layer_scale_folded_and_identity_gammas():
     m = _timm_vit(init_values=0.3)
     branch = _branch(cls_token=True, layer_scale=None)  # no gammas: folded into proj / fc2
-    from piip.weights.timm_branch import convert_timm_vit
-    from piip.weights.io import strict_load
     bsd, _, notes = convert_timm_vit(m.state_dict(), branch)
     strict_load(branch, bsd)
     img = torch.randn(1, 3, 64, 64)
@@ -98,8 +94,6 @@ def test_timm_pos_embed_resized_to_stored_grid_and_detection_branch():
     timm's own bicubic resampling of its position table at 128 px (global attention)."""
     m = _timm_vit(dynamic_img_size=True, class_token=True)
     branch = _branch(img_size=128, pos_grid=8, cls_token=False)
-    from piip.weights.timm_branch import convert_timm_vit
-    from piip.weights.io import strict_load
     bsd, _, notes = convert_timm_vit(m.state_dict(), branch)
     strict_load(branch, bsd)
     assert any("4x4 -> 8x8" in n for n in notes) and any("class token" in n for n in notes)
@@ -118,7 +112,6 @@ def test_timm_pos_embed_resized_to_stored_grid_and_detection_branch():
 def test_timm_patch_kernel_resampled_14_to_16():
     m = _timm_vit(img_size=56, patch_size=14)
     branch = _branch(img_size=64, pos_grid=4)
-    from piip.weights.timm_branch import convert_timm_vit
     bsd, _, notes = convert_timm_vit(m.state_dict(), branch)
     assert bsd["patch_embed.proj.weight"].shape[-2:] == (16, 16)
     assert any("(14, 14) -> (16, 16)" in n for n in notes)
@@ -239,7 +232,6 @@ def test_official_checkpoint_classification_and_safetensors(tmp_path):
     with torch.no_grad():
         assert torch.equal(src(x), dst(x))
     # the conversion the CLI performs (meta-device model) -> safetensors, loadable by load_checkpoint
-    from piip.weights.io import read_state_dict
     with torch.device("meta"):
         meta_model = build_from_config(get_config("piip_tsb_368_192_128_cls", **kw))
     ours, _ = convert_official_state_dict(read_state_dict(path), meta_model)

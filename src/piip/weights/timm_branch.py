@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -215,4 +215,4 @@ def describe_reports(reports: Sequence[BranchLoadReport]) -> str:
     return "\n".join(f"branch {r.branch} <- {r.source}: " + "; ".join(r.notes or ["as is"]) for r in reports)
 
 
-__all__: list[Any] = ["BranchLoadReport", "convert_timm_vit", "load_pretrained_branches", "describe_reports"]
+__all__ = ["BranchLoadReport", "convert_timm_vit", "load_pretrained_branches", "describe_reports"]
