@@ -6,9 +6,10 @@ from .config import BranchConfig, PIIPConfig
 from .ops import ms_deform_attn
 from .registry import build_from_config, create_model, describe_model, get_config, list_models, register_model
 from .tasks.classification import PIIPClassifier
+from .weights import from_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = ["PIIPBackbone", "PIIPClassifier", "Branch", "Tokens", "ViTBranch", "BranchConfig", "PIIPConfig",
            "ms_deform_attn", "create_model", "list_models", "get_config", "describe_model", "register_model",
-           "build_from_config", "__version__"]
+           "build_from_config", "save_pretrained", "from_pretrained", "__version__"]

@@ -1,0 +1,153 @@
+"""Official PIIP checkpoints (OpenGVLab/PIIP) <-> piip modules.
+
+Official models number branches the other way round: official ``branch1`` is the largest model
+(coarsest input), our ``branches.0`` the finest. With N branches, official ``branch{k}`` is our
+``branches.{N-k}``. Interaction unit ``interaction_units_{a}{b}`` (official a < b, adjacent) holds
+``branch2to1_*`` (official b -> a) and ``branch1to2_*`` (a -> b); ours are ``edges.{src}to{dst}``.
+The mapping is written once, ours -> official, and inverted over the model's own keys, so every
+model key has exactly one official name and anything else in a checkpoint is reported.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Mapping, Optional
+
+from torch import Tensor, nn
+
+from .io import check_state_dict, read_state_dict, strict_load
+
+_EDGE = re.compile(r"^interactions\.(\d+)\.edges\.(\d+)to(\d+)\.(proj|injector)\.(.+)$")
+
+
+def official_name(key: str, num_branches: int) -> str:
+    """Our backbone key -> the official backbone key (no 'backbone.' prefix)."""
+    n = num_branches
+    parts = key.split(".")
+    if parts[0] == "branches":
+        rest = ".".join(parts[2:])
+        return rest if n == 1 else f"branch{n - int(parts[1])}.{rest}"
+    if parts[0] == "merge":
+        i = int(parts[2])
+        if parts[1] == "weights":
+            return f"w{n - i}"
+        return f"merge_branch{n - i}." + ".".join(parts[3:])
+    if parts[0] == "pyramid":
+        level = parts[1]  # fpn1 / fpn2 (fpn3 identity, fpn4 max-pool have no weights)
+        return (f"up{level[3:]}" if n == 1 else level) + "." + ".".join(parts[2:])
+    m = _EDGE.match(key)
+    if m:
+        group, s, d, kind, rest = m.groups()
+        src, dst = n - int(s), n - int(d)
+        a, b = min(src, dst), max(src, dst)
+        if b - a != 1:
+            raise ValueError(f"{key}: the official code only has interactions between adjacent branches")
+        direction = "branch2to1" if src == b else "branch1to2"
+        return f"interactions.{group}.interaction_units_{a}{b}.{direction}_{kind}.{rest}"
+    raise ValueError(f"{key}: no official equivalent")
+
+
+def _official_names(model: nn.Module) -> tuple[dict[str, str], str]:
+    """{official key: our key} for every tensor of ``model``, and the checkpoint's task kind."""
+    from ..backbone import PIIPBackbone
+    from ..tasks.classification import PIIPClassifier
+    if isinstance(model, PIIPClassifier):
+        if model.cfg.head != "cls_token":
+            raise ValueError("only head='cls_token' classifiers have an official checkpoint layout")
+        n = len(model.backbone.branches)
+        table = {official_name(k, n): f"backbone.{k}" for k in model.backbone.state_dict()}
+        for k in model.heads.state_dict():
+            i, sub, rest = k.split(".", 2)
+            table[f"branch{n - int(i)}.{'norm' if sub == 'norm' else 'head'}.{rest}"] = f"heads.{k}"
+        return table, "classification"
+    if isinstance(model, PIIPBackbone):
+        n = len(model.branches)
+        return {official_name(k, n): k for k in model.state_dict()}, "detection"
+    raise ValueError(f"official checkpoints load into a PIIPBackbone or PIIPClassifier, not {type(model).__name__}")
+
+
+def convert_official_state_dict(sd: Mapping[str, Tensor], model: nn.Module,
+                                source: str = "official checkpoint") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Official state dict (the checkpoint's ``state_dict`` or ``model``) -> (our state dict for ``model``,
+    the detector's neck/head tensors that a backbone cannot hold). Raises on any key or shape mismatch.
+
+    Works on meta tensors (key/shape checks without memory).
+    """
+    table, kind = _official_names(model)
+    sd = dict(sd)
+    extra: dict[str, Tensor] = {}
+    if kind == "detection":
+        if not any(k.startswith("backbone.") for k in sd) and any(k in table for k in sd):
+            pass  # a bare backbone state dict
+        else:
+            extra = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+            sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    ours, unexpected = {}, []
+    for k, v in sd.items():
+        if k in table:
+            ours[table[k]] = v
+        else:
+            unexpected.append(k)
+    missing = sorted(k for k, v in table.items() if k not in sd)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing official key(s): {', '.join(missing[:20])}"
+                         + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(sorted(unexpected)[:20])}"
+                         + (" ..." if len(unexpected) > 20 else ""))
+        raise ValueError(f"{source} does not match this {kind} model ({type(model).__name__}, "
+                         f"{len(table)} tensors): " + "; ".join(parts)
+                         + ". Check that the model name matches the checkpoint's config.")
+    check_state_dict(model, ours, source)
+    return ours, extra
+
+
+def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Our model's weights under official names (detection: with 'backbone.' prefix, as in mmdet files)."""
+    table, kind = _official_names(model)
+    own = model.state_dict()
+    prefix = "backbone." if kind == "detection" else ""
+    return {prefix + off: own[ours] for off, ours in table.items()}
+
+
+def _find_piip(model: nn.Module) -> tuple[str, nn.Module]:
+    from ..backbone import PIIPBackbone
+    from ..tasks.classification import PIIPClassifier
+    if isinstance(model, (PIIPBackbone, PIIPClassifier)):
+        return "", model
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, (PIIPBackbone, PIIPClassifier))]
+    if len(found) != 1:
+        raise ValueError(f"{type(model).__name__} contains {len(found)} PIIP backbones; expected exactly one")
+    return found[0][0] + ".", found[0][1]
+
+
+def load_checkpoint(model: nn.Module, path: str, weights_only: bool = True) -> Optional[dict[str, Tensor]]:
+    """Load an official PIIP checkpoint (mmdet detection or classification) or a piip safetensors file.
+
+    ``model`` is a PIIPBackbone, a PIIPClassifier, or a detector containing one PIIPBackbone. For a
+    detector with torchvision ``rpn``/``roi_heads``, the mmdet neck and heads are converted too
+    (see :func:`convert_mmdet_heads`); for a bare backbone they are skipped with a warning and returned.
+    """
+    sd = read_state_dict(path, weights_only=weights_only)
+    own = model.state_dict()
+    if sum(k in own for k in sd) > len(sd) / 2:  # our own naming (save_pretrained / piip convert)
+        strict_load(model, sd, path)
+        return None
+    prefix, piip_model = _find_piip(model)
+    ours, extra = convert_official_state_dict(sd, piip_model, path)
+    full = {prefix + k: v for k, v in ours.items()}
+    if prefix and hasattr(model, "rpn") and hasattr(model, "roi_heads"):
+        from .mmdet_heads import convert_mmdet_heads
+        full.update(convert_mmdet_heads(extra))
+        strict_load(model, full, path)
+        return None
+    if prefix:
+        raise ValueError(f"{type(model).__name__} holds other modules besides its PIIP backbone; only torchvision "
+                         "detectors (with rpn and roi_heads) are supported; load into the backbone instead")
+    strict_load(model, full, path)
+    if extra:
+        warnings.warn(f"{path}: {len(extra)} neck/head tensors ({sorted({k.split('.')[0] for k in extra})}) were "
+                      "not loaded: the model is a backbone; convert them with piip.weights.convert_mmdet_heads")
+    return extra or None
