@@ -18,7 +18,9 @@ analytic attention terms of the official ``get_flops_det.py``):
   ``nn.MaxPool2d``: 1 x elements; GELU, softmax, residual adds, resizing (input pyramid, position
   tables, merge upsampling) and pooling by ``mean`` are not counted;
 * self-attention products: 2·N·M·d for N queries over M keys of total width d
-  (global: M = N, class token included; windowed: M = window², on the unpadded N tokens);
+  (global: M = N, class token included; windowed: M = window², on the unpadded N tokens in the
+  paper convention; as built, on the zero-padded grid the windows really cover, the qkv
+  projection included);
 * deformable cross-attention sampling: 5·N·K·d with N query tokens, K = points x levels (4) and d the
   query width; its linear layers are counted as Linears (value_proj on the feature tokens);
   regular cross-attention (ablation): 2·Nq·Nk·d.
@@ -202,12 +204,14 @@ def module_flops(m: nn.Module, geom: Geom) -> Optional[tuple[str, int]]:
 
 
 def _walk(root: nn.Module, geom: Geom, cost: ModuleCost, overrides: Optional[dict[int, Geom]] = None,
-          width: Optional[int] = None) -> None:
+          width: Optional[int] = None, padded: bool = False) -> None:
     """Add the FLOPs of every module under ``root`` to ``cost``.
 
     ``overrides`` maps ``id(module)`` to the geometry that module (and its children) read, e.g. the
     feature branch's tokens for an interaction's projection. ``width`` is the channel count
-    used for element-wise modules (ReLU, pooling) that do not know their own width.
+    used for element-wise modules (ReLU, pooling) that do not know their own width. ``padded``
+    counts windowed attention on the zero-padded grid it really runs on (as built) instead of the
+    papers' unpadded N·window².
     """
     overrides = overrides or {}
     geom = overrides.get(id(root), geom)
@@ -223,11 +227,15 @@ def _walk(root: nn.Module, geom: Geom, cost: ModuleCost, overrides: Optional[dic
             n = geom.tokens * width
         cost.add(kind, n)
     if isinstance(root, Attention):
-        cost.add("attention", attention_flops(geom.tokens, root.num_heads * root.head_dim, root.window_size))
+        n, ws = geom.tokens, root.window_size
+        if padded and ws > 0:  # qkv and the products run on the padded windows, proj on the real tokens
+            n = -(-geom.hw[0] // ws) * ws * (-(-geom.hw[1] // ws)) * ws
+            overrides = {**overrides, id(root.qkv): Geom(n, geom.hw)}
+        cost.add("attention", attention_flops(n, root.num_heads * root.head_dim, ws))
     elif isinstance(root, MSDeformAttn):
         cost.add("deform", deform_attention_flops(geom.tokens, root.dim, root.num_points * root.num_levels))
     for child in root.children():
-        _walk(child, geom, cost, overrides, width)
+        _walk(child, geom, cost, overrides, width, padded)
 
 
 def _walk_map_sequential(seq: nn.Sequential, hw: tuple[int, int], cost: ModuleCost) -> None:
@@ -295,7 +303,8 @@ def _branch_cost(br: nn.Module, label: str, view: tuple[int, int], grid: tuple[i
     cost = ModuleCost(label, params=_n_params(br))
     if paper:  # position table at the branch's own input grid
         cost.params += n_patch * br.pos_embed.shape[-1] - br.pos_embed.numel()
-    _walk(br, Geom(n_patch + int(cls), grid), cost, overrides={id(br.patch_embed): Geom(n_patch, view)})
+    _walk(br, Geom(n_patch + int(cls), grid), cost, overrides={id(br.patch_embed): Geom(n_patch, view)},
+          padded=not paper)
     return cost
 
 

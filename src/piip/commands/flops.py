@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=float, nargs="+", default=None, metavar="PX",
                    help="finest-branch resolution (all branches scale together), or one value per branch")
     p.add_argument("--json", action="store_true", help="print a JSON list (params/flops integers, breakdown)")
+    p.add_argument("--markdown", action="store_true", help="print the summary as a Markdown table (docs)")
     p.add_argument("--breakdown", action="store_true",
                    help="print the per-module breakdown (default when a single model is given)")
     p.set_defaults(func=run)
@@ -62,6 +63,17 @@ def format_table(results: list[Complexity], breakdown: bool) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(results: list[Complexity]) -> str:
+    """The model zoo table of docs/model_zoo.md."""
+    lines = ["| model | resolution | #Param (paper conv.) | #FLOPs (paper conv.) | #Param as built | #FLOPs as built |",
+             "|---|---|---:|---:|---:|---:|"]
+    for c in results:
+        res = "/".join(f"{r:g}" for r in c.resolutions)
+        lines.append(f"| {c.model} | {res} | {_m(c.params)} | {_g(c.flops)} | {_m(c.built_params)} | "
+                     f"{_g(c.built_flops)} |")
+    return "\n".join(lines)
+
+
 def _breakdown_lines(c: Complexity) -> list[str]:
     kinds = [k for k in KINDS if any(r.flops_by_kind[k] for r in c.built_breakdown)]
     out = [f"    {'part':40s} {'params':>9s} {'FLOPs':>9s}  " + " ".join(f"{k:>9s}" for k in kinds)]
@@ -78,6 +90,8 @@ def run(args: argparse.Namespace) -> Optional[int]:
     results = [count(n, img_size=args.img_size) for n in names]
     if args.json:
         print(json.dumps([c.to_dict() for c in results], indent=1))
+    elif args.markdown:
+        print(format_markdown(results))
     else:
         print(format_table(results, breakdown=args.breakdown or len(results) == 1))
     return 0
