@@ -41,7 +41,7 @@ def _resolve(names: list[str], all_models: bool) -> list[str]:
 
 
 def _g(n: int) -> str:
-    return f"{n / 1e9:.1f}G" if n >= 1e8 else f"{n / 1e9:.3f}G"
+    return f"{n / 1e9:.1f}G" if n >= 1e10 else f"{n / 1e9:.2f}G" if n >= 1e7 else f"{n / 1e9:.3f}G"
 
 
 def _m(n: int) -> str:
