@@ -58,6 +58,10 @@ def test_norm_rules():
     assert module_flops(nn.LayerNorm(16, elementwise_affine=False), Geom(10, (2, 5))) == ("norm", 10 * 16)
     assert module_flops(nn.GroupNorm(4, 16), Geom(10, (2, 5))) == ("norm", 2 * 10 * 16)
     assert module_flops(nn.GELU(), Geom(10, (2, 5))) is None
+    assert module_flops(nn.ReLU(), Geom(10, (2, 5)), width=16) == ("act", 10 * 16)
+    assert module_flops(nn.MaxPool2d(2, 2), Geom(10, (2, 5)), width=16) == ("pool", 10 * 16)
+    with pytest.raises(ValueError, match="width"):
+        module_flops(nn.ReLU(), Geom(10, (2, 5)))
 
 
 @pytest.mark.parametrize("window,grid", [(0, (7, 7)), (4, (8, 12))])

@@ -177,15 +177,19 @@ def _out_hw(m: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
     return hw
 
 
-def module_flops(m: nn.Module, geom: Geom) -> Optional[tuple[str, int]]:
-    """FLOPs of one leaf module reading ``geom`` (None for modules that are not counted)."""
+def module_flops(m: nn.Module, geom: Geom, width: Optional[int] = None) -> Optional[tuple[str, int]]:
+    """FLOPs of one leaf module reading ``geom`` (None for modules that are not counted).
+
+    ``width`` is the channel count of the map for element-wise modules that do not know their own
+    (ReLU, max-pool)."""
     if isinstance(m, nn.Linear):
         return "linear", geom.tokens * m.in_features * m.out_features
     if isinstance(m, nn.Conv2d):
         oh, ow = _conv_out(geom.hw, m)
         kh, kw = _pair(m.kernel_size)
         pos = oh * ow
-        return "conv", pos * kh * kw * (m.in_channels // m.groups) * m.out_channels + (m.out_channels * pos if m.bias is not None else 0)
+        macs = pos * kh * kw * (m.in_channels // m.groups) * m.out_channels
+        return "conv", macs + (m.out_channels * pos if m.bias is not None else 0)
     if isinstance(m, nn.ConvTranspose2d):
         kh, kw = _pair(m.kernel_size)
         oh, ow = _out_hw(m, geom.hw)
@@ -196,10 +200,10 @@ def module_flops(m: nn.Module, geom: Geom) -> Optional[tuple[str, int]]:
         return "norm", geom.tokens * c * (2 if m.elementwise_affine else 1)
     if isinstance(m, nn.GroupNorm):
         return "norm", geom.hw[0] * geom.hw[1] * m.num_channels * (2 if m.affine else 1)
-    if isinstance(m, nn.ReLU):
-        return "act", -1  # element count filled in by the caller (needs the channel width)
-    if isinstance(m, nn.MaxPool2d):
-        return "pool", -1
+    if isinstance(m, (nn.ReLU, nn.MaxPool2d)):
+        if width is None:
+            raise ValueError(f"counting {type(m).__name__} needs the channel width of its input")
+        return ("act" if isinstance(m, nn.ReLU) else "pool"), geom.hw[0] * geom.hw[1] * width
     return None
 
 
@@ -218,14 +222,9 @@ def _walk(root: nn.Module, geom: Geom, cost: ModuleCost, overrides: Optional[dic
     if isinstance(root, nn.Sequential) and not any(id(c) in overrides for c in root):
         _walk_map_sequential(root, geom.hw, cost)
         return
-    res = module_flops(root, geom)
+    res = module_flops(root, geom, width)
     if res is not None:
-        kind, n = res
-        if n < 0:
-            if width is None:
-                raise ValueError(f"cannot count {type(root).__name__} without the channel width")
-            n = geom.tokens * width
-        cost.add(kind, n)
+        cost.add(*res)
     if isinstance(root, Attention):
         n, ws = geom.tokens, root.window_size
         if padded and ws > 0:  # qkv and the products run on the padded windows, proj on the real tokens
@@ -238,22 +237,18 @@ def _walk(root: nn.Module, geom: Geom, cost: ModuleCost, overrides: Optional[dic
         _walk(child, geom, cost, overrides, width, padded)
 
 
-def _walk_map_sequential(seq: nn.Sequential, hw: tuple[int, int], cost: ModuleCost) -> None:
-    """Count an nn.Sequential of map layers, propagating the spatial size from layer to layer."""
-    width: Optional[int] = None
+def _walk_map_sequential(seq: nn.Sequential, hw: tuple[int, int], cost: ModuleCost,
+                         width: Optional[int] = None) -> None:
+    """Count an nn.Sequential of map layers, propagating the spatial size (and channel width, for
+    element-wise layers) from layer to layer; ``width`` is the input's channel count if known."""
     for m in seq:
         if isinstance(m, nn.Sequential):
-            _walk_map_sequential(m, hw, cost)
+            _walk_map_sequential(m, hw, cost, width)
             hw = _seq_out_hw(m, hw)
             continue
-        res = module_flops(m, Geom(hw[0] * hw[1], hw))
+        res = module_flops(m, Geom(hw[0] * hw[1], hw), width)
         if res is not None:
-            kind, n = res
-            if n < 0:
-                if width is None:
-                    raise ValueError(f"cannot count {type(m).__name__} at the start of a Sequential")
-                n = hw[0] * hw[1] * width
-            cost.add(kind, n)
+            cost.add(*res)
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             width = m.out_channels
         elif isinstance(m, nn.GroupNorm):
@@ -356,17 +351,15 @@ def _paper_merge(backbone: nn.Module) -> Optional[BranchMerge]:
         return BranchMerge([br.out_dim for br in backbone.branches], backbone.embed_dim, "linear")
 
 
-def _pyramid_cost(pyramid: Optional[nn.Module], grid: tuple[int, int]) -> Optional[ModuleCost]:
+def _pyramid_cost(pyramid: Optional[nn.Module], grid: tuple[int, int],
+                  backbone_width: int) -> Optional[ModuleCost]:
     if pyramid is None:
         return None
     cost = ModuleCost("pyramid (fpn1-4)", params=_n_params(pyramid))
     for name in ("fpn1", "fpn2", "fpn3", "fpn4"):
         m = getattr(pyramid, name)
         seq = m if isinstance(m, nn.Sequential) else nn.Sequential(m)
-        if name == "fpn4":  # max-pool over the merged map's elements
-            cost.add("pool", grid[0] * grid[1] * pyramid.fpn1[0].in_channels)
-            continue
-        _walk_map_sequential(seq, grid, cost)
+        _walk_map_sequential(seq, grid, cost, width=backbone_width)
     return cost
 
 
@@ -424,7 +417,7 @@ def count_model(model: nn.Module, name: str = "model") -> Complexity:
     for part, rows in ((merge_paper, paper), (merge_built, built)):
         if part is not None:
             rows.append(part)
-    pyramid = _pyramid_cost(backbone.pyramid, grids[0])
+    pyramid = _pyramid_cost(backbone.pyramid, grids[0], backbone.embed_dim)
     if pyramid is not None:
         built.append(pyramid)
     heads = _heads_cost(model)
