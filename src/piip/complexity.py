@@ -374,7 +374,7 @@ def _heads_cost(model: nn.Module) -> Optional[ModuleCost]:
 
 
 def _describe_branch(i: int, br: nn.Module, res: float) -> str:
-    return f"branch {i} (ViT {br.cfg.embed_dim}d x{br.cfg.depth} @ {res:g})"
+    return f"branch {i} (ViT {br.cfg.embed_dim}d x{br.cfg.depth} @ {round(res, 1):g})"
 
 
 # ---------------------------------------------------------------------------- entry points
