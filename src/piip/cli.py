@@ -12,6 +12,7 @@ COMMANDS = [
     "piip.commands.demo",
     "piip.commands.models",
     "piip.commands.convert",
+    "piip.commands.flops",
 ]
 
 

@@ -1,0 +1,455 @@
+"""Parameter and FLOP counts of PIIP models under the papers' convention, in seconds, on any laptop.
+
+Why analytic: the papers compare accuracy per FLOP, so our counts must be *their* counts, and a
+full-resolution forward of a 500M-parameter backbone is too slow and memory-hungry for that.
+The model is instantiated on the ``meta`` device (no memory, no weights) and its module tree is
+walked with each branch's token grid; the counting rules below are applied to every leaf module.
+The built model is the one source of truth: widths, heads, deform ratio, CFFN ratio, windows,
+interaction edges and groups all come from its modules.
+
+Counting rules (those of the official counter, mmcv's ``get_model_complexity_info`` plus the
+analytic attention terms of the official ``get_flops_det.py``):
+
+* one multiply-accumulate (MAC) = one FLOP;
+* ``nn.Linear``: tokens x in x out (the bias add is not counted);
+* ``nn.Conv2d``: output positions x k² x in/groups x out, plus out x positions for a bias;
+  ``nn.ConvTranspose2d``: input positions x k² x in x out/groups, plus the bias adds;
+* ``nn.LayerNorm`` / ``nn.GroupNorm``: 2 x elements (1 x without affine); ``nn.ReLU`` and
+  ``nn.MaxPool2d``: 1 x elements; GELU, softmax, residual adds, resizing (input pyramid, position
+  tables, merge upsampling) and pooling by ``mean`` are not counted;
+* self-attention products: 2·N·M·d for N queries over M keys of total width d
+  (global: M = N, class token included; windowed: M = window², on the unpadded N tokens in the
+  paper convention; as built, on the zero-padded grid the windows really cover, the qkv
+  projection included);
+* deformable cross-attention sampling: 5·N·K·d with N query tokens, K = points x levels (4) and d the
+  query width; its linear layers are counted as Linears (value_proj on the feature tokens);
+  regular cross-attention (ablation): 2·Nq·Nk·d.
+
+Paper convention (``params``/``flops``): the backbone only (branches, interactions, branch
+merging; no pyramid adapters, FPN or detection heads; an ImageNet classifier's own norm + linear
+heads are included, as in the papers' classification tables), position embeddings counted at each branch's input
+grid (e.g. 70x70x192 for a 1120 px ViT-T) and the light ``linear`` merging (LayerNorm + Linear +
+LayerNorm per branch narrower than the output, LayerNorm only otherwise) whatever merging the
+model is built with. *As built* (``built_params``/``built_flops``): everything the instantiated
+model holds and runs, i.e. its stored position tables, its real merging (``conv`` for the
+detection models), the simple feature pyramid and the classification heads.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
+from unittest import mock
+
+import torch
+from torch import nn
+
+from .config import PIIPConfig
+from .layers.attention import Attention, CrossAttention
+from .layers.deform_attn import MSDeformAttn
+from .layers.interaction import InteractionEdge
+from .layers.merge import BranchMerge
+
+KINDS = ("linear", "conv", "attention", "deform", "norm", "act", "pool")
+
+__all__ = ["KINDS", "ModuleCost", "Complexity", "count_model", "count_config", "module_flops",
+           "attention_flops", "deform_attention_flops", "branch_grids", "count"]
+
+
+# ---------------------------------------------------------------------------- result types
+@dataclass
+class ModuleCost:
+    """Parameters and FLOPs of one part of a model, FLOPs split by kind (see :data:`KINDS`)."""
+
+    module: str
+    params: int = 0
+    flops_by_kind: dict[str, int] = field(default_factory=lambda: {k: 0 for k in KINDS})
+
+    @property
+    def flops(self) -> int:
+        return sum(self.flops_by_kind.values())
+
+    def add(self, kind: str, n: int) -> None:
+        self.flops_by_kind[kind] += int(n)
+
+    def merge_from(self, other: "ModuleCost") -> None:
+        self.params += other.params
+        for k, v in other.flops_by_kind.items():
+            self.flops_by_kind[k] += v
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "params": self.params, "flops": self.flops,
+                "flops_by_kind": dict(self.flops_by_kind)}
+
+
+@dataclass
+class Complexity:
+    """Counts of one model: paper convention (``params``, ``flops``) and as built."""
+
+    model: str
+    resolutions: list[float]
+    grids: list[tuple[int, int]]
+    breakdown: list[ModuleCost]
+    built_breakdown: list[ModuleCost]
+    merge_built: Optional[str]
+
+    @property
+    def params(self) -> int:
+        return sum(c.params for c in self.breakdown)
+
+    @property
+    def flops(self) -> int:
+        return sum(c.flops for c in self.breakdown)
+
+    @property
+    def built_params(self) -> int:
+        return sum(c.params for c in self.built_breakdown)
+
+    @property
+    def built_flops(self) -> int:
+        return sum(c.flops for c in self.built_breakdown)
+
+    def part(self, prefix: str, built: bool = False) -> ModuleCost:
+        """Sum of the breakdown rows whose name starts with ``prefix`` (e.g. 'branch 0', 'interactions')."""
+        rows = [c for c in (self.built_breakdown if built else self.breakdown) if c.module.startswith(prefix)]
+        if not rows:
+            raise ValueError(f"no breakdown row starts with {prefix!r}; rows: {[c.module for c in self.breakdown]}")
+        out = ModuleCost(prefix)
+        for r in rows:
+            out.merge_from(r)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "resolution": [round(r, 2) for r in self.resolutions],
+            "grids": [list(g) for g in self.grids],
+            "params": self.params,
+            "flops": self.flops,
+            "breakdown": [c.to_dict() for c in self.breakdown],
+            "as_built": {"params": self.built_params, "flops": self.built_flops, "merge": self.merge_built,
+                         "breakdown": [c.to_dict() for c in self.built_breakdown]},
+            "convention": "backbone only, 1 MAC = 1 FLOP, position embeddings at each branch's input grid, "
+                          "linear branch merging (see piip.complexity)",
+        }
+
+
+# ---------------------------------------------------------------------------- counting rules
+@dataclass(frozen=True)
+class Geom:
+    """What a module reads: ``tokens`` rows for Linear/LayerNorm, an ``hw`` map for convolutions."""
+
+    tokens: int
+    hw: tuple[int, int]
+
+
+def attention_flops(n: int, d: int, window: int = 0) -> int:
+    """QK^T and attn·V products of self-attention: 2·N·M·d, M = N (global) or window² (windowed)."""
+    m = window * window if window > 0 else n
+    return 2 * n * m * d
+
+
+def deform_attention_flops(n_query: int, d: int, points: int = 4) -> int:
+    """Deformable attention sampling and weighting, as the official counter: 5·N·K·d."""
+    return 5 * n_query * points * d
+
+
+def _conv_out(hw: tuple[int, int], m: Union[nn.Conv2d, nn.MaxPool2d]) -> tuple[int, int]:
+    k, s, p = (_pair(getattr(m, a)) for a in ("kernel_size", "stride", "padding"))
+    d = _pair(getattr(m, "dilation", 1))
+    return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))  # type: ignore[return-value]
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _out_hw(m: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
+    """Spatial size after ``m`` (for propagating a map through an nn.Sequential)."""
+    if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+        return _conv_out(hw, m)
+    if isinstance(m, nn.ConvTranspose2d):
+        k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
+        op = _pair(m.output_padding)
+        return tuple((hw[i] - 1) * s[i] - 2 * p[i] + k[i] + op[i] for i in range(2))  # type: ignore[return-value]
+    return hw
+
+
+def module_flops(m: nn.Module, geom: Geom, width: Optional[int] = None) -> Optional[tuple[str, int]]:
+    """FLOPs of one leaf module reading ``geom`` (None for modules that are not counted).
+
+    ``width`` is the channel count of the map for element-wise modules that do not know their own
+    (ReLU, max-pool)."""
+    if isinstance(m, nn.Linear):
+        return "linear", geom.tokens * m.in_features * m.out_features
+    if isinstance(m, nn.Conv2d):
+        oh, ow = _conv_out(geom.hw, m)
+        kh, kw = _pair(m.kernel_size)
+        pos = oh * ow
+        macs = pos * kh * kw * (m.in_channels // m.groups) * m.out_channels
+        return "conv", macs + (m.out_channels * pos if m.bias is not None else 0)
+    if isinstance(m, nn.ConvTranspose2d):
+        kh, kw = _pair(m.kernel_size)
+        oh, ow = _out_hw(m, geom.hw)
+        macs = geom.hw[0] * geom.hw[1] * kh * kw * m.in_channels * (m.out_channels // m.groups)
+        return "conv", macs + (m.out_channels * oh * ow if m.bias is not None else 0)
+    if isinstance(m, nn.LayerNorm):
+        c = math.prod(m.normalized_shape)
+        return "norm", geom.tokens * c * (2 if m.elementwise_affine else 1)
+    if isinstance(m, nn.GroupNorm):
+        return "norm", geom.hw[0] * geom.hw[1] * m.num_channels * (2 if m.affine else 1)
+    if isinstance(m, (nn.ReLU, nn.MaxPool2d)):
+        if width is None:
+            raise ValueError(f"counting {type(m).__name__} needs the channel width of its input")
+        return ("act" if isinstance(m, nn.ReLU) else "pool"), geom.hw[0] * geom.hw[1] * width
+    return None
+
+
+def _walk(root: nn.Module, geom: Geom, cost: ModuleCost, overrides: Optional[dict[int, Geom]] = None,
+          width: Optional[int] = None, padded: bool = False) -> None:
+    """Add the FLOPs of every module under ``root`` to ``cost``.
+
+    ``overrides`` maps ``id(module)`` to the geometry that module (and its children) read, e.g. the
+    feature branch's tokens for an interaction's projection. ``width`` is the channel count
+    used for element-wise modules (ReLU, pooling) that do not know their own width. ``padded``
+    counts windowed attention on the zero-padded grid it really runs on (as built) instead of the
+    papers' unpadded N·window².
+    """
+    overrides = overrides or {}
+    geom = overrides.get(id(root), geom)
+    if isinstance(root, nn.Sequential) and not any(id(c) in overrides for c in root):
+        _walk_map_sequential(root, geom.hw, cost)
+        return
+    res = module_flops(root, geom, width)
+    if res is not None:
+        cost.add(*res)
+    if isinstance(root, Attention):
+        n, ws = geom.tokens, root.window_size
+        if padded and ws > 0:  # qkv and the products run on the padded windows, proj on the real tokens
+            n = -(-geom.hw[0] // ws) * ws * (-(-geom.hw[1] // ws)) * ws
+            overrides = {**overrides, id(root.qkv): Geom(n, geom.hw)}
+        cost.add("attention", attention_flops(n, root.num_heads * root.head_dim, ws))
+    elif isinstance(root, MSDeformAttn):
+        cost.add("deform", deform_attention_flops(geom.tokens, root.dim, root.num_points * root.num_levels))
+    for child in root.children():
+        _walk(child, geom, cost, overrides, width, padded)
+
+
+def _walk_map_sequential(seq: nn.Sequential, hw: tuple[int, int], cost: ModuleCost,
+                         width: Optional[int] = None) -> None:
+    """Count an nn.Sequential of map layers, propagating the spatial size (and channel width, for
+    element-wise layers) from layer to layer; ``width`` is the input's channel count if known."""
+    for m in seq:
+        if isinstance(m, nn.Sequential):
+            _walk_map_sequential(m, hw, cost, width)
+            hw = _seq_out_hw(m, hw)
+            continue
+        res = module_flops(m, Geom(hw[0] * hw[1], hw), width)
+        if res is not None:
+            cost.add(*res)
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            width = m.out_channels
+        elif isinstance(m, nn.GroupNorm):
+            width = m.num_channels
+        hw = _out_hw(m, hw)
+
+
+def _seq_out_hw(seq: nn.Sequential, hw: tuple[int, int]) -> tuple[int, int]:
+    for m in seq:
+        hw = _seq_out_hw(m, hw) if isinstance(m, nn.Sequential) else _out_hw(m, hw)
+    return hw
+
+
+def _n_params(*mods: Optional[nn.Module]) -> int:
+    return sum(p.numel() for m in mods if m is not None for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------- model parts
+def branch_grids(cfg: PIIPConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Each branch's input view (H, W) and token grid for a square input at the finest resolution,
+    computed as the model does (bilinear resize by the resolution ratio, floor, patchify)."""
+    base = cfg.branches[0].img_size
+    size = int(round(base))
+    p0 = cfg.branches[0].patch_size
+    if size % p0:
+        raise ValueError(f"img_size={base:g} is not a multiple of the patch size {p0} "
+                         f"(e.g. {max(p0, size // p0 * p0)} or {size // p0 * p0 + p0})")
+    views, grids = [], []
+    for b in cfg.branches:
+        s = b.img_size / base
+        v = size if s >= 1 else int(math.floor(size * s))
+        if v < b.patch_size:
+            raise ValueError(f"img_size={base:g} gives a branch a {v} px view, smaller than its patch "
+                             f"({b.patch_size} px); use a larger img_size")
+        views.append((v, v))
+        grids.append((v // b.patch_size, v // b.patch_size))
+    return views, grids
+
+
+def _branch_cost(br: nn.Module, label: str, view: tuple[int, int], grid: tuple[int, int],
+                 paper: bool) -> ModuleCost:
+    from .branches.vit import ViTBranch
+    if not isinstance(br, ViTBranch):
+        raise ValueError(f"FLOP counting supports ViT branches only, got {type(br).__name__} for {label}")
+    n_patch = grid[0] * grid[1]
+    cls = br.cls_token is not None
+    cost = ModuleCost(label, params=_n_params(br))
+    if paper:  # position table at the branch's own input grid
+        cost.params += n_patch * br.pos_embed.shape[-1] - br.pos_embed.numel()
+    _walk(br, Geom(n_patch + int(cls), grid), cost, overrides={id(br.patch_embed): Geom(n_patch, view)},
+          padded=not paper)
+    return cost
+
+
+def _edge_cost(edge: InteractionEdge, q: Geom, f: Geom, cost: ModuleCost) -> None:
+    """One directed interaction: projection and feature norm / value projection read the feature
+    branch, everything else the query branch."""
+    inj = edge.injector
+    over = {id(edge.proj): f, id(inj.feat_norm): f}
+    attn = inj.attn
+    if isinstance(attn, MSDeformAttn):
+        over[id(attn.value_proj)] = f
+    elif isinstance(attn, CrossAttention):
+        over[id(attn.wk)] = f
+        over[id(attn.wv)] = f
+        cost.add("attention", 2 * q.tokens * f.tokens * attn.wq.out_features)
+    else:  # pragma: no cover - Injector only builds these two
+        raise ValueError(f"unknown interaction attention {type(attn).__name__}")
+    _walk(edge, q, cost, over)
+
+
+def _interaction_cost(backbone: nn.Module, grids: Sequence[tuple[int, int]]) -> ModuleCost:
+    cost = ModuleCost("interactions", params=_n_params(backbone.interactions))
+    if backbone.interactions is None:
+        return cost
+    geoms = [Geom(h * w, (h, w)) for h, w in grids]
+    for group in backbone.interactions:
+        for key, edge in group.edges.items():
+            s, d = (int(i) for i in key.split("to"))
+            _edge_cost(edge, geoms[d], geoms[s], cost)
+    return cost
+
+
+def _merge_cost(merge: Optional[BranchMerge], grids: Sequence[tuple[int, int]], label: str) -> Optional[ModuleCost]:
+    if merge is None:
+        return None
+    cost = ModuleCost(label, params=_n_params(merge))
+    for proj, (h, w) in zip(merge.projs, grids):
+        _walk(proj, Geom(h * w, (h, w)), cost)
+    return cost
+
+
+def _paper_merge(backbone: nn.Module) -> Optional[BranchMerge]:
+    """The light merging the papers count, whatever merging the model is built with."""
+    if backbone.merge is None:
+        return None
+    if backbone.merge.kind == "linear":
+        return backbone.merge
+    with torch.device("meta"):
+        return BranchMerge([br.out_dim for br in backbone.branches], backbone.embed_dim, "linear")
+
+
+def _pyramid_cost(pyramid: Optional[nn.Module], grid: tuple[int, int],
+                  backbone_width: int) -> Optional[ModuleCost]:
+    if pyramid is None:
+        return None
+    cost = ModuleCost("pyramid (fpn1-4)", params=_n_params(pyramid))
+    for name in ("fpn1", "fpn2", "fpn3", "fpn4"):
+        m = getattr(pyramid, name)
+        seq = m if isinstance(m, nn.Sequential) else nn.Sequential(m)
+        _walk_map_sequential(seq, grid, cost, width=backbone_width)
+    return cost
+
+
+def _heads_cost(model: nn.Module) -> Optional[ModuleCost]:
+    heads = getattr(model, "heads", None)
+    if heads is None:
+        return None
+    cost = ModuleCost("classification heads", params=_n_params(heads))
+    for head in heads:  # one token (or one pooled vector) per head
+        _walk(head, Geom(1, (1, 1)), cost)
+    return cost
+
+
+def _describe_branch(i: int, br: nn.Module, res: float) -> str:
+    return f"branch {i} (ViT {br.cfg.embed_dim}d x{br.cfg.depth} @ {round(res, 1):g})"
+
+
+# ---------------------------------------------------------------------------- entry points
+@contextlib.contextmanager
+def _fast_meta_init() -> Iterator[None]:
+    """Build on the meta device and skip timm's truncated-normal init, which is slow there and
+    irrelevant for counting."""
+    from . import backbone as _bb
+    from .branches import vit as _vit
+    from .tasks import classification as _cls
+
+    def noop(t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return t
+
+    with torch.device("meta"), contextlib.ExitStack() as stack:
+        for mod in (_bb, _vit, _cls):
+            stack.enter_context(mock.patch.object(mod, "trunc_normal_", noop))
+        yield
+
+
+def count_model(model: nn.Module, name: str = "model") -> Complexity:
+    """Count an already built :class:`PIIPBackbone` or :class:`PIIPClassifier` (any device)."""
+    backbone = getattr(model, "backbone", model)
+    cfg: PIIPConfig = backbone.cfg
+    views, grids = branch_grids(cfg)
+    res = [b.img_size for b in cfg.branches]
+    paper: list[ModuleCost] = []
+    built: list[ModuleCost] = []
+    for i, (br, v, g) in enumerate(zip(backbone.branches, views, grids)):
+        label = _describe_branch(i, br, res[i])
+        paper.append(_branch_cost(br, label, v, g, paper=True))
+        built.append(_branch_cost(br, label, v, g, paper=False))
+    if backbone.interactions is not None:
+        inter = _interaction_cost(backbone, grids)
+        paper.append(inter)
+        built.append(dataclasses.replace(inter, flops_by_kind=dict(inter.flops_by_kind)))
+    merge_paper = _merge_cost(_paper_merge(backbone), grids, "merging (linear)")
+    merge_built = _merge_cost(backbone.merge, grids,
+                              f"merging ({backbone.merge.kind})" if backbone.merge is not None else "")
+    for part, rows in ((merge_paper, paper), (merge_built, built)):
+        if part is not None:
+            rows.append(part)
+    pyramid = _pyramid_cost(backbone.pyramid, grids[0], backbone.embed_dim)
+    if pyramid is not None:
+        built.append(pyramid)
+    heads = _heads_cost(model)
+    if heads is not None:  # an ImageNet classifier's reported size includes its heads
+        paper.append(heads)
+        built.append(dataclasses.replace(heads, flops_by_kind=dict(heads.flops_by_kind)))
+    return Complexity(model=name, resolutions=res, grids=list(grids), breakdown=paper, built_breakdown=built,
+                      merge_built=backbone.merge.kind if backbone.merge is not None else None)
+
+
+def count_config(cfg: PIIPConfig, name: str = "model") -> Complexity:
+    """Build ``cfg`` on the meta device (no memory, no weights) and count it."""
+    from .registry import build_from_config
+    branch_grids(cfg)  # validate the resolution before building
+    with _fast_meta_init():
+        model = build_from_config(cfg)
+    return count_model(model, name)
+
+
+def count(name: str, img_size: Optional[Sequence[float]] = None, **overrides: Any) -> Complexity:
+    """Count a registered model; ``img_size`` is one finest-branch size or one size per branch."""
+    from .registry import get_config
+    cfg = get_config(name, **overrides)
+    if img_size:
+        sizes = [float(s) for s in img_size]
+        if any(s <= 0 for s in sizes):
+            raise ValueError(f"img_size values must be positive, got {list(img_size)}")
+        if len(sizes) == 1:
+            cfg = cfg.replace(img_size=sizes[0])
+        elif len(sizes) == len(cfg.branches):
+            cfg = cfg.replace(branches=[{"img_size": s} for s in sizes])
+        else:
+            raise ValueError(f"img_size takes 1 value or one per branch ({len(cfg.branches)} for {name}), "
+                             f"got {len(sizes)}")
+    return count_config(cfg, name)
