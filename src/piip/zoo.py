@@ -86,10 +86,12 @@ register_model("piip_sbl_384_192_128_cls", "PIIP-SBL 384/192/128 ImageNet classi
 
 @register_model("piip_b_512_256_128_cls", "PIIP-B 512/256/128 trained from scratch (Table X), merged-feature head")
 def piip_b_512_256_128_cls() -> PIIPConfig:
-    def branch(dim: int, heads: int, res: int) -> BranchConfig:
+    # No released config exists. The 512 px branch attends in 16x16 windows: only that reproduces
+    # Table X's 4.9G for it (global attention would cost 7.9G; see docs/model_zoo.md).
+    def branch(dim: int, heads: int, res: int, window: int = 0) -> BranchConfig:
         return BranchConfig(img_size=res, embed_dim=dim, depth=12, num_heads=heads, cls_token=False,
-                            pos_grid=None, layer_scale=None, drop_path=0.1)
-    return PIIPConfig(branches=[branch(160, 2, 512), branch(320, 4, 256), branch(640, 8, 128)],
+                            pos_grid=None, layer_scale=None, drop_path=0.1, window_sizes=[window] * 12)
+    return PIIPConfig(branches=[branch(160, 2, 512, window=16), branch(320, 4, 256), branch(640, 8, 128)],
                       merge="linear", pyramid=None, task="classification", head="merged")
 
 
