@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 COMMANDS = [
     "piip.commands.demo",
     "piip.commands.models",
+    "piip.commands.train", "piip.commands.eval", "piip.commands.predict",
 ]
 
 
