@@ -1,7 +1,7 @@
 """Toy reproduction: tiny 3-branch PIIP vs a single-branch ViT of about the same FLOPs, both as
 Mask R-CNN on the synthetic shapes set, same iteration budget, CPU. Reports COCO box / mask AP.
 
-    PYTHONPATH=src python benchmarks/toy_detection.py --iters 200 --out runs/toy_detection
+    PYTHONPATH=src python benchmarks/toy_detection.py --iters 100 --out runs/toy_detection
 
 Not a test: takes minutes. Both models start from random weights (no downloads), so layer-wise
 lr decay is off (it only makes sense for pretrained branches).
@@ -69,8 +69,8 @@ def run_one(name, cfg, train_set, val_set, args, heads) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--depth", type=int, default=4)
@@ -91,7 +91,9 @@ def main() -> None:
     candidates = {w: backbone_gflops(vit_config(args.size, args.depth, w), args.size) for w in (64, 96, 128, 144, 160)}
     width = min(candidates, key=lambda w: abs(candidates[w] - piip_flops))
     vit = vit_config(args.size, args.depth, width)
-    heads = DetectorConfig(fpn_channels=64, box_head_dim=256, mask_head_dim=64)
+    # smaller heads and RoI budget than the released config so that the run fits a few CPU minutes
+    heads = DetectorConfig(fpn_channels=64, box_head_dim=128, mask_head_dim=64, roi_batch_size=128,
+                           rpn_post_nms_train=500)
     results = {}
     for name, cfg, flops in (("piip_3branch", piip, piip_flops), (f"vit_{width}", vit, candidates[width])):
         mn, mx, _ = resolve_sizes(cfg, heads)
