@@ -92,8 +92,10 @@ def main() -> None:
     width = min(candidates, key=lambda w: abs(candidates[w] - piip_flops))
     vit = vit_config(args.size, args.depth, width)
     # smaller heads and RoI budget than the released config so that the run fits a few CPU minutes
+    # min_size = size: the square images are used at the full resolution (the released short-side
+    # cap S*800//1333 would shrink them to 60 %)
     heads = DetectorConfig(fpn_channels=64, box_head_dim=128, mask_head_dim=64, roi_batch_size=128,
-                           rpn_post_nms_train=500)
+                           rpn_post_nms_train=500, min_size=args.size)
     results = {}
     for name, cfg, flops in (("piip_3branch", piip, piip_flops), (f"vit_{width}", vit, candidates[width])):
         mn, mx, _ = resolve_sizes(cfg, heads)
