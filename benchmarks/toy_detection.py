@@ -1,7 +1,7 @@
 """Toy reproduction: tiny 3-branch PIIP vs a single-branch ViT of about the same FLOPs, both as
 Mask R-CNN on the synthetic shapes set, same iteration budget, CPU. Reports COCO box / mask AP.
 
-    PYTHONPATH=src python benchmarks/toy_detection.py --iters 100 --out runs/toy_detection
+    PYTHONPATH=src python benchmarks/toy_detection.py --iters 120 --out runs/toy_detection
 
 Not a test: takes minutes. Both models start from random weights (no downloads), so layer-wise
 lr decay is off (it only makes sense for pretrained branches).
@@ -69,7 +69,7 @@ def run_one(name, cfg, train_set, val_set, args, heads) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--iters", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--size", type=int, default=128)
