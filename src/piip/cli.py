@@ -13,6 +13,7 @@ COMMANDS = [
     "piip.commands.models",
     "piip.commands.convert",
     "piip.commands.flops",
+    "piip.commands.train", "piip.commands.eval", "piip.commands.predict",
 ]
 
 

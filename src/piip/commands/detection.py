@@ -1,0 +1,196 @@
+"""``piip train detection`` and ``piip eval detection``."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+
+from ._model_args import add_model_args, parse_overrides
+
+
+def _add_data_args(p: argparse.ArgumentParser, split: str, required: bool) -> None:
+    p.add_argument(f"--{split}-ann", required=required, help=f"{split} annotation JSON (COCO format)")
+    p.add_argument(f"--{split}-images", required=required, help=f"{split} image folder")
+
+
+def _coco_paths(args: argparse.Namespace, split: str) -> tuple[str | None, str | None]:
+    ann, img = getattr(args, f"{split}_ann", None), getattr(args, f"{split}_images", None)
+    if getattr(args, "coco_root", None) and not ann:
+        name = {"train": "train2017", "val": "val2017"}[split]
+        ann = os.path.join(args.coco_root, "annotations", f"instances_{name}.json")
+        img = os.path.join(args.coco_root, name)
+    return ann, img
+
+
+def _add_head_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("detector (defaults: released Mask R-CNN 1x)")
+    g.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"])
+    g.add_argument("--fpn-channels", type=int, default=256)
+    g.add_argument("--box-head-dim", type=int, default=1024)
+    g.add_argument("--mask-head-dim", type=int, default=256)
+    g.add_argument("--min-size", type=int, default=None, help="short-side cap (default finest resolution*800//1333)")
+    g.add_argument("--max-size", type=int, default=None, help="long-side cap (default: finest branch resolution)")
+    g.add_argument("--pad-divisor", type=int, default=None, help="pad to multiples of this (default 224 / 64 / 32)")
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detection", help="train PIIP Mask R-CNN / Faster R-CNN / RetinaNet on a COCO-format set",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p, "piip_tsb_1120_896_448")
+    p.add_argument("--pretrained-branches", nargs="+", default=None,
+                   help="per-branch weights (files or timm names, finest first; 'none' to skip one)")
+    p.add_argument("--coco-root", default=None, help="COCO 2017 folder (annotations/, train2017/, val2017/)")
+    _add_data_args(p, "train", False)
+    _add_data_args(p, "val", False)
+    _add_head_args(p)
+    g = p.add_argument_group("optimisation (defaults: released recipe)")
+    g.add_argument("--epochs", type=int, default=12)
+    g.add_argument("--batch-size", type=int, default=2, help="images per process")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise lr decay rate (default 0.85 multi-branch, 0.95 single-branch; 1 = off)")
+    g.add_argument("--warmup-iters", type=int, default=500)
+    g.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs at which lr drops x0.1")
+    g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (released: none)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for GPU, off for CPU)")
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", default="runs/detection")
+    r.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (output-dir/checkpoint.pt)")
+    r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--eval-every", type=int, default=1, help="evaluate on the val set every N epochs (0 = never)")
+    r.add_argument("--save-every-steps", type=int, default=0, help="extra mid-epoch checkpoints")
+    r.add_argument("--max-steps", type=int, default=None, help="stop (and save) at this global step")
+    r.add_argument("--log-every", type=int, default=20)
+    r.add_argument("--no-flip", action="store_true", help="disable random horizontal flip")
+    p.set_defaults(func=run_train)
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detection", help="COCO box / mask AP of a detection checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (or a plain state dict + --model)")
+    p.add_argument("--coco-root", default=None, help="COCO 2017 folder (uses val2017)")
+    _add_data_args(p, "val", False)
+    add_model_args(p)
+    p.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"],
+                   help="for a plain state dict only")
+    p.add_argument("--num-classes", type=int, default=80, help="for a plain state dict only")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--out-dir", default=None, help="where to write detections.json and metrics.json "
+                                                    "(default: next to the checkpoint)")
+    p.set_defaults(func=run_eval)
+
+
+def detection_forward(model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Loss dict of a torchvision detector on one collated batch."""
+    images, targets = batch
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return model(images, targets)
+
+
+def _det_cfg(args: argparse.Namespace, class_names: list[str]):
+    from ..tasks.detection import DetectorConfig
+    return DetectorConfig(kind=args.kind, num_classes=len(class_names), fpn_channels=args.fpn_channels,
+                          box_head_dim=args.box_head_dim, mask_head_dim=args.mask_head_dim,
+                          min_size=args.min_size, max_size=args.max_size, pad_divisor=args.pad_divisor,
+                          class_names=list(class_names))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..data import CocoDetection, detection_collate, detection_train_transforms
+    from ..engine import TrainConfig, Trainer, init_distributed, is_main
+    from ..engine.distributed import cleanup
+    from ..evaluation import evaluate_detector
+    from ..registry import create_model
+    from ..tasks.detection import build_detector, detector_config_dict, resolve_sizes
+
+    train_ann, train_img = _coco_paths(args, "train")
+    if not train_ann:
+        raise ValueError("give --train-ann and --train-images (or --coco-root)")
+    val_ann, val_img = _coco_paths(args, "val")
+    device, _, world = init_distributed(args.device)
+    overrides = parse_overrides(args.override, args.img_size)
+    pretrained = None
+    if args.pretrained_branches:
+        pretrained = [None if p.lower() == "none" else p for p in args.pretrained_branches]
+    backbone = create_model(args.model, pretrained_branches=pretrained, **overrides)
+    if backbone.cfg.task != "dense":
+        raise ValueError(f"--model {args.model} is a {backbone.cfg.task} model; detection needs a dense backbone")
+    probe = CocoDetection(train_ann, train_img, with_masks=False)  # class list before the real dataset
+    det_cfg = _det_cfg(args, probe.class_names)
+    min_size, max_size, _ = resolve_sizes(backbone.cfg, det_cfg)
+    dataset = CocoDetection(train_ann, train_img,
+                            detection_train_transforms(min_size, max_size, 0.0 if args.no_flip else 0.5),
+                            skip_empty=True, with_masks=args.kind == "mask_rcnn", seed=args.seed)
+    model = build_detector(backbone, dataset.num_classes, args.kind, det_cfg)
+    layer_decay = args.layer_decay
+    if layer_decay is None:
+        layer_decay = 0.85 if len(backbone.cfg.branches) > 1 else 0.95
+    val_set = CocoDetection(val_ann, val_img, on_error="none") if val_ann and args.eval_every else None
+    if val_set is not None and val_set.class_names != dataset.class_names:
+        raise ValueError(f"val categories {val_set.class_names} differ from train categories {dataset.class_names}")
+
+    def epoch_end(m: torch.nn.Module, epoch: int):
+        if val_set is None or (epoch % args.eval_every and epoch != args.epochs):
+            return None
+        return evaluate_detector(m, val_set, device, args.batch_size, args.workers, args.amp,
+                                 out_dir=os.path.join(args.output_dir, f"eval_epoch{epoch}"))
+
+    cfg = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, layer_decay=layer_decay, warmup_iters=args.warmup_iters,
+                      lr_steps=list(args.lr_steps), clip_grad=args.clip_grad, amp=args.amp, workers=args.workers,
+                      seed=args.seed, device=str(device), save_every_steps=args.save_every_steps,
+                      max_steps=args.max_steps, log_every=args.log_every,
+                      find_unused_parameters=args.kind == "retinanet")
+    trainer = Trainer(model, dataset, cfg, detection_forward, detection_collate,
+                      extra_state={"model_config": detector_config_dict(model), "model_name": args.model},
+                      epoch_end=epoch_end)
+    if is_main():
+        n = sum(p.numel() for p in model.parameters())
+        print(f"training {args.kind} on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
+              f"{dataset.num_classes} classes, {world} process(es) on {device}; "
+              f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
+    if args.resume:
+        path = trainer.checkpoint_path if args.resume == "auto" else args.resume
+        if args.resume != "auto" or os.path.exists(path):
+            trainer.resume(path)
+    trainer.fit()
+    cleanup()
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..data import CocoDetection
+    from ..engine import init_distributed
+    from ..engine.distributed import cleanup
+    from ..evaluation import evaluate_detector
+    from ..tasks.detection import load_detector
+
+    ann, img = _coco_paths(args, "val")
+    if not ann:
+        raise ValueError("give --val-ann and --val-images (or --coco-root)")
+    device, _, _ = init_distributed(args.device)
+    overrides = parse_overrides(args.override, args.img_size)
+    model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).to(device)
+    dataset = CocoDetection(ann, img, on_error="none")
+    names = model.det_cfg.class_names
+    if names and names != dataset.class_names:
+        raise ValueError(f"the checkpoint's classes {names[:5]}... differ from the dataset's {dataset.class_names[:5]}...")
+    if not names and len(dataset.class_names) != model.det_cfg.num_classes:
+        raise ValueError(f"model has {model.det_cfg.num_classes} classes, dataset {len(dataset.class_names)}")
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    evaluate_detector(model, dataset, device, args.batch_size, args.workers, args.amp, out_dir=out_dir)
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and detections.json")
+    cleanup()
+    return 0

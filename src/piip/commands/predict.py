@@ -1,0 +1,75 @@
+"""``piip predict IMAGE``: draw a detector's boxes, class names, scores and masks on an image."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from ._model_args import add_model_args, parse_overrides
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="run a trained detector on an image and save a picture of the results")
+    p.add_argument("image", help="input image file")
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (or a plain state dict + --model)")
+    add_model_args(p)
+    p.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"],
+                   help="for a plain state dict only")
+    p.add_argument("--num-classes", type=int, default=80, help="for a plain state dict only (80 = COCO names)")
+    p.add_argument("--out", default="prediction.png", help="output picture (PNG)")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    p.add_argument("--mask-thresh", type=float, default=0.5)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def draw_detections(image: torch.Tensor, output: dict[str, torch.Tensor], class_names: list[str],
+                    score_thresh: float = 0.5, mask_thresh: float = 0.5) -> torch.Tensor:
+    """uint8 (3, H, W) picture with masks (translucent), boxes and 'name score' labels."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    keep = output["scores"] >= score_thresh
+    boxes, labels, scores = output["boxes"][keep].cpu(), output["labels"][keep].cpu(), output["scores"][keep].cpu()
+    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+    colors = [palette[int(lab) % len(palette)] for lab in labels]
+    pic = image
+    if "masks" in output and keep.any():
+        masks = output["masks"][keep][:, 0].cpu() > mask_thresh
+        pic = draw_segmentation_masks(pic, masks, alpha=0.45, colors=colors)
+    if len(boxes):
+        names = [f"{class_names[int(lab) - 1] if 0 < lab <= len(class_names) else int(lab)} {s:.2f}"
+                 for lab, s in zip(labels, scores)]
+        pic = draw_bounding_boxes(pic, boxes, labels=names, colors=colors, width=2)
+    return pic
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from torchvision.io import write_png
+
+    from ..data.coco import COCO_CLASSES
+    from ..tasks.detection import load_detector
+    if not os.path.isfile(args.image):
+        raise FileNotFoundError(f"image not found: {args.image}")
+    if not 0 <= args.score_thresh <= 1:
+        raise ValueError(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
+    overrides = parse_overrides(args.override, args.img_size)
+    model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).eval().to(args.device)
+    names = model.det_cfg.class_names or (COCO_CLASSES if model.det_cfg.num_classes == 80 else [])
+    with Image.open(args.image) as im:
+        rgb = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
+        w, h = im.size
+    img = rgb.view(h, w, 3).permute(2, 0, 1).contiguous()
+    with torch.no_grad():
+        out = model([img.float().div(255).to(args.device)])[0]
+    pic = draw_detections(img, out, names, args.score_thresh, args.mask_thresh)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_png(pic, args.out)
+    n = int((out["scores"] >= args.score_thresh).sum())
+    print(f"{n} detection(s) with score >= {args.score_thresh} drawn on {args.out} ({w}x{h})")
+    for lab, s, b in zip(out["labels"], out["scores"], out["boxes"]):
+        if s >= args.score_thresh:
+            name = names[int(lab) - 1] if 0 < lab <= len(names) else str(int(lab))
+            print(f"  {name:16s} {s:.3f}  box {[round(v, 1) for v in b.tolist()]}")
+    return 0

@@ -1,0 +1,15 @@
+"""``piip train TASK``: each task module listed in TASKS provides ``add_train_parser(subparsers)``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+TASKS = ["piip.commands.detection"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a task model (detection, ...)")
+    tasks = p.add_subparsers(dest="task", metavar="TASK")
+    for path in TASKS:
+        importlib.import_module(path).add_train_parser(tasks)
+    p.set_defaults(func=lambda args: p.print_help() or 2)

@@ -1,0 +1,157 @@
+"""COCO-format instance dataset (annotation JSON + image folder) via pycocotools."""
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+class CocoDetection(Dataset):
+    """Yields ``(image, target)``: image float (3, H, W) RGB in [0, 1]; target has ``boxes`` (xyxy,
+    float32), ``labels`` (1..K, contiguous over the sorted category ids), ``masks`` (N, H, W) uint8,
+    ``image_id``, ``orig_size`` (H, W).
+
+    Annotation clean-up as mmdet's CocoDataset: crowd boxes, boxes under 1 px wide/high or with
+    non-positive area are dropped. ``skip_empty`` (training) leaves out images with no usable
+    annotation. An unreadable image is reported once and replaced by the next readable one
+    (training, ``on_error='substitute'``) or returned as ``None`` (evaluation, ``on_error='none'``;
+    :func:`detection_collate` drops it) so one bad file never kills a run.
+    """
+
+    def __init__(self, ann_file: str, img_dir: str, transforms: Optional[Callable] = None,
+                 skip_empty: bool = False, with_masks: bool = True, on_error: str = "substitute",
+                 seed: int = 0) -> None:
+        from pycocotools.coco import COCO
+        if not os.path.isfile(ann_file):
+            raise FileNotFoundError(f"annotation file not found: {ann_file}")
+        if not os.path.isdir(img_dir):
+            raise FileNotFoundError(f"image folder not found: {img_dir}")
+        if on_error not in ("substitute", "none", "raise"):
+            raise ValueError(f"on_error must be 'substitute', 'none' or 'raise', got {on_error!r}")
+        with _quiet():
+            self.coco = COCO(ann_file)
+        self.img_dir, self.transforms, self.with_masks, self.on_error = img_dir, transforms, with_masks, on_error
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
+        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        ids = sorted(self.coco.getImgIds())
+        if skip_empty:
+            kept = [i for i in ids if self._valid_anns(i)]
+            if len(kept) < len(ids):
+                warnings.warn(f"{ann_file}: skipping {len(ids) - len(kept)} of {len(ids)} images with no usable "
+                              "annotation (crowd-only, degenerate or none)", stacklevel=2)
+            ids = kept
+        if not ids:
+            raise ValueError(f"{ann_file}: no images to use")
+        self.ids = ids
+        self.seed, self.epoch = seed, 0
+        self._bad: set[int] = set()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation randomness is a function of (seed, epoch, index): identical after a resume."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _valid_anns(self, img_id: int) -> list[dict[str, Any]]:
+        info = self.coco.imgs[img_id]
+        out = []
+        for a in self.coco.imgToAnns.get(img_id, []):
+            if a.get("iscrowd", 0) or a.get("ignore", 0) or a["category_id"] not in self.cat_to_label:
+                continue
+            x, y, w, h = a["bbox"]
+            x1, y1 = max(0.0, x), max(0.0, y)
+            x2, y2 = min(float(info["width"]), x + w), min(float(info["height"]), y + h)
+            if a.get("area", w * h) <= 0 or w < 1 or h < 1 or x2 <= x1 or y2 <= y1:
+                continue
+            out.append(a)
+        return out
+
+    def load_image(self, img_id: int) -> Tensor:
+        from PIL import Image
+        path = os.path.join(self.img_dir, self.coco.imgs[img_id]["file_name"])
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+
+    def target(self, img_id: int, h: int, w: int) -> dict[str, Any]:
+        anns = self._valid_anns(img_id)
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        t: dict[str, Any] = {"boxes": boxes,
+                             "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns],
+                                                    dtype=torch.int64),
+                             "image_id": img_id, "orig_size": (h, w)}
+        if self.with_masks:
+            info = self.coco.imgs[img_id]
+            if (info["height"], info["width"]) != (h, w):
+                raise ValueError(f"image {info['file_name']} is {h}x{w} but the annotation says "
+                                 f"{info['height']}x{info['width']}")
+            masks = [self.coco.annToMask(a) for a in anns]
+            t["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+        return t
+
+    def __getitem__(self, index: int):
+        for attempt in range(min(len(self.ids), 20)):
+            i = (index + attempt) % len(self.ids)
+            img_id = self.ids[i]
+            if img_id in self._bad:
+                continue
+            try:
+                img = self.load_image(img_id)
+            except Exception as e:  # unreadable / truncated / missing file
+                self._bad.add(img_id)
+                name = self.coco.imgs[img_id].get("file_name")
+                warnings.warn(f"skipping unreadable image {name!r} (id {img_id}): {type(e).__name__}: {e}",
+                              stacklevel=2)
+                if self.on_error == "raise":
+                    raise
+                if self.on_error == "none":
+                    return None
+                continue
+            target = self.target(img_id, img.shape[1], img.shape[2])
+            if self.transforms is not None:
+                rng = random.Random(hash((self.seed, self.epoch, i)))
+                img, target = self.transforms(img, target, rng)
+            return img, target
+        raise RuntimeError(f"no readable image found near index {index}; check the image folder {self.img_dir}")
+
+
+class _quiet:
+    """pycocotools prints progress lines; keep test and CLI output clean."""
+
+    def __enter__(self) -> None:
+        import contextlib
+        import io
+        self._cm = contextlib.redirect_stdout(io.StringIO())
+        self._cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+
+COCO_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+]

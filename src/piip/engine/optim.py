@@ -1,0 +1,117 @@
+"""AdamW with layer-wise learning-rate decay over PIIP branch blocks, and warm-up schedules.
+
+Layer ids follow the released ``CustomLayerDecayOptimizerConstructorMMDet`` with L = num_layers + 2
+and lr scale ``rate ** (L - 1 - id)``: patch embedding / position table / class token of every
+branch get id 0; block i of the *largest* branch (official branch1, our last) gets i + 1; block i
+of another branch gets ``(i + 1) * skip_stride`` (official: 1 for TSB, 2 for SBL/TSBL, i.e. the
+largest branch's depth over that branch's depth, which is how we derive it); everything else
+(interactions, merging, pyramid, neck, heads) gets L - 1 (scale 1). No weight decay on 1-D
+parameters and biases (as released; position tables do get weight decay there too).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..backbone import PIIPBackbone
+
+_BRANCH = re.compile(r"branches\.(\d+)\.(.*)")
+
+
+def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
+              skip_strides: Optional[Sequence[int]] = None) -> tuple[dict[str, int], int]:
+    """Layer id of every parameter name, and num_layers (default: deepest branch's depth)."""
+    backbones = [(n, m) for n, m in model.named_modules() if isinstance(m, PIIPBackbone)]
+    if not backbones:
+        raise ValueError("layer-wise lr decay needs a model containing a PIIPBackbone")
+    prefix, bb = backbones[0]
+    prefix = prefix + "." if prefix else ""
+    depths = [b.depth for b in bb.cfg.branches]
+    n = len(depths)
+    num_layers = num_layers or max(depths)
+    if skip_strides is None:
+        strides = [max(1, max(depths) // d) for d in depths]
+        strides[-1] = 1
+    else:  # official order: for official branch2, branch3, ... = our n-2, n-3, ...
+        if len(skip_strides) != n - 1:
+            raise ValueError(f"skip_strides needs {n - 1} entries (one per branch but the largest), got {skip_strides}")
+        strides = [int(skip_strides[n - 2 - k]) for k in range(n - 1)] + [1]
+    top = num_layers + 1
+    ids = {}
+    for name, _ in model.named_parameters():
+        ids[name] = top
+        if not name.startswith(prefix):
+            continue
+        m = _BRANCH.match(name[len(prefix):])
+        if not m:
+            continue
+        k, rest = int(m.group(1)), m.group(2)
+        if rest.startswith(("patch_embed", "pos_embed", "cls_token")):
+            ids[name] = 0
+        elif rest.startswith("blocks."):
+            i = int(rest.split(".")[1])
+            ids[name] = min(top, (i + 1) * strides[k])
+    return ids, num_layers
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: Optional[float] = None,
+                 num_layers: Optional[int] = None, skip_strides: Optional[Sequence[int]] = None) -> list[dict]:
+    """Optimizer groups: (layer id, decay / no decay), each with its ``lr`` and ``lr_scale``."""
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if layer_decay is not None and layer_decay < 1:
+        ids, nl = layer_ids(model, num_layers, skip_strides)
+    else:
+        ids, nl = {}, 0
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        lid = ids.get(name, nl + 1)
+        scale = layer_decay ** (nl + 1 - lid) if ids else 1.0
+        key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
+        g = groups.setdefault(key, {"params": [], "param_names": [], "lr": lr * scale, "lr_scale": scale,
+                                    "weight_decay": 0.0 if no_decay else weight_decay, "group_name": key})
+        g["params"].append(p)
+        g["param_names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
+                    layer_decay: Optional[float] = None, betas: tuple[float, float] = (0.9, 0.999),
+                    **kw) -> torch.optim.AdamW:
+    groups = param_groups(model, lr, weight_decay, layer_decay, **kw)
+    for g in groups:
+        g.pop("param_names")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+class WarmupSchedule:
+    """LR factor at iteration ``it``: linear warm-up from ``warmup_ratio`` (mmdet 'linear'), then
+    step decay by ``gamma`` at each milestone (iterations) or cosine to ``min_ratio``."""
+
+    def __init__(self, total_iters: int, warmup_iters: int = 500, warmup_ratio: float = 1e-3,
+                 milestones: Sequence[int] = (), gamma: float = 0.1, kind: str = "step", min_ratio: float = 0.0) -> None:
+        if kind not in ("step", "cosine"):
+            raise ValueError(f"schedule kind must be 'step' or 'cosine', got {kind!r}")
+        self.total, self.warmup, self.ratio = total_iters, warmup_iters, warmup_ratio
+        self.milestones, self.gamma, self.kind, self.min_ratio = sorted(milestones), gamma, kind, min_ratio
+
+    def __call__(self, it: int) -> float:
+        if self.kind == "step":
+            base = self.gamma ** sum(it >= m for m in self.milestones)
+        else:
+            t = min(1.0, it / max(1, self.total))
+            base = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        if it < self.warmup:
+            base *= self.ratio + (1 - self.ratio) * it / self.warmup
+        return base
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,4 @@
+"""Evaluation metrics."""
+from .coco import COCO_METRIC_NAMES, coco_evaluate, evaluate_detector, predictions_to_coco
+
+__all__ = ["COCO_METRIC_NAMES", "coco_evaluate", "evaluate_detector", "predictions_to_coco"]

@@ -1,0 +1,288 @@
+"""Object detection / instance segmentation: a PIIP (or ViTDet) backbone under torchvision's
+Mask R-CNN, Faster R-CNN or RetinaNet, set up like the released mmdet Mask R-CNN 1x config.
+
+Module layout (what checkpoint conversion relies on)::
+
+    detector.backbone.body   the PIIPBackbone (pyramid '0'..'3' at strides 4/8/16/32)
+    detector.backbone.fpn    torchvision FeaturePyramidNetwork (256 channels)
+    detector.rpn / detector.roi_heads / detector.head (RetinaNet)
+    detector.transform       resize + normalise + pad (see :class:`PIIPDetectionTransform`)
+
+Labels follow torchvision: foreground classes are ``1..num_classes`` and ``num_classes`` given to
+:func:`build_detector` counts foreground classes only (80 for COCO); every head is built with
+``num_classes + 1`` outputs (index 0 = background; unused by RetinaNet's sigmoid classifier).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from ..backbone import PIIPBackbone
+from ..config import PIIPConfig
+
+KINDS = ("mask_rcnn", "faster_rcnn", "retinanet")
+
+
+@dataclass
+class DetectorConfig:
+    """Everything besides the backbone needed to rebuild a detector (saved in checkpoints).
+
+    Defaults are the released Mask R-CNN 1x settings. ``max_size`` None = the finest branch's
+    resolution S; ``min_size`` None = ``S * 800 // 1333`` (mmdet ``img_scale=(S, S*800//1333)``).
+    ``pad_divisor`` None = 224 for multi-branch PIIP, 64 for a single-branch ViTDet (released
+    configs), lowered to 32 when S < 224 so tiny models don't train on mostly padding.
+    """
+
+    kind: str = "mask_rcnn"
+    num_classes: int = 80
+    fpn_channels: int = 256
+    box_head_dim: int = 1024          # Shared2FC box head width
+    mask_head_dim: int = 256          # FCN mask head width (4 convs)
+    min_size: Optional[int] = None
+    max_size: Optional[int] = None
+    pad_divisor: Optional[int] = None
+    rpn_pre_nms_train: int = 2000
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_train: int = 1000
+    rpn_post_nms_test: int = 1000
+    rpn_batch_size: int = 256
+    roi_batch_size: int = 512
+    score_thresh: float = 0.05
+    detections_per_img: int = 100
+    class_names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown detector config keys {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def resolve_sizes(backbone_cfg: PIIPConfig, det: DetectorConfig) -> tuple[int, int, int]:
+    """(min_size, max_size, pad_divisor) the transform uses for this backbone."""
+    s = int(round(backbone_cfg.branches[0].img_size))
+    max_size = det.max_size or s
+    min_size = det.min_size or max(16, max_size * 800 // 1333)
+    if det.pad_divisor is not None:
+        pad = det.pad_divisor
+    else:
+        pad = 224 if len(backbone_cfg.branches) > 1 else 64
+        if max_size < 224:
+            pad = 32
+    patch = backbone_cfg.branches[0].patch_size
+    if pad % patch:
+        raise ValueError(f"pad_divisor={pad} must be a multiple of the finest branch's patch size {patch}")
+    return min_size, max_size, pad
+
+
+class PIIPFPN(nn.Module):
+    """``body`` (PIIP backbone) -> selected pyramid levels -> ``fpn`` (torchvision FPN)."""
+
+    def __init__(self, body: PIIPBackbone, out_channels: int = 256, levels: tuple[str, ...] = ("0", "1", "2", "3"),
+                 extra: str = "maxpool") -> None:
+        super().__init__()
+        if body.pyramid is None:
+            raise ValueError("detection needs a backbone with a feature pyramid (config pyramid='gn' or 'ln')")
+        self.body = body
+        self.levels = tuple(levels)
+        c = body.out_channels
+        if extra == "maxpool":
+            extra_block = LastLevelMaxPool()
+        elif extra == "p6p7":
+            extra_block = LastLevelP6P7(c, out_channels)  # mmdet add_extra_convs='on_input'
+        else:
+            raise ValueError(f"extra must be 'maxpool' or 'p6p7', got {extra!r}")
+        self.fpn = FeaturePyramidNetwork([c] * len(self.levels), out_channels, extra_blocks=extra_block)
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        feats = self.body(x)
+        return self.fpn(OrderedDict((k, feats[k]) for k in self.levels))
+
+
+class FixedStrideAnchorGenerator(AnchorGenerator):
+    """Anchors at the nominal level strides (mmdet), not ``padded_size // grid`` (torchvision),
+    which is off for the max-pooled level when the padded size is not a multiple of 64."""
+
+    def __init__(self, sizes: tuple, aspect_ratios: tuple, strides: tuple[int, ...]) -> None:
+        super().__init__(sizes, aspect_ratios)
+        self.strides = tuple(strides)
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        if len(feature_maps) != len(self.strides):
+            raise ValueError(f"anchor generator has {len(self.strides)} strides, got {len(feature_maps)} levels")
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(dtype, device)
+        per_level = self.grid_anchors(grid_sizes, strides)
+        return [torch.cat(per_level) for _ in image_list.image_sizes]
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign with ``aligned=True`` (half-pixel offset), as mmcv's RoIAlign in mmdet.
+    Level assignment (canonical 224 at level 4) equals mmdet's finest_scale=56 rule."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        feats = [v for k, v in x.items() if k in self.featmap_names]
+        if self.scales is None or self.map_levels is None:
+            from torchvision.ops.poolers import _setup_scales
+            self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], 0)
+        rois = rois.to(feats[0].dtype)
+        if len(feats) == 1:
+            return roi_align(feats[0], rois, self.output_size, self.scales[0], self.sampling_ratio, aligned=True)
+        levels = self.map_levels(boxes)
+        out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + tuple(self.output_size))
+        for lvl, (f, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(levels == lvl)[0]
+            if idx.numel():
+                out[idx] = roi_align(f, rois[idx], self.output_size, scale, self.sampling_ratio,
+                                     aligned=True).to(out.dtype)
+        return out
+
+
+class PIIPDetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's transform configured as the released pipeline.
+
+    Images come in as RGB floats in [0, 1]. Resize keeps the ratio with
+    ``scale = min(max_size / long side, min_size / short side)`` (mmdet ``Resize(img_scale=
+    (max_size, min_size), keep_ratio=True)``; torchvision uses the same rule), normalise with
+    mean = std = 0.5 (= 127.5 on 0-255 RGB), pad bottom/right with zeros to a multiple of
+    ``size_divisible``. ``postprocess`` maps boxes and masks back to the original image size.
+    """
+
+    def __init__(self, min_size: int, max_size: int, size_divisible: int) -> None:
+        super().__init__(min_size, max_size, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                         size_divisible=size_divisible)
+
+
+def _as_backbone(backbone: Union[PIIPBackbone, str, PIIPConfig], overrides: dict[str, Any]) -> PIIPBackbone:
+    if isinstance(backbone, PIIPBackbone):
+        if overrides:
+            raise ValueError("model overrides can only be given with a model name or config, not a built backbone")
+        return backbone
+    if isinstance(backbone, str):
+        from ..registry import get_config
+        backbone = get_config(backbone, **overrides)
+    elif isinstance(backbone, PIIPConfig):
+        backbone = backbone.replace(**overrides) if overrides else backbone
+    else:
+        raise ValueError(f"backbone must be a PIIPBackbone, a registered model name or a PIIPConfig, "
+                         f"got {type(backbone).__name__}")
+    if backbone.task != "dense":
+        raise ValueError(f"detection needs a dense backbone config (task='dense'), got task={backbone.task!r}")
+    return PIIPBackbone(backbone)
+
+
+def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: int = 80,
+                   kind: str = "mask_rcnn", det_cfg: Optional[DetectorConfig] = None,
+                   **overrides: Any) -> nn.Module:
+    """A torchvision detector on a PIIP / ViTDet backbone.
+
+    Args:
+        backbone: a built :class:`PIIPBackbone`, a registered model name, or a :class:`PIIPConfig`.
+        num_classes: number of foreground classes (80 for COCO).
+        kind: 'mask_rcnn', 'faster_rcnn' or 'retinanet'.
+        det_cfg: head / transform settings; ``num_classes`` and ``kind`` given here win.
+        **overrides: backbone config overrides when ``backbone`` is a name or config
+            (e.g. ``img_size=224, branches={'embed_dim': 32}``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (foreground classes), got {num_classes!r}")
+    det = dataclasses.replace(det_cfg or DetectorConfig(), kind=kind, num_classes=num_classes)
+    body = _as_backbone(backbone, overrides)
+    min_size, max_size, pad = resolve_sizes(body.cfg, det)
+    n_out = num_classes + 1
+    ratios = (0.5, 1.0, 2.0)
+    if kind == "retinanet":
+        neck = PIIPFPN(body, det.fpn_channels, levels=("1", "2", "3"), extra="p6p7")
+        sizes = tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in (32, 64, 128, 256, 512))
+        anchors = FixedStrideAnchorGenerator(sizes, (ratios,) * 5, (8, 16, 32, 64, 128))
+        model = RetinaNet(neck, n_out, anchor_generator=anchors, score_thresh=det.score_thresh,
+                          detections_per_img=det.detections_per_img, topk_candidates=1000, nms_thresh=0.5)
+    else:
+        neck = PIIPFPN(body, det.fpn_channels)
+        anchors = FixedStrideAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (ratios,) * 5,
+                                             (4, 8, 16, 32, 64))
+        from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
+        box_pool = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=0)
+        common = dict(
+            rpn_anchor_generator=anchors,
+            rpn_pre_nms_top_n_train=det.rpn_pre_nms_train, rpn_pre_nms_top_n_test=det.rpn_pre_nms_test,
+            rpn_post_nms_top_n_train=det.rpn_post_nms_train, rpn_post_nms_top_n_test=det.rpn_post_nms_test,
+            rpn_nms_thresh=0.7, rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3,
+            rpn_batch_size_per_image=det.rpn_batch_size, rpn_positive_fraction=0.5,
+            box_roi_pool=box_pool,
+            box_head=TwoMLPHead(det.fpn_channels * 7 * 7, det.box_head_dim),
+            box_predictor=FastRCNNPredictor(det.box_head_dim, n_out),
+            box_score_thresh=det.score_thresh, box_nms_thresh=0.5, box_detections_per_img=det.detections_per_img,
+            box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5, box_batch_size_per_image=det.roi_batch_size,
+            box_positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0))
+        if kind == "mask_rcnn":
+            from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+            model = MaskRCNN(neck, None, **common,
+                             mask_roi_pool=AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0),
+                             mask_head=MaskRCNNHeads(det.fpn_channels, [det.mask_head_dim] * 4, 1),
+                             mask_predictor=MaskRCNNPredictor(det.mask_head_dim, det.mask_head_dim, n_out))
+        else:
+            model = FasterRCNN(neck, None, **common)
+    model.transform = PIIPDetectionTransform(min_size, max_size, pad)
+    model.det_cfg = det
+    return model
+
+
+def detector_config_dict(model: nn.Module) -> dict[str, Any]:
+    """What :func:`detector_from_config` needs to rebuild ``model`` (stored in checkpoints)."""
+    return {"task": "detection", "backbone": model.backbone.body.cfg.to_dict(), "detector": model.det_cfg.to_dict()}
+
+
+def detector_from_config(d: dict[str, Any]) -> nn.Module:
+    """Rebuild a detector (random weights) from :func:`detector_config_dict`'s output."""
+    if d.get("task") != "detection":
+        raise ValueError(f"not a detection model config (task={d.get('task')!r})")
+    det = DetectorConfig.from_dict(d["detector"])
+    return build_detector(PIIPConfig.from_dict(d["backbone"]), det.num_classes, det.kind, det)
+
+
+def load_detector(path: str, model: Optional[str] = None, overrides: Optional[dict[str, Any]] = None,
+                  num_classes: int = 80, kind: str = "mask_rcnn", map_location: str = "cpu") -> nn.Module:
+    """A detector from a training checkpoint (rebuilt from the config inside it) or from a plain
+    state dict (``.pt``/``.pth``/``.safetensors`` with detector keys), which needs ``model``."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        ckpt: Any = load_file(path)
+    else:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if isinstance(ckpt, dict) and "model_config" in ckpt:
+        det = detector_from_config(ckpt["model_config"])
+        det.load_state_dict(ckpt["model"])
+        return det
+    if model is None:
+        raise ValueError(f"{path} holds no model config; pass the model name (--model) it was trained with")
+    state = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else ckpt
+    det = build_detector(model, num_classes, kind, **(overrides or {}))
+    missing, unexpected = det.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit {model} ({kind}, {num_classes} classes): {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    return det
