@@ -113,16 +113,20 @@ def test_detector_structure_and_transform():
     assert set(dict(model.named_children())) >= {"backbone", "rpn", "roi_heads", "transform"}
     assert set(dict(model.backbone.named_children())) == {"body", "fpn"}
     tr = model.transform
-    assert (tr.min_size, tr.max_size, tr.size_divisible) == ((57,), 96, 32)
+    assert (tr.min_size, tr.max_size, tr.size_divisible) == ((96,), 96, 32)
     assert tr.image_mean == [0.5] * 3 and tr.image_std == [0.5] * 3
     images, _ = tr([torch.full((3, 40, 30), 1.0)])
-    assert images.image_sizes == [(76, 57)]                  # min(96/40, 57/30): short side capped
-    assert images.tensors.shape[-2:] == (96, 64)             # padded to multiples of 32
+    assert images.image_sizes == [(96, 72)]                  # long side = finest resolution, keep ratio
+    assert images.tensors.shape[-2:] == (96, 96)             # padded to multiples of 32
+    official = build_detector(model.backbone.body, num_classes=3, det_cfg=DetectorConfig(min_size=96 * 800 // 1333))
+    images, _ = official.transform([torch.full((3, 40, 30), 1.0)])
+    assert images.image_sizes == [(76, 57)]                  # released protocol: min(96/40, 57/30)
     assert torch.allclose(images.tensors[0, :, :76, :57], torch.ones(()))  # (1 - .5) / .5
-    # official sizes: S=1120 -> (672, 1120), pad 224; ViTDet -> pad 64
+    # S=1120: long side 1120 (released protocol: short side capped at 672), pad 224; ViTDet -> pad 64
     from piip.registry import get_config
     from piip.tasks.detection import resolve_sizes
-    assert resolve_sizes(get_config("piip_tsb_1120_896_448"), DetectorConfig()) == (672, 1120, 224)
+    assert resolve_sizes(get_config("piip_tsb_1120_896_448"), DetectorConfig()) == (1120, 1120, 224)
+    assert resolve_sizes(get_config("piip_tsb_1120_896_448"), DetectorConfig(min_size=672)) == (672, 1120, 224)
     assert resolve_sizes(get_config("vitdet_b_1024"), DetectorConfig())[2] == 64
 
 

@@ -30,7 +30,7 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fpn-channels", type=int, default=256)
     g.add_argument("--box-head-dim", type=int, default=1024)
     g.add_argument("--mask-head-dim", type=int, default=256)
-    g.add_argument("--min-size", type=int, default=None, help="short-side cap (default finest resolution*800//1333)")
+    g.add_argument("--min-size", type=int, default=None, help="short-side cap (default: none, the long side becomes the finest resolution S; S*800//1333 is the released mmdet protocol)")
     g.add_argument("--max-size", type=int, default=None, help="long-side cap (default: finest branch resolution)")
     g.add_argument("--pad-divisor", type=int, default=None, help="pad to multiples of this (default 224 / 64 / 32)")
 

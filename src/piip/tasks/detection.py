@@ -39,7 +39,9 @@ class DetectorConfig:
     """Everything besides the backbone needed to rebuild a detector (saved in checkpoints).
 
     Defaults are the released Mask R-CNN 1x settings. ``max_size`` None = the finest branch's
-    resolution S; ``min_size`` None = ``S * 800 // 1333`` (mmdet ``img_scale=(S, S*800//1333)``).
+    resolution S; ``min_size`` None = S, so the long side of every image becomes S (keep ratio).
+    The released mmdet pipeline caps the short side too: ``min_size = S * 800 // 1333``
+    (``img_scale=(S, S*800//1333)``) reproduces its evaluation protocol.
     ``pad_divisor`` None = 224 for multi-branch PIIP, 64 for a single-branch ViTDet (released
     configs), lowered to 32 when S < 224 so tiny models don't train on mostly padding.
     """
@@ -78,7 +80,7 @@ def resolve_sizes(backbone_cfg: PIIPConfig, det: DetectorConfig) -> tuple[int, i
     """(min_size, max_size, pad_divisor) the transform uses for this backbone."""
     s = int(round(backbone_cfg.branches[0].img_size))
     max_size = det.max_size or s
-    min_size = det.min_size or max(16, max_size * 800 // 1333)
+    min_size = det.min_size or max_size
     if det.pad_divisor is not None:
         pad = det.pad_divisor
     else:
