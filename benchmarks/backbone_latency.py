@@ -7,7 +7,7 @@ For each pair and each variant — (a) ``trunk``: ``forward_features`` of the mo
 interleaved (warm-up first, then alternating), the median is reported. FLOPs are counted with
 ``torch.utils.flop_counter`` on the warm-up pass (matmuls, convolutions, attention; bilinear
 sampling and element-wise ops are not counted). Peak memory is the max RSS of a child process
-running one forward of that model alone. Prints one table and a summary line.
+running one forward of that model alone (VmHWM, which — unlike ru_maxrss — restarts at exec). Prints one table and a summary line.
 """
 from __future__ import annotations
 
@@ -41,13 +41,12 @@ def runner(model: torch.nn.Module, variant: str):
 
 
 def peak_rss_mb(name: str, variant: str, size: int, threads: int) -> float:
-    """Max RSS of a fresh process that builds the model and runs one forward (MB)."""
-    code = (f"import resource, torch, sys; sys.path.insert(0, {repr(sys.path[0])}); torch.set_num_threads({threads});"
+    """Peak RSS (VmHWM) of a fresh process that builds the model and runs one forward (MB)."""
+    code = (f"import torch, sys; sys.path.insert(0, {repr(sys.path[0])}); torch.set_num_threads({threads});"
             "from backbone_latency import build, runner;"
             f"m = build({name!r}, {variant!r}); x = torch.randn(1, 3, {size}, {size});"
-            f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"with torch.inference_mode(): runner(m, {variant!r})(x)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1]) / 1024
 
