@@ -44,7 +44,7 @@ def peak_rss_mb(name: str, variant: str, size: int, threads: int) -> float:
     """Peak RSS (VmHWM) of a fresh process that builds the model and runs one forward (MB)."""
     code = (f"import torch, sys; sys.path.insert(0, {repr(sys.path[0])}); torch.set_num_threads({threads});"
             "from backbone_latency import build, runner;"
-            f"m = build({name!r}, {variant!r}); x = torch.randn(1, 3, {size}, {size});"
+            f"m = build({name!r}, {variant!r}); x = torch.randn(1, 3, {size}, {size})\n"
             f"with torch.inference_mode(): runner(m, {variant!r})(x)\n"
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
