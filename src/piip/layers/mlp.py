@@ -28,7 +28,9 @@ class DWConv(nn.Module):
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         b, n, c = x.shape
         x = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
-        return self.dwconv(x).flatten(2).transpose(1, 2)
+        # the (B, N, C) -> NCHW view above is channels-last strided and so is the conv's output:
+        # permute back instead of flatten(2), which would force a copy
+        return self.dwconv(x).permute(0, 2, 3, 1).reshape(b, n, c)
 
 
 class ConvFFN(nn.Module):

@@ -1,7 +1,10 @@
 """Multi-scale deformable attention (Deformable-DETR semantics) without compiled extensions.
 
 The reference implementation samples every level with ``grid_sample``; it is the ground
-truth that faster implementations (see issue "Speed") are checked against.
+truth that the faster ones are checked against: ``fused`` (deform_fused.py: one gather-reduce,
+analytic backward; auto-selected for CPU inference) and ``triton`` (deform_triton.py: Triton
+kernels, auto-selected for CUDA). An implementation may carry ``.supports(value) -> bool``,
+consulted only by the automatic choice; ``impl=`` or ``PIIP_DEFORM_IMPL`` force one.
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_
 def _select_impl(impl: Optional[str], value: Tensor) -> str:
     name = impl or os.environ.get("PIIP_DEFORM_IMPL") or ""
     if not name:
-        # Best available: implementations registered later (fused, triton) declare priority.
+        # Best available, fastest first; each declares what it supports.
         for candidate in ("triton", "fused", "reference"):
             if candidate in _IMPLS and _supports(candidate, value):
                 return candidate

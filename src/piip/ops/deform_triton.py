@@ -1,0 +1,199 @@
+"""``triton`` deformable attention: forward and backward Triton kernels (JIT, no build step).
+
+One program handles ``BLOCK_R`` rows (a row is one (batch, query, head)) and the whole head
+width; it walks the levels and points, reads the 4 bilinear corners of each sample straight
+from ``value`` and accumulates. The backward recomputes the corners, scatters the value
+gradient with atomic adds and writes analytic location / attention-weight gradients.
+Selected automatically for CUDA tensors when Triton imports; on CPU it runs only under
+``TRITON_INTERPRET=1`` (how its numerics are tested without a GPU). Math in >= float32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .ms_deform_attn import register_impl
+
+try:  # Triton ships with the CUDA wheels of torch; the op is simply not offered without it
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _corner(x0, y0, dx: tl.constexpr, dy: tl.constexpr, h, w, start, base, m_count):
+        xi = x0 + dx
+        yi = y0 + dy
+        ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        pos = start + yi.to(tl.int64) * w + xi.to(tl.int64)
+        pos = tl.where(ok, pos, 0)
+        return ok, (base + pos) * m_count
+
+    @triton.jit
+    def _fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
+                    R, S, LQM, M, D,
+                    L: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        rows64 = rows.to(tl.int64)
+        base = (rows64 // LQM) * S          # n * S
+        head = rows64 % M
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=value_ptr.dtype.element_ty)
+        for lvl in tl.static_range(L):
+            h = tl.load(shapes_ptr + 2 * lvl)
+            w = tl.load(shapes_ptr + 2 * lvl + 1)
+            start = tl.load(starts_ptr + lvl)
+            hf = h.to(acc.dtype)
+            wf = w.to(acc.dtype)
+            for pt in tl.static_range(P):
+                k = rows64 * (L * P) + lvl * P + pt
+                lx = tl.load(loc_ptr + 2 * k, mask=rmask, other=0.0)
+                ly = tl.load(loc_ptr + 2 * k + 1, mask=rmask, other=0.0)
+                a = tl.load(attn_ptr + k, mask=rmask, other=0.0)
+                x = lx * wf - 0.5
+                y = ly * hf - 0.5
+                x0f = tl.floor(x)
+                y0f = tl.floor(y)
+                fx = x - x0f
+                fy = y - y0f
+                x0 = x0f.to(tl.int64)
+                y0 = y0f.to(tl.int64)
+                for c in tl.static_range(4):
+                    ok, vrow = _corner(x0, y0, c % 2, c // 2, h, w, start, base, M)
+                    bx = fx if c % 2 == 1 else 1 - fx
+                    by = fy if c // 2 == 1 else 1 - fy
+                    cw = a * bx * by
+                    ok = ok & rmask
+                    v = tl.load(value_ptr + (vrow + head)[:, None] * D + cols[None, :],
+                                mask=ok[:, None] & cmask[None, :], other=0.0)
+                    acc += cw[:, None] * v
+        tl.store(out_ptr + rows64[:, None] * D + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+                    grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
+                    R, S, LQM, M, D,
+                    L: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        rows64 = rows.to(tl.int64)
+        base = (rows64 // LQM) * S
+        head = rows64 % M
+        g = tl.load(grad_out_ptr + rows64[:, None] * D + cols[None, :],
+                    mask=rmask[:, None] & cmask[None, :], other=0.0)
+        for lvl in tl.static_range(L):
+            h = tl.load(shapes_ptr + 2 * lvl)
+            w = tl.load(shapes_ptr + 2 * lvl + 1)
+            start = tl.load(starts_ptr + lvl)
+            hf = h.to(g.dtype)
+            wf = w.to(g.dtype)
+            for pt in tl.static_range(P):
+                k = rows64 * (L * P) + lvl * P + pt
+                lx = tl.load(loc_ptr + 2 * k, mask=rmask, other=0.0)
+                ly = tl.load(loc_ptr + 2 * k + 1, mask=rmask, other=0.0)
+                a = tl.load(attn_ptr + k, mask=rmask, other=0.0)
+                x = lx * wf - 0.5
+                y = ly * hf - 0.5
+                x0f = tl.floor(x)
+                y0f = tl.floor(y)
+                fx = x - x0f
+                fy = y - y0f
+                x0 = x0f.to(tl.int64)
+                y0 = y0f.to(tl.int64)
+                ga = tl.zeros_like(fx)
+                gfx = tl.zeros_like(fx)
+                gfy = tl.zeros_like(fx)
+                for c in tl.static_range(4):
+                    ok, vrow = _corner(x0, y0, c % 2, c // 2, h, w, start, base, M)
+                    ok = ok & rmask
+                    bx = fx if c % 2 == 1 else 1 - fx
+                    by = fy if c // 2 == 1 else 1 - fy
+                    sx = 1.0 if c % 2 == 1 else -1.0
+                    sy = 1.0 if c // 2 == 1 else -1.0
+                    offs = (vrow + head)[:, None] * D + cols[None, :]
+                    m2 = ok[:, None] & cmask[None, :]
+                    v = tl.load(value_ptr + offs, mask=m2, other=0.0)
+                    e = tl.sum(v * g, axis=1)
+                    ga += bx * by * e
+                    gfx += sx * by * e
+                    gfy += sy * bx * e
+                    tl.atomic_add(grad_value_ptr + offs, (a * bx * by)[:, None] * g, mask=m2)
+                tl.store(grad_attn_ptr + k, ga, mask=rmask)
+                tl.store(grad_loc_ptr + 2 * k, a * gfx * wf, mask=rmask)
+                tl.store(grad_loc_ptr + 2 * k + 1, a * gfy * hf, mask=rmask)
+
+
+def _launch_args(value: Tensor, loc: Tensor) -> tuple[int, int, int, int, int, int, int, int]:
+    n, s, m, d = value.shape
+    lq, nl, p = loc.shape[1], loc.shape[3], loc.shape[4]
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = max(1, min(64, 4096 // block_d))
+    return n * lq * m, s, lq * m, m, d, nl, p, block_r, block_d  # type: ignore[return-value]
+
+
+class _TritonDeformAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                loc: Tensor, attn: Tensor) -> Tensor:
+        r, s, lqm, m, d, nl, p, block_r, block_d = _launch_args(value, loc)
+        shapes = spatial_shapes.to(device=value.device, dtype=torch.int64).contiguous()
+        starts = level_start_index.to(device=value.device, dtype=torch.int64).contiguous()
+        out = torch.empty(r, d, dtype=value.dtype, device=value.device)
+        _fwd_kernel[(triton.cdiv(r, block_r),)](value, shapes, starts, loc, attn, out, r, s, lqm, m, d,
+                                                L=nl, P=p, BLOCK_R=block_r, BLOCK_D=block_d)
+        ctx.save_for_backward(value, shapes, starts, loc, attn)
+        n, lq = value.shape[0], loc.shape[1]
+        return out.view(n, lq, m * d)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        value, shapes, starts, loc, attn = ctx.saved_tensors
+        r, s, lqm, m, d, nl, p, block_r, block_d = _launch_args(value, loc)
+        grad_out = grad_out.to(value.dtype).contiguous()
+        grad_value = torch.zeros_like(value)
+        grad_loc = torch.empty_like(loc)
+        grad_attn = torch.empty_like(attn)
+        _bwd_kernel[(triton.cdiv(r, block_r),)](value, shapes, starts, loc, attn, grad_out,
+                                                grad_value, grad_loc, grad_attn, r, s, lqm, m, d,
+                                                L=nl, P=p, BLOCK_R=block_r, BLOCK_D=block_d)
+        return grad_value, None, None, grad_loc, grad_attn
+
+
+def _runnable(value: Tensor) -> bool:
+    return HAS_TRITON and (value.is_cuda or interpreting())
+
+
+def _supports(value: Tensor) -> bool:
+    """Auto-selection: CUDA tensors only (the interpreter is for tests, it is slow)."""
+    return HAS_TRITON and value.is_cuda
+
+
+if HAS_TRITON:
+    @register_impl("triton")
+    def ms_deform_attn_triton(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                              sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+        """Triton kernels (CUDA, or the CPU interpreter under TRITON_INTERPRET=1); >= float32 math."""
+        if not _runnable(value):
+            raise ValueError("ms_deform_attn impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), "
+                             f"got value on {value.device}")
+        dt = torch.promote_types(value.dtype, torch.float32)
+        out = _TritonDeformAttn.apply(value.to(dt).contiguous(), spatial_shapes, level_start_index,
+                                      sampling_locations.to(dt).contiguous(),
+                                      attention_weights.to(dt).contiguous())
+        return out.to(value.dtype)
+
+    ms_deform_attn_triton.supports = _supports  # type: ignore[attr-defined]

@@ -1,0 +1,79 @@
+"""Speed-related behaviour of the backbone: same outputs whichever deform implementation,
+bf16 autocast end to end, cached per-shape constants, and (opt-in) torch.compile."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import piip
+from piip.layers.interaction import deform_inputs
+
+TINY = dict(img_size=128, branches={"embed_dim": 32, "num_heads": 2}, deform_num_heads=2)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return piip.create_model("piip_tsb_1120_896_448", **{**TINY, **kw}).eval()
+
+
+def test_fused_and_reference_give_same_backbone_outputs(monkeypatch):
+    model, x = tiny(), torch.randn(1, 3, 128, 128)
+    outs = {}
+    for impl in ("reference", "fused"):
+        monkeypatch.setenv("PIIP_DEFORM_IMPL", impl)
+        with torch.no_grad():
+            outs[impl] = model(x)
+    for k in outs["reference"]:
+        torch.testing.assert_close(outs["fused"][k], outs["reference"][k], atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_with_fused_impl(monkeypatch):
+    monkeypatch.setenv("PIIP_DEFORM_IMPL", "fused")
+    model = tiny().train()
+    out = model(torch.randn(2, 3, 128, 128))
+    sum(v.float().mean() for v in out.values()).backward()
+    grads = [p.grad for n, p in model.named_parameters() if "sampling_offsets" in n and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_bf16_autocast_end_to_end():
+    model, x = tiny(), torch.randn(1, 3, 128, 128)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    with torch.no_grad():
+        ref = model(x)
+    for k, v in out.items():
+        assert torch.isfinite(v.float()).all()
+        assert v.shape == ref[k].shape
+        rel = (v.float() - ref[k]).norm() / ref[k].norm()
+        assert rel < 0.1, f"level {k}: bf16 autocast relative error {rel:.3f}"
+
+
+def test_per_shape_constants_are_cached():
+    model, x = tiny(), torch.randn(1, 3, 128, 128)
+    deform_inputs.cache_clear()
+    with torch.no_grad():
+        model(x)
+        info = deform_inputs.cache_info()
+        model(x)
+    after = deform_inputs.cache_info()
+    assert after.misses == info.misses and after.hits > info.hits  # second pass only hits
+    branch = model.branches[1]
+    with torch.no_grad():
+        a = branch.pos_embed_for((3, 3))
+        assert branch.pos_embed_for((3, 3)) is a  # eval: resized table reused
+        branch.pos_embed.add_(1.0)               # parameter changed: cache invalidated
+        assert branch.pos_embed_for((3, 3)) is not a
+
+
+@pytest.mark.skipif(os.environ.get("PIIP_TEST_COMPILE") != "1",
+                    reason="torch.compile takes minutes on 2 CPU cores; set PIIP_TEST_COMPILE=1 to run")
+def test_torch_compile_same_outputs():
+    model, x = tiny(), torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model)(x)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], atol=1e-4, rtol=1e-4)
