@@ -1,15 +1,10 @@
-"""``piip eval TASK``: each task module listed in TASKS provides ``add_eval_parser(subparsers)``."""
+"""``piip eval TASK`` (tasks are listed in :mod:`piip.commands._tasks`)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 
-TASKS = ["piip.commands.detection"]
+from ._tasks import add_task_command
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained task model (detection, ...)")
-    tasks = p.add_subparsers(dest="task", metavar="TASK")
-    for path in TASKS:
-        importlib.import_module(path).add_eval_parser(tasks)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    add_task_command(sub, "eval", "evaluate a trained task model (detection, ...)", "add_eval_parser")

@@ -1,15 +1,10 @@
-"""``piip train TASK``: each task module listed in TASKS provides ``add_train_parser(subparsers)``."""
+"""``piip train TASK`` (tasks are listed in :mod:`piip.commands._tasks`)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 
-TASKS = ["piip.commands.detection"]
+from ._tasks import add_task_command
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a task model (detection, ...)")
-    tasks = p.add_subparsers(dest="task", metavar="TASK")
-    for path in TASKS:
-        importlib.import_module(path).add_train_parser(tasks)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    add_task_command(sub, "train", "train a task model (detection, ...)", "add_train_parser")
