@@ -19,7 +19,8 @@ def register_model(name: str, description: str = "") -> Callable[[Callable[[], P
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = fn
-        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0] if (description or fn.__doc__) else ""
+        doc_lines = (fn.__doc__ or "").strip().splitlines()
+        _DESCRIPTIONS[name] = description or (doc_lines[0] if doc_lines else "")
         return fn
 
     return deco
