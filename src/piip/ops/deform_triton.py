@@ -40,6 +40,18 @@ if HAS_TRITON:
         return ok, (base + pos) * m_count
 
     @triton.jit
+    def _sample(loc_ptr, attn_ptr, k, rmask, hf, wf):
+        """Attention weight, bilinear fractions and top-left corner of sample ``k`` (one per row)."""
+        lx = tl.load(loc_ptr + 2 * k, mask=rmask, other=0.0)
+        ly = tl.load(loc_ptr + 2 * k + 1, mask=rmask, other=0.0)
+        a = tl.load(attn_ptr + k, mask=rmask, other=0.0)
+        x = lx * wf - 0.5
+        y = ly * hf - 0.5
+        x0f = tl.floor(x)
+        y0f = tl.floor(y)
+        return a, x - x0f, y - y0f, x0f.to(tl.int64), y0f.to(tl.int64)
+
+    @triton.jit
     def _fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                     R, S, LQM, M, D,
                     L: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -59,17 +71,7 @@ if HAS_TRITON:
             wf = w.to(acc.dtype)
             for pt in tl.static_range(P):
                 k = rows64 * (L * P) + lvl * P + pt
-                lx = tl.load(loc_ptr + 2 * k, mask=rmask, other=0.0)
-                ly = tl.load(loc_ptr + 2 * k + 1, mask=rmask, other=0.0)
-                a = tl.load(attn_ptr + k, mask=rmask, other=0.0)
-                x = lx * wf - 0.5
-                y = ly * hf - 0.5
-                x0f = tl.floor(x)
-                y0f = tl.floor(y)
-                fx = x - x0f
-                fy = y - y0f
-                x0 = x0f.to(tl.int64)
-                y0 = y0f.to(tl.int64)
+                a, fx, fy, x0, y0 = _sample(loc_ptr, attn_ptr, k, rmask, hf, wf)
                 for c in tl.static_range(4):
                     ok, vrow = _corner(x0, y0, c % 2, c // 2, h, w, start, base, M)
                     bx = fx if c % 2 == 1 else 1 - fx
@@ -103,17 +105,7 @@ if HAS_TRITON:
             wf = w.to(g.dtype)
             for pt in tl.static_range(P):
                 k = rows64 * (L * P) + lvl * P + pt
-                lx = tl.load(loc_ptr + 2 * k, mask=rmask, other=0.0)
-                ly = tl.load(loc_ptr + 2 * k + 1, mask=rmask, other=0.0)
-                a = tl.load(attn_ptr + k, mask=rmask, other=0.0)
-                x = lx * wf - 0.5
-                y = ly * hf - 0.5
-                x0f = tl.floor(x)
-                y0f = tl.floor(y)
-                fx = x - x0f
-                fy = y - y0f
-                x0 = x0f.to(tl.int64)
-                y0 = y0f.to(tl.int64)
+                a, fx, fy, x0, y0 = _sample(loc_ptr, attn_ptr, k, rmask, hf, wf)
                 ga = tl.zeros_like(fx)
                 gfx = tl.zeros_like(fx)
                 gfy = tl.zeros_like(fx)
