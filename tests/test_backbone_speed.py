@@ -77,3 +77,27 @@ def test_torch_compile_same_outputs():
         out = torch.compile(model)(x)
     for k in ref:
         torch.testing.assert_close(out[k], ref[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pyramid_gemm_upsample_matches_conv_transpose(layout):
+    """Upsample2x (GEMM + pixel shuffle) == nn.ConvTranspose2d(k=2, s=2): outputs and all gradients."""
+    from piip.layers.pyramid import Upsample2x
+    torch.manual_seed(0)
+    up = Upsample2x(8, 12)
+    ref = torch.nn.ConvTranspose2d(8, 12, 2, 2)
+    ref.load_state_dict(up.state_dict())
+    x = torch.randn(2, 8, 5, 7)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = up(xa), ref(xb)
+    torch.testing.assert_close(ya, yb)
+    assert ya.is_contiguous(memory_format=torch.channels_last)
+    (ya * yb.detach()).sum().backward()
+    (yb * yb.detach()).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(up.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(up.bias.grad, ref.bias.grad)
+    with torch.no_grad():   # the one-pass inference path
+        torch.testing.assert_close(up(x), ref(x))

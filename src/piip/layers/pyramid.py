@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -16,11 +17,39 @@ class LayerNorm2d(nn.LayerNorm):
         return y.permute(0, 3, 1, 2).to(x.dtype)
 
 
+class Upsample2x(nn.ConvTranspose2d):
+    """``ConvTranspose2d(c_in, c_out, 2, stride=2)`` (same parameters and keys) run as one GEMM.
+
+    With kernel = stride = 2 every input pixel writes its own 2x2 output patch, so the op is a
+    linear layer on channels-last tokens followed by a pixel shuffle. PyTorch's CPU transposed
+    convolution is about 2x slower than that GEMM and returns NCHW, forcing a copy of the
+    (largest) stride-4 map; this returns a channels-last (B, C, 2H, 2W) map instead.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(in_dim, out_dim, kernel_size=2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        if x.dim() != 4:
+            raise ValueError(f"Upsample2x expects a (B, C, H, W) map, got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        cout = self.out_channels
+        weight = self.weight.permute(2, 3, 1, 0).reshape(4 * cout, c)       # rows (i, j, c_out)
+        y = F.linear(x.permute(0, 2, 3, 1), weight)                           # (B, H, W, 4*C_out)
+        y = y.view(b, h, w, 2, 2, cout).transpose(2, 3)                       # (B, H, i, W, j, C_out)
+        if torch.is_grad_enabled() and (y.requires_grad or self.bias.requires_grad):
+            out = (y + self.bias).reshape(b, 2 * h, 2 * w, cout)
+        else:  # one pass: the bias add writes the shuffled layout directly
+            out = torch.add(y, self.bias, out=y.new_empty(b, h, 2, w, 2, cout)).view(b, 2 * h, 2 * w, cout)
+        return out.permute(0, 3, 1, 2)
+
+
 class SimpleFeaturePyramid(nn.Module):
     """fpn1: 2 transposed convs (x4), fpn2: one (x2), fpn3: identity, fpn4: max-pool (/2).
 
     ``norm`` is ``gn`` (GroupNorm(32), released PIIP code) or ``ln`` (channel LayerNorm,
-    released ViTDet baselines) between the two transposed convs.
+    released ViTDet baselines) between the two transposed convs. The maps come back in
+    channels-last memory format (logically (B, C, H, W)); convolutions downstream accept it.
     """
 
     def __init__(self, dim: int, norm: str = "gn") -> None:
@@ -33,12 +62,10 @@ class SimpleFeaturePyramid(nn.Module):
             norm_layer = LayerNorm2d(dim, eps=1e-6)
         else:
             raise ValueError(f"pyramid norm must be 'gn' or 'ln', got {norm!r}")
-        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), norm_layer, nn.GELU(),
-                                  nn.ConvTranspose2d(dim, dim, 2, 2))
-        self.fpn2 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2))
+        self.fpn1 = nn.Sequential(Upsample2x(dim, dim), norm_layer, nn.GELU(), Upsample2x(dim, dim))
+        self.fpn2 = nn.Sequential(Upsample2x(dim, dim))
         self.fpn3 = nn.Identity()
         self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        return OrderedDict((str(i), f(x).contiguous())
-                           for i, f in enumerate((self.fpn1, self.fpn2, self.fpn3, self.fpn4)))
+        return OrderedDict((str(i), f(x)) for i, f in enumerate((self.fpn1, self.fpn2, self.fpn3, self.fpn4)))
