@@ -6,6 +6,7 @@ Prints one table (median times, ratio of the reference time to each implementati
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -36,16 +37,20 @@ def make_inputs(lq: int, hw: tuple[int, int], width: int, device: str) -> tuple[
     return value, shapes, start, loc, attn
 
 
-def timed(fn, repeats: int, sync) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
+def timed_interleaved(fns: dict, repeats: int, sync) -> dict:
+    """Median time of each callable; one warm-up each, then round-robin so that every
+    implementation sees the same machine state (the shared CPU drifts by 2x over minutes)."""
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -61,30 +66,31 @@ def main() -> None:
     dev = args.device
     impls = args.impls or [i for i in available_impls() if i != "triton" or dev == "cuda" or interpreting()]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    print(f"device {dev}, threads {torch.get_num_threads()}, median of {args.repeats}")
+    print(f"device {dev}, threads {torch.get_num_threads()}, median of {args.repeats}, implementations interleaved")
     print(f"{'model':5} {'edge':5} {'impl':10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10}")
-    speedups: dict[str, list[float]] = {i: [] for i in impls}
+    speedups: dict[tuple[str, str], list[float]] = {}
+    order = ["reference"] + [i for i in impls if i != "reference"]
     for pair in args.pairs:
         for edge, lq, hw, width in SHAPES[pair]:
             inp = make_inputs(lq, hw, width, dev)
-            ref = {}
-            for impl in ["reference"] + [i for i in impls if i != "reference"]:
-                def fwd():
-                    with torch.no_grad():
-                        ms_deform_attn(*inp, impl=impl)
 
-                def fwd_bwd():
-                    ms_deform_attn(*inp, impl=impl).sum().backward()
+            def fwd(impl=None):
+                with torch.no_grad():
+                    ms_deform_attn(*inp, impl=impl)
 
-                tf, tb = timed(fwd, args.repeats, sync), timed(fwd_bwd, args.repeats, sync)
-                if impl == "reference":
-                    ref = {"f": tf, "b": tb}
-                if impl in speedups:
-                    speedups[impl].append(ref["b"] / tb)
+            def fwd_bwd(impl=None):
+                ms_deform_attn(*inp, impl=impl).sum().backward()
+
+            t = timed_interleaved({(i, k): functools.partial(fn, impl=i) for i in order
+                                   for k, fn in (("f", fwd), ("b", fwd_bwd))}, args.repeats, sync)
+            for impl in order:
+                tf, tb = t[impl, "f"], t[impl, "b"]
+                speedups.setdefault((pair, impl), []).append(t["reference", "b"] / tb)
                 print(f"{pair:5} {edge:5} {impl:10} {tf * 1e3:9.1f} {tb * 1e3:11.1f} "
-                      f"{ref['f'] / tf:7.2f} {ref['b'] / tb:10.2f}")
-    summary = ", ".join(f"{i} {statistics.geometric_mean(v):.2f}x" for i, v in speedups.items() if v)
-    print(f"summary: forward+backward speed-up over reference (geometric mean over edges): {summary}")
+                      f"{t['reference', 'f'] / tf:7.2f} {t['reference', 'b'] / tb:10.2f}")
+    summary = ", ".join(f"{impl} {pair.upper()} {statistics.geometric_mean(v):.2f}x"
+                        for (pair, impl), v in speedups.items() if impl != "reference")
+    print(f"summary: forward+backward speed-up over reference (geometric mean over the edges): {summary}")
 
 
 if __name__ == "__main__":

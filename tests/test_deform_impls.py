@@ -80,7 +80,27 @@ def test_auto_selection_cpu():
                                          os.environ["PIIP_DEFORM_IMPL"])
     value.requires_grad_()
     if not os.environ.get("PIIP_DEFORM_IMPL"):
-        assert _select_impl(None, value) == "reference"  # training on CPU: grid_sample backward is faster
+        assert _select_impl(None, value) == "fused"  # training on CPU too: its backward beats grid_sample's
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_far_off_map_locations(impl):
+    """Locations far outside the map (and exactly on its border) read zeros like grid_sample."""
+    value, sh, st, loc, attn = make_inputs([(4, 5)], dtype=torch.float32)
+    loc = loc.clone()
+    loc[:, 0] = 1e6
+    loc[:, 1] = -1e6
+    loc[:, 2] = 0.0
+    loc[:, 3] = 1.0
+    tensors = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    ours = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    ref = ms_deform_attn(tensors[0], sh, st, tensors[1], tensors[2], impl="reference")
+    out = ms_deform_attn(ours[0], sh, st, ours[1], ours[2], impl=impl)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out[:, :2].abs().max() == 0
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, tensors, grad), torch.autograd.grad(out, ours, grad)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable in this environment")

@@ -1,11 +1,19 @@
-"""``fused`` deformable attention: one gather-reduce per sample, a hand-written backward.
+"""``fused`` deformable attention: gather-reduce kernels of PyTorch itself, no grid_sample.
 
-The 4 bilinear corners of every sampling point are computed once (row index + weight, with
-the zero-padding mask and the attention weight folded into the corner weight); the forward is
-one ``embedding_bag`` (a fused gather + weighted sum; each (batch, query, head) is one bag of
-L*P*4 value rows). The backward reuses the saved corners, scatters value gradients with
-``scatter_add_`` and gives analytic gradients for the locations and attention weights.
-Math matches ``grid_sample(align_corners=False, padding_mode='zeros')``; it runs in >= float32.
+Levels are handled one at a time (PIIP attends to exactly one). Each level's value map is
+zero-padded by one pixel, so a sample's 2x2 bilinear patch is addressed by one *patch row*
+(its top-left corner in the padded grid) and corners that fall off the map read zeros; only
+samples whose whole patch misses the padded grid are masked.
+
+* forward: one ``embedding_bag`` per level (a fused gather + weighted sum; each (batch, query,
+  head) is one bag of P*4 rows whose weights are attention x bilinear weight);
+* value gradient: the samples are sorted once by patch row; each of the 4 corners is then an
+  ``embedding_bag`` over the output gradients with per-row offsets (a sorted gather-reduce),
+  and the 4 results are added with a shift in the flat padded grid. No scatter, no atomics;
+* location / attention gradients: a "patch table" holds each position's 4 corner vectors side
+  by side, so one row gather + one batched matmul gives <grad, corner value> for all corners.
+
+Math matches ``grid_sample(align_corners=False, padding_mode='zeros')`` and runs in >= float32.
 """
 from __future__ import annotations
 
@@ -18,110 +26,160 @@ from torch import Tensor
 from .ms_deform_attn import register_impl
 
 
-class _Corners(NamedTuple):
-    rows: Tensor   # (R, LP, 4) long: row of value.view(N*S*M, D) per corner (00, 10, 01, 11)
-    wx: Tensor     # (R, LP, 2) x weights (1-fx, fx), zero where that column is off the map
-    wy: Tensor     # (R, LP, 2) y weights (1-fy, fy), zero where that row is off the map
-    vx: Tensor     # (R, LP, 2) float column validity (d wx / d fx = vx * (-1, +1))
-    vy: Tensor     # (R, LP, 2) float row validity
+class _Geometry(NamedTuple):
+    rows: Tensor    # (R, P) int32 (int64 for huge maps): patch row in the padded (N, H+2, W+2, M) grid; R = N*Lq*M
+    fx: Tensor      # (R, P) fractional x inside the patch
+    fy: Tensor      # (R, P) fractional y inside the patch
+    inside: Tensor  # (R, P) 1.0 where the patch touches the padded grid, else 0.0
 
 
-def _corners(loc: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, s: int) -> _Corners:
-    """Corner rows and separable bilinear weights; R = N*Lq*M, LP = L*P."""
-    n, lq, m, nl, p, _ = loc.shape
-    dev = loc.device
-    hw = spatial_shapes.to(device=dev)
-    size = torch.stack([hw[:, 1], hw[:, 0]], -1).view(1, 1, 1, nl, 1, 2)   # (W, H)
-    xy = loc * size.to(loc.dtype) - 0.5
-    xy0 = xy.floor()
-    frac = xy - xy0
-    i0 = xy0.long()
-    v0 = ((i0 >= 0) & (i0 < size)).to(loc.dtype)            # corner 0 in range, per axis
-    v1 = ((i0 >= -1) & (i0 < size - 1)).to(loc.dtype)        # corner 1 in range
-    w0, w1 = (1 - frac) * v0, frac * v1
-    r, lp = n * lq * m, nl * p
-    wx = torch.stack([w0[..., 0], w1[..., 0]], -1).view(r, lp, 2)
-    wy = torch.stack([w0[..., 1], w1[..., 1]], -1).view(r, lp, 2)
-    vx = torch.stack([v0[..., 0], v1[..., 0]], -1).view(r, lp, 2)
-    vy = torch.stack([v0[..., 1], v1[..., 1]], -1).view(r, lp, 2)
-    width = size[..., 0]                                      # (1, 1, 1, L, 1)
-    start = level_start_index.to(dev).view(1, 1, 1, nl, 1)
-    nidx = torch.arange(n, device=dev).view(n, 1, 1, 1, 1) * s
-    midx = torch.arange(m, device=dev).view(1, 1, m, 1, 1)
-    base = (nidx + start + i0[..., 1] * width + i0[..., 0]) * m + midx     # row of corner 00
-    step = torch.stack([torch.zeros_like(width), torch.ones_like(width), width, width + 1], -1) * m
-    rows = (base[..., None] + step).clamp_(0, n * s * m - 1)   # off-map corners carry weight 0
-    return _Corners(rows.view(r, lp, 4), wx, wy, vx, vy)
+def _geometry(loc: Tensor, h: int, w: int) -> _Geometry:
+    """loc (N, Lq, M, P, 2) in [0, 1] (x, y) -> patch rows, fractions and the in-grid mask."""
+    n, lq, m, p, _ = loc.shape
+    x = loc[..., 0] * w - 0.5
+    y = loc[..., 1] * h - 0.5
+    x0, y0 = x.floor(), y.floor()
+    inside = (x0 >= -1) & (x0 <= w - 1) & (y0 >= -1) & (y0 <= h - 1)   # NaN -> False
+    # padded coordinates of the top-left corner; masked samples point at row 0 (weight 0)
+    # int32 rows when they fit: half the index traffic (embedding_bag / index_select accept them)
+    itype = torch.int32 if n * (h + 2) * (w + 2) * m < 2 ** 31 else torch.int64
+    xp = torch.where(inside, x0 + 1, 0).to(itype)
+    yp = torch.where(inside, y0 + 1, 0).to(itype)
+    base = torch.arange(n, device=loc.device, dtype=itype).view(n, 1, 1, 1) * ((h + 2) * (w + 2))
+    heads = torch.arange(m, device=loc.device, dtype=itype).view(1, 1, m, 1)
+    rows = (base + yp * (w + 2) + xp) * m + heads
+    r = n * lq * m
+    return _Geometry(rows.view(r, p), (x - x0).view(r, p), (y - y0).view(r, p),
+                     inside.to(loc.dtype).view(r, p))
 
 
-def _corner_weights(c: _Corners) -> Tensor:
-    """(R, LP, 4) bilinear weight of each corner, order 00, 10, 01, 11."""
-    return (c.wy[..., :, None] * c.wx[..., None, :]).flatten(-2)
+def _corner_weights(fx: Tensor, fy: Tensor, a: Tensor) -> Tensor:
+    """(..., 4) weights a * bilinear of the corners 00, 01, 10, 11 ([y][x]) from (...) tensors.
+
+    Built from whole-tensor products (no size-2 broadcast dims, which are slow on CPU)."""
+    ax1 = a * fx
+    ax0 = a - ax1
+    return torch.stack([ax0 - ax0 * fy, ax1 - ax1 * fy, ax0 * fy, ax1 * fy], -1)
 
 
-class _FusedDeformAttn(torch.autograd.Function):
+def _corner_offsets(w: int, m: int) -> list[int]:
+    """Row offsets of the corners (00, 01, 10, 11) = (top-left, top-right, ...) from the patch row."""
+    return [0, m, (w + 2) * m, (w + 3) * m]
+
+
+class _FusedLevel(torch.autograd.Function):
+    """One level: value (N, H, W, M, D), loc (N, Lq, M, P, 2), attn (N, Lq, M, P) -> (N*Lq*M, D)."""
+
     @staticmethod
-    def forward(ctx, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                loc: Tensor, attn: Tensor) -> Tensor:
-        n, s, m, d = value.shape
-        lq = loc.shape[1]
-        c = _corners(loc, spatial_shapes, level_start_index, s)
-        r, lp = c.wx.shape[:2]
-        a = attn.reshape(r, lp, 1)
-        cw = (_corner_weights(c) * a).view(r, -1)
-        out = F.embedding_bag(c.rows.view(r, -1), value.view(-1, d), mode="sum", per_sample_weights=cw)
-        ctx.save_for_backward(value, attn, *c)
-        ctx.loc_shape, ctx.shapes = loc.shape, spatial_shapes
-        return out.view(n, lq, m * d)
+    def forward(ctx, value: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
+        n, h, w, m, d = value.shape
+        geo = _geometry(loc, h, w)
+        r, p = geo.rows.shape
+        vpad = F.pad(value, (0, 0, 0, 0, 1, 1, 1, 1))                 # (N, H+2, W+2, M, D)
+        a = attn.reshape(r, p) * geo.inside
+        cw = _corner_weights(geo.fx, geo.fy, a).view(r, p * 4)
+        idx = torch.stack([geo.rows + off for off in _corner_offsets(w, m)], -1).view(r, p * 4)
+        out = F.embedding_bag(idx, vpad.view(-1, d), mode="sum", per_sample_weights=cw)
+        ctx.save_for_backward(vpad, a, *geo)
+        ctx.hw = (h, w)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        value, attn, *saved = ctx.saved_tensors
-        c = _Corners(*saved)
-        n, s, m, d = value.shape
-        r, lp = c.wx.shape[:2]
-        a = attn.reshape(r, lp)
-        g = grad_out.reshape(r, d)
+        vpad, a, *saved = ctx.saved_tensors
+        geo = _Geometry(*saved)
+        h, w = ctx.hw
+        n, _, _, m, d = vpad.shape
+        r, p = geo.rows.shape
+        g = grad_out.contiguous()
         grad_value = grad_loc = grad_attn = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            vals = value.view(-1, d).index_select(0, c.rows.view(-1)).view(r, -1, d)
-            e = torch.bmm(vals, g[:, :, None]).view(r, lp, 2, 2)   # <grad, corner value>, [y][x]
-            if ctx.needs_input_grad[4]:
-                grad_attn = (_corner_weights(c).view(r, lp, 2, 2) * e).sum((-1, -2)).view_as(attn)
-            if ctx.needs_input_grad[3]:
-                sign = torch.tensor([-1.0, 1.0], dtype=value.dtype, device=value.device)
-                ex = (e * (c.vx * sign)[:, :, None, :]).sum(-1)         # d/dfx per y corner row
-                ey = (e * (c.vy * sign)[:, :, :, None]).sum(-2)         # d/dfy per x corner column
-                dfx = (ex * c.wy).sum(-1) * a
-                dfy = (ey * c.wx).sum(-1) * a
-                nl = ctx.shapes.shape[0]
-                hw = ctx.shapes.to(device=value.device, dtype=value.dtype)
-                scale = torch.stack([hw[:, 1], hw[:, 0]], -1).view(1, nl, 1, 2)
-                grad_loc = (torch.stack([dfx, dfy], -1).view(r, nl, -1, 2) * scale).view(ctx.loc_shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            e = _corner_dots(vpad, geo.rows, g).view(r, p, 4)       # <grad, corner value>
+            e00, e01, e10, e11 = e.unbind(-1)
+            fx, fy = geo.fx, geo.fy
+            if ctx.needs_input_grad[2]:
+                top = e00 + fx * (e01 - e00)
+                grad_attn = (top + fy * (e10 + fx * (e11 - e10) - top)) * geo.inside
+            if ctx.needs_input_grad[1]:
+                dx0, dx1 = e01 - e00, e11 - e10                       # d/dfx on the top / bottom row
+                dy0, dy1 = e10 - e00, e11 - e01                       # d/dfy on the left / right column
+                gx = (dx0 + fy * (dx1 - dx0)) * a * w
+                gy = (dy0 + fx * (dy1 - dy0)) * a * h
+                grad_loc = torch.stack([gx, gy], -1)
         if ctx.needs_input_grad[0]:
-            cw = (_corner_weights(c) * a[..., None]).view(1, r, -1)      # (1, R, K)
-            # scatter in a channel-major layout: long contiguous index runs, cheapest on CPU
-            contrib = (g.t().contiguous()[:, :, None] * cw).view(d, -1)  # (D, R*K)
-            grad_t = torch.zeros(d, n * s * m, dtype=value.dtype, device=value.device)
-            grad_t.scatter_add_(1, c.rows.view(1, -1).expand(d, -1), contrib)
-            grad_value = grad_t.t().reshape(n, s, m, d)
-        return grad_value, None, None, grad_loc, grad_attn
+            grad_value = _value_grad(g, geo, a, vpad.shape).view(n, h + 2, w + 2, m, d)
+            grad_value = grad_value[:, 1:h + 1, 1:w + 1]
+        shape = (n, -1, m, p)
+        return (grad_value,
+                None if grad_loc is None else grad_loc.view(*shape, 2),
+                None if grad_attn is None else grad_attn.view(shape))
+
+
+def _corner_dots(vpad: Tensor, rows: Tensor, g: Tensor, chunk_bytes: int = 1 << 22) -> Tensor:
+    """(R, P*4) dot products of each row's output gradient with its samples' 4 corner values.
+
+    A patch table (row (y, x) = the padded values at (y, x), (y, x+1), (y+1, x), (y+1, x+1))
+    makes each sample's corners one row; gather + batched matmul run in chunks of a few MB so
+    the gathered corners stay small (large temporaries cost page faults on every call).
+    """
+    n, hp, wp, m, d = vpad.shape
+    table = vpad.new_zeros(n, hp, wp, m, 4, d)
+    for c, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        table[:, :hp - 1, :wp - 1, :, c] = vpad[:, dy:dy + hp - 1, dx:dx + wp - 1]
+    table = table.view(-1, 4 * d)
+    r, p = rows.shape
+    e = g.new_empty(r, p * 4, 1)
+    step = max(1, chunk_bytes // (p * 4 * d * g.element_size()))
+    for i in range(0, r, step):
+        j = min(r, i + step)
+        corners = table.index_select(0, rows[i:j].reshape(-1)).view(j - i, p * 4, d)
+        torch.bmm(corners, g[i:j, :, None], out=e[i:j])
+    return e.view(r, p * 4)
+
+
+def _value_grad(g: Tensor, geo: _Geometry, a: Tensor, pad_shape: torch.Size) -> Tensor:
+    """Transpose of the forward gather: (R, D) output grads -> (N*(H+2)*(W+2)*M, D) padded rows.
+
+    Sorting the samples by patch row turns the scatter into gather-reduces: for corner c, the
+    bag of padded row ``t`` is the samples whose patch row is ``t - offset_c``.
+    """
+    n, hp, wp, m, d = pad_shape
+    total = n * hp * wp * m
+    p = geo.rows.shape[1]
+    flat = geo.rows.view(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=total)
+    starts = (counts.cumsum(0) - counts).to(flat.dtype)
+    src = torch.div(order, p, rounding_mode="floor").to(flat.dtype)  # which grad row
+    fx, fy, aa = (t.reshape(-1).index_select(0, order) for t in (geo.fx, geo.fy, a))
+    weights = _corner_weights(fx, fy, aa).t()                           # (4, R*P), sorted
+    out = g.new_zeros(total, d)
+    for c, off in enumerate(_corner_offsets(wp - 2, m)):
+        part = F.embedding_bag(src, g, starts, mode="sum", per_sample_weights=weights[c].contiguous())
+        out[off:] += part[:total - off]
+    return out
 
 
 @register_impl("fused")
 def ms_deform_attn_fused(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                          sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
-    """Gather-based bilinear sampling with an analytic backward; any device, >= float32 math."""
+    """Patch-row gather-reduce sampling with an analytic backward; any device, >= float32 math."""
     dt = torch.promote_types(value.dtype, torch.float32)
-    out = _FusedDeformAttn.apply(value.to(dt).contiguous(), spatial_shapes, level_start_index,
-                                 sampling_locations.to(dt).contiguous(), attention_weights.to(dt).contiguous())
-    return out.to(value.dtype)
+    n, _, m, d = value.shape
+    lq = sampling_locations.shape[1]
+    out = None
+    for lvl, ((h, w), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
+        v = value[:, start:start + h * w].to(dt).reshape(n, h, w, m, d)
+        part = _FusedLevel.apply(v, sampling_locations[:, :, :, lvl].to(dt),
+                                 attention_weights[:, :, :, lvl].to(dt))
+        out = part if out is None else out + part
+    return out.view(n, lq, m * d).to(value.dtype)
 
 
 def _supports(value: Tensor) -> bool:
-    """Auto-selection: inference on CPU (measured faster than grid_sample there; its backward is
-    not yet faster than grid_sample's on CPU, see docs/performance.md), never on CUDA (triton)."""
-    return not value.is_cuda and not (torch.is_grad_enabled() and value.requires_grad)
+    """Auto-selection: CPU, inference and training (faster than grid_sample for both there, see
+    docs/performance.md); never CUDA, where the Triton kernels (or grid_sample) are used."""
+    return not value.is_cuda
 
 
 ms_deform_attn_fused.supports = _supports  # type: ignore[attr-defined]
