@@ -22,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import piip
+from piip.runtime import tune_malloc
 
 # name, baseline, resolution of the PIIP input, baseline input, papers' FLOPs (G) PIIP / baseline
 PAIRS = {
@@ -82,10 +83,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--no-tune-malloc", action="store_true",
+                    help="keep glibc's default allocator settings (piip's CLI tunes them, see piip.runtime)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    tuned = False if args.no_tune_malloc else tune_malloc()
     rows = []
-    print(f"threads {args.threads}, median of {args.repeats}, batch 1, eval mode, float32")
+    print(f"threads {args.threads}, median of {args.repeats}, batch 1, eval mode, float32, "
+          f"malloc tuned: {tuned}")
     print(f"{'pair':4} {'variant':8} {'PIIP s':>7} {'ViTDet s':>8} {'lat ratio':>9} {'FLOPs ratio':>11} "
           f"{'paper ratio':>11} {'PIIP GMAC':>9} {'ViTDet GMAC':>11} {'PIIP MB':>8} {'ViTDet MB':>9}")
     for pair in args.pairs:

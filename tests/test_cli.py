@@ -16,11 +16,21 @@ def test_models_unknown_pattern_is_an_error(capsys):
 
 def test_demo_runs_real_photo(capsys):
     pytest.importorskip("skimage")
-    assert main(["demo", "--img-size", "224"]) == 0
+    assert main(["demo", "--img-size", "224", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "(1, 768, 56, 56)  stride 4" in out
     assert "(1, 768, 7, 7)  stride 32" in out
-    assert "parameters" in out and "time" in out
+    assert "parameters" in out and "first forward pass" in out and "median of the 1 following" in out
+    assert main(["demo", "--img-size", "224", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_tune_malloc_is_optional(monkeypatch):
+    from piip.runtime import tune_malloc
+    monkeypatch.setenv("PIIP_TUNE_MALLOC", "0")
+    assert tune_malloc() is False
+    monkeypatch.delenv("PIIP_TUNE_MALLOC")
+    assert tune_malloc() in (True, False)   # True on glibc Linux; never raises elsewhere
 
 
 def test_demo_rejects_classification_model(capsys):

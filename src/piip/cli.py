@@ -33,6 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .runtime import tune_malloc
+    tune_malloc()   # page-fault-free reuse of large activations (PIIP_TUNE_MALLOC=0 to opt out)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

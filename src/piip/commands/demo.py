@@ -14,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None, help="finest-branch resolution (default: registered)")
     p.add_argument("--image", default=None, help="image file (default: scikit-image's astronaut photo)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="forward passes to time; with more than 1 the median of the warm passes is also printed")
     p.set_defaults(func=run)
 
 
@@ -55,12 +57,19 @@ def run(args: argparse.Namespace) -> int:
         f"ViT-{b.embed_dim}d@{round(b.img_size)}px" for b in cfg.branches))
     print(f"image      {img.shape[1]}x{img.shape[0]} RGB -> input {tuple(x.shape)}")
     print(f"parameters {params / 1e6:.1f}M (as built: branches, interactions, merging, pyramid)")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    times = []
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        feats = model(x)
-        dt = time.perf_counter() - t0
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            feats = model(x)
+            times.append(time.perf_counter() - t0)
     for name, f in feats.items():
         stride = x.shape[-1] / f.shape[-1]
         print(f"feature {name}  {tuple(f.shape)}  stride {stride:g}  mean {f.float().mean():+.4f} std {f.float().std():.4f}")
-    print(f"time       {dt:.2f} s for one forward pass on {torch.get_num_threads()} CPU thread(s)")
+    print(f"time       {times[0]:.2f} s for the first forward pass on {torch.get_num_threads()} CPU thread(s)")
+    if len(times) > 1:
+        warm = sorted(times[1:])[(len(times) - 2) // 2]
+        print(f"           {warm:.2f} s median of the {len(times) - 1} following pass(es)")
     return 0
