@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -70,6 +71,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"feature {name}  {tuple(f.shape)}  stride {stride:g}  mean {f.float().mean():+.4f} std {f.float().std():.4f}")
     print(f"time       {times[0]:.2f} s for the first forward pass on {torch.get_num_threads()} CPU thread(s)")
     if len(times) > 1:
-        warm = sorted(times[1:])[(len(times) - 2) // 2]
-        print(f"           {warm:.2f} s median of the {len(times) - 1} following pass(es)")
+        print(f"           {statistics.median(times[1:]):.2f} s median of the {len(times) - 1} following pass(es)")
     return 0

@@ -118,15 +118,19 @@ class _FusedLevel(torch.autograd.Function):
 def _corner_dots(vpad: Tensor, rows: Tensor, g: Tensor, chunk_bytes: int = 1 << 22) -> Tensor:
     """(R, P*4) dot products of each row's output gradient with its samples' 4 corner values.
 
-    A patch table (row (y, x) = the padded values at (y, x), (y, x+1), (y+1, x), (y+1, x+1))
-    makes each sample's corners one row; gather + batched matmul run in chunks of a few MB so
-    the gathered corners stay small (large temporaries cost page faults on every call).
+    A patch table (padded row t holds the values of rows t + offset_c, the same corner offsets
+    as the forward) makes each sample's corners one row; rows a patch row never takes (last
+    column / row of the padded grid) keep whatever the shift gives. Gather + batched matmul run
+    in chunks of a few MB so the gathered corners stay small (large temporaries cost page
+    faults on every call).
     """
     n, hp, wp, m, d = vpad.shape
-    table = vpad.new_zeros(n, hp, wp, m, 4, d)
-    for c, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-        table[:, :hp - 1, :wp - 1, :, c] = vpad[:, dy:dy + hp - 1, dx:dx + wp - 1]
-    table = table.view(-1, 4 * d)
+    total = n * hp * wp * m
+    flat = vpad.view(total, d)
+    table = vpad.new_zeros(total, 4, d)
+    for c, off in enumerate(_corner_offsets(wp - 2, m)):
+        table[:total - off, c] = flat[off:]
+    table = table.view(total, 4 * d)
     r, p = rows.shape
     e = g.new_empty(r, p * 4, 1)
     step = max(1, chunk_bytes // (p * 4 * d * g.element_size()))
