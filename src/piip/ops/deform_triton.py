@@ -31,13 +31,28 @@ def interpreting() -> bool:
 
 if HAS_TRITON:
     @triton.jit
-    def _corner(x0, y0, dx: tl.constexpr, dy: tl.constexpr, h, w, start, base, m_count):
+    def _row_block(R, S, LQM, M, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's rows (int64) and head columns with their masks, each row's n*S and head."""
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        return rows, rows < R, cols, cols < D, (rows // LQM) * S, rows % M
+
+    @triton.jit
+    def _level(shapes_ptr, starts_ptr, lvl):
+        """(H, W, start offset in S) of level ``lvl``."""
+        return tl.load(shapes_ptr + 2 * lvl), tl.load(shapes_ptr + 2 * lvl + 1), tl.load(starts_ptr + lvl)
+
+    @triton.jit
+    def _corner(x0, y0, fx, fy, dx: tl.constexpr, dy: tl.constexpr, h, w, start, base, m_count):
+        """In-map mask, value row (before + head) and x / y bilinear weights of corner (dx, dy)."""
         xi = x0 + dx
         yi = y0 + dy
         ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
         pos = start + yi.to(tl.int64) * w + xi.to(tl.int64)
         pos = tl.where(ok, pos, 0)
-        return ok, (base + pos) * m_count
+        bx = fx if dx == 1 else 1 - fx
+        by = fy if dy == 1 else 1 - fy
+        return ok, (base + pos) * m_count, bx, by
 
     @triton.jit
     def _sample(loc_ptr, attn_ptr, k, rmask, hf, wf):
@@ -55,32 +70,21 @@ if HAS_TRITON:
     def _fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                     R, S, LQM, M, D,
                     L: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < R
-        cols = tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        rows64 = rows.to(tl.int64)
-        base = (rows64 // LQM) * S          # n * S
-        head = rows64 % M
+        rows64, rmask, cols, cmask, base, head = _row_block(R, S, LQM, M, D, BLOCK_R, BLOCK_D)
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=value_ptr.dtype.element_ty)
         for lvl in tl.static_range(L):
-            h = tl.load(shapes_ptr + 2 * lvl)
-            w = tl.load(shapes_ptr + 2 * lvl + 1)
-            start = tl.load(starts_ptr + lvl)
+            h, w, start = _level(shapes_ptr, starts_ptr, lvl)
             hf = h.to(acc.dtype)
             wf = w.to(acc.dtype)
             for pt in tl.static_range(P):
                 k = rows64 * (L * P) + lvl * P + pt
                 a, fx, fy, x0, y0 = _sample(loc_ptr, attn_ptr, k, rmask, hf, wf)
                 for c in tl.static_range(4):
-                    ok, vrow = _corner(x0, y0, c % 2, c // 2, h, w, start, base, M)
-                    bx = fx if c % 2 == 1 else 1 - fx
-                    by = fy if c // 2 == 1 else 1 - fy
-                    cw = a * bx * by
+                    ok, vrow, bx, by = _corner(x0, y0, fx, fy, c % 2, c // 2, h, w, start, base, M)
                     ok = ok & rmask
                     v = tl.load(value_ptr + (vrow + head)[:, None] * D + cols[None, :],
                                 mask=ok[:, None] & cmask[None, :], other=0.0)
-                    acc += cw[:, None] * v
+                    acc += (a * bx * by)[:, None] * v
         tl.store(out_ptr + rows64[:, None] * D + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
     @triton.jit
@@ -88,19 +92,11 @@ if HAS_TRITON:
                     grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
                     R, S, LQM, M, D,
                     L: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < R
-        cols = tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        rows64 = rows.to(tl.int64)
-        base = (rows64 // LQM) * S
-        head = rows64 % M
+        rows64, rmask, cols, cmask, base, head = _row_block(R, S, LQM, M, D, BLOCK_R, BLOCK_D)
         g = tl.load(grad_out_ptr + rows64[:, None] * D + cols[None, :],
                     mask=rmask[:, None] & cmask[None, :], other=0.0)
         for lvl in tl.static_range(L):
-            h = tl.load(shapes_ptr + 2 * lvl)
-            w = tl.load(shapes_ptr + 2 * lvl + 1)
-            start = tl.load(starts_ptr + lvl)
+            h, w, start = _level(shapes_ptr, starts_ptr, lvl)
             hf = h.to(g.dtype)
             wf = w.to(g.dtype)
             for pt in tl.static_range(P):
@@ -110,10 +106,8 @@ if HAS_TRITON:
                 gfx = tl.zeros_like(fx)
                 gfy = tl.zeros_like(fx)
                 for c in tl.static_range(4):
-                    ok, vrow = _corner(x0, y0, c % 2, c // 2, h, w, start, base, M)
+                    ok, vrow, bx, by = _corner(x0, y0, fx, fy, c % 2, c // 2, h, w, start, base, M)
                     ok = ok & rmask
-                    bx = fx if c % 2 == 1 else 1 - fx
-                    by = fy if c // 2 == 1 else 1 - fy
                     sx = 1.0 if c % 2 == 1 else -1.0
                     sy = 1.0 if c // 2 == 1 else -1.0
                     offs = (vrow + head)[:, None] * D + cols[None, :]
