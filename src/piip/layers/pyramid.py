@@ -37,9 +37,11 @@ class Upsample2x(nn.ConvTranspose2d):
         weight = self.weight.permute(2, 3, 1, 0).reshape(4 * cout, c)       # rows (i, j, c_out)
         y = F.linear(x.permute(0, 2, 3, 1), weight)                           # (B, H, W, 4*C_out)
         y = y.view(b, h, w, 2, 2, cout).transpose(2, 3)                       # (B, H, i, W, j, C_out)
-        if torch.is_grad_enabled() and (y.requires_grad or self.bias.requires_grad):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (y.requires_grad or self.bias.requires_grad)):
+            # autograd needs the plain expression; Inductor fuses the add into the reshape copy
+            # itself and mishandles the out= strides below
             out = (y + self.bias).reshape(b, 2 * h, 2 * w, cout)
-        else:  # one pass: the bias add writes the shuffled layout directly
+        else:  # eager inference, one pass: the bias add writes the shuffled layout directly
             out = torch.add(y, self.bias, out=y.new_empty(b, h, 2, w, 2, cout)).view(b, 2 * h, 2 * w, cout)
         return out.permute(0, 3, 1, 2)
 
