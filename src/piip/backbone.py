@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
 from .branches import Branch, Tokens, build_branch
@@ -99,7 +99,12 @@ class PIIPBackbone(nn.Module):
         views = []
         for br, s in zip(self.branches, self.scales):
             v = x if s >= 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-            br.check_input(*v.shape[-2:])
+            try:
+                br.check_input(*v.shape[-2:])
+            except ValueError as e:
+                need = _smallest_input(s, getattr(br, "patch_size", 1), stride)
+                raise ValueError(f"a {h}x{w} input is too small for this model: {e}. The smallest input it takes is "
+                                 f"{need}x{need} (any height and width >= {need}, multiples of {stride})") from None
             views.append(v)
         return views
 
@@ -156,6 +161,14 @@ def _to_map(t: Tokens) -> Tensor:
 
 def _describe(b: Any) -> str:
     return f"{b.kind} {b.embed_dim}-wide at {round(b.img_size, 1)} px"
+
+
+def _smallest_input(scale: float, patch: int, stride: int) -> int:
+    """Smallest side (a multiple of ``stride``) whose view at ``scale`` still covers one patch."""
+    side = stride
+    while int(side * scale) < patch:   # interpolate's output size is floor(side * scale)
+        side += stride
+    return side
 
 
 def _round_up(v: int, m: int) -> int:
