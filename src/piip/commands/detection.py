@@ -36,6 +36,11 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--anchor-scale", type=positive_float, default=8.0,
                    help="anchor side = this x level stride (released: 8, i.e. 32..512 px anchors for ~1000 px "
                         "images; use ~2 for images of ~128 px)")
+    g.add_argument("--rpn-batch-size", type=positive_int, default=256,
+                   help="anchors sampled per image for the RPN loss (released: 256)")
+    g.add_argument("--roi-batch-size", type=positive_int, default=512,
+                   help="proposals sampled per image for the box/mask heads (released: 512, sized for ~1333x800 "
+                        "images; small images with few objects learn faster with ~64)")
     g.add_argument("--pad-divisor", type=positive_int, default=None, help="pad to multiples of this (default 224 / 64 / 32)")
 
 
@@ -108,7 +113,8 @@ def _det_cfg(args: argparse.Namespace, class_names: list[str]):
     return DetectorConfig(kind=args.kind, num_classes=len(class_names), fpn_channels=args.fpn_channels,
                           box_head_dim=args.box_head_dim, mask_head_dim=args.mask_head_dim,
                           min_size=args.min_size, max_size=args.max_size, pad_divisor=args.pad_divisor,
-                          anchor_scale=args.anchor_scale,
+                          anchor_scale=args.anchor_scale, rpn_batch_size=args.rpn_batch_size,
+                          roi_batch_size=args.roi_batch_size,
                           class_names=list(class_names))
 
 
