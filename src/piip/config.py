@@ -51,6 +51,9 @@ class BranchConfig:
             self.window_sizes = [0] * self.depth
         if self.window_sizes is None:
             self.window_sizes = [0] * self.depth
+        if self.interaction_groups is None and self.kind == "convnext":  # the released cuts
+            d = self.stage_depths
+            self.interaction_groups = convnext_groups(d) if d[2] % 9 == 0 else stage_groups(d)
         if self.interaction_groups is None:
             self.interaction_groups = [[i, i] for i in range(self.depth)]
 
@@ -150,3 +153,32 @@ def uniform_groups(depth: int, num_groups: int) -> list[list[int]]:
 def windows(depth: int, size: int, global_every: Optional[int] = None) -> list[int]:
     """Window size per block; with ``global_every=n`` every n-th block (n-1, 2n-1, ...) is global."""
     return [0 if global_every and (i + 1) % global_every == 0 else size for i in range(depth)]
+
+
+def convnext_groups(stage_depths: list[int], stage2_groups: int = 9) -> list[list[int]]:
+    """The released 12-group cut: stage 0; ds1 + stage 1; stage 2 in ``stage2_groups`` equal runs
+    (the first with ds2); ds3 + stage 3. T (9 blocks in stage 2): runs of 1; S/B/L (27): runs of 3."""
+    d0, d1, d2, d3 = stage_depths
+    if d2 % stage2_groups:
+        raise ValueError(f"stage 2 has {d2} blocks, not divisible into {stage2_groups} interaction groups")
+    k, ds2 = d2 // stage2_groups, d0 + d1 + 1
+    lasts = [d0 - 1, d0 + d1] + [ds2 + (i + 1) * k for i in range(stage2_groups)] + [ds2 + d2 + 1 + d3]
+    return _ranges(lasts)
+
+
+def _ranges(lasts: list[int]) -> list[list[int]]:
+    """Consecutive [first, last] ranges ending at ``lasts``."""
+    out, prev = [], -1
+    for last in lasts:
+        out.append([prev + 1, last])
+        prev = last
+    return out
+
+
+def stage_groups(stage_depths: list[int]) -> list[list[int]]:
+    """One group per stage (its downsampling layer included): the baselines' four stage maps."""
+    lasts, n = [], -1
+    for s, d in enumerate(stage_depths):
+        n += d + (1 if s > 0 else 0)
+        lasts.append(n)
+    return _ranges(lasts)

@@ -1,7 +1,7 @@
 """Branches: pretrained networks cut into groups of blocks."""
 from ..config import BranchConfig
 from .base import Branch, Tokens
-from .convnext import ConvNeXtBranch, convnext_groups, stage_groups
+from .convnext import ConvNeXtBranch
 from .vit import Block, ViTBranch
 
 _BRANCH_KINDS = {"vit": ViTBranch, "convnext": ConvNeXtBranch}
@@ -13,5 +13,4 @@ def build_branch(cfg: BranchConfig, name: str = "branch") -> Branch:
     return _BRANCH_KINDS[cfg.kind](cfg, name=name)
 
 
-__all__ = ["Branch", "Tokens", "Block", "ViTBranch", "ConvNeXtBranch", "convnext_groups", "stage_groups",
-           "build_branch"]
+__all__ = ["Branch", "Tokens", "Block", "ViTBranch", "ConvNeXtBranch", "build_branch"]

@@ -62,33 +62,4 @@ class ConvNeXtBranch(Branch):
         return t.x.transpose(1, 2).reshape(t.x.shape[0], -1, *t.hw)
 
 
-def convnext_groups(stage_depths: list[int], stage2_groups: int = 9) -> list[list[int]]:
-    """The released 12-group cut: stage 0; ds1 + stage 1; stage 2 in ``stage2_groups`` equal runs
-    (the first with ds2); ds3 + stage 3. T (9 blocks in stage 2): runs of 1; S/B/L (27): runs of 3."""
-    d0, d1, d2, d3 = stage_depths
-    if d2 % stage2_groups:
-        raise ValueError(f"stage 2 has {d2} blocks, not divisible into {stage2_groups} interaction groups")
-    k, ds2 = d2 // stage2_groups, d0 + d1 + 1
-    lasts = [d0 - 1, d0 + d1] + [ds2 + (i + 1) * k for i in range(stage2_groups)] + [ds2 + d2 + 1 + d3]
-    return _ranges(lasts)
-
-
-def _ranges(lasts: list[int]) -> list[list[int]]:
-    """Consecutive [first, last] ranges ending at ``lasts``."""
-    out, prev = [], -1
-    for last in lasts:
-        out.append([prev + 1, last])
-        prev = last
-    return out
-
-
-def stage_groups(stage_depths: list[int]) -> list[list[int]]:
-    """One group per stage (its downsampling layer included): the baselines' four stage maps."""
-    lasts, n = [], -1
-    for s, d in enumerate(stage_depths):
-        n += d + (1 if s > 0 else 0)
-        lasts.append(n)
-    return _ranges(lasts)
-
-
-__all__ = ["ConvNeXtBranch", "convnext_groups", "stage_groups"]
+__all__ = ["ConvNeXtBranch"]
