@@ -11,7 +11,8 @@ last block. Tokens keep the (B, H*W, C) layout between groups; a group runs on t
 """
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ..config import BranchConfig
 from .base import Branch, Tokens
@@ -44,8 +45,7 @@ class ConvNeXtBranch(Branch):
                              f"per side (one token after its last downsampling)")
 
     def embed(self, img: Tensor) -> Tokens:
-        x = self.stem(img)
-        return Tokens(x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3]))
+        return _tokens(self.stem(img.contiguous(memory_format=torch.channels_last)))
 
     def forward_group(self, tokens: Tokens, group: int) -> Tokens:
         x, (h, w), _ = tokens
@@ -54,12 +54,31 @@ class ConvNeXtBranch(Branch):
         for s, j in self.flat[first:last + 1]:
             stage = self.stages[s]
             x = stage.downsample(x) if j < 0 else stage.blocks[j](x)
-        return Tokens(x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3]))
+        return _tokens(x)
+
+    def flop_parts(self, view: tuple[int, int]) -> list[tuple[nn.Module, tuple[int, int]]]:
+        """(module, input grid) for every module the branch runs on a ``view``-sized image (FLOP counting)."""
+        parts: list[tuple[nn.Module, tuple[int, int]]] = [(self.stem, view)]
+        hw = (view[0] // 4, view[1] // 4)
+        for s, j in self.flat:
+            stage = self.stages[s]
+            parts.append((stage.downsample if j < 0 else stage.blocks[j], hw))
+            if j < 0:
+                hw = (hw[0] // 2, hw[1] // 2)
+        return parts
 
     def forward_map(self, img: Tensor) -> Tensor:
         """The branch alone as an NCHW map (equals timm's ``forward_features``)."""
         t = self.forward_tokens(img)
         return t.x.transpose(1, 2).reshape(t.x.shape[0], -1, *t.hw)
+
+
+def _tokens(x: Tensor) -> Tokens:
+    """NCHW map -> contiguous (B, H*W, C) tokens. The maps are kept channels-last so that this is a
+    view and the blocks' channels-last Linear layers read contiguous rows: on CPU a Linear on the
+    permuted rows of an NCHW-contiguous map is tens of times slower."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    return Tokens(x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3]))
 
 
 __all__ = ["ConvNeXtBranch"]
