@@ -144,3 +144,14 @@ for _h in ("ct_cs_cb", "ct_vs_vb", "ct_cs_vb", "ct_vs_cb", "vt_cs_vb", "vt_cs_cb
 def convnext_b_1024() -> PIIPConfig:
     return PIIPConfig(branches=[convnext("B", 1024, groups="stages")], merge=None, out_groups=[0, 1, 2],
                       pyramid="gn", image_norm="imagenet")
+
+
+def detection_recipe(name: str, cfg: PIIPConfig) -> dict[str, float]:
+    """Released Mask R-CNN optimiser settings (AdamW): the ConvNeXt/ViT hybrids use lr 2e-4 and layer
+    decay 0.8 (which only reaches ViT blocks), the ConvNeXt-B baseline lr 1e-4 without decay, the
+    plain-ViT models lr 1e-4 with decay 0.85 (multi-branch) / 0.95 (single branch)."""
+    if name == "convnext_b_1024":
+        return {"lr": 1e-4, "layer_decay": 1.0}
+    if any(b.kind == "convnext" for b in cfg.branches):
+        return {"lr": 2e-4, "layer_decay": 0.8}
+    return {"lr": 1e-4, "layer_decay": 0.85 if len(cfg.branches) > 1 else 0.95}
