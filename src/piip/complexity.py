@@ -30,7 +30,12 @@ merging; no pyramid adapters, FPN or detection heads; an ImageNet classifier's o
 heads are included, as in the papers' classification tables), position embeddings counted at each branch's input
 grid (e.g. 70x70x192 for a 1120 px ViT-T) and the light ``linear`` merging (LayerNorm + Linear +
 LayerNorm per branch narrower than the output, LayerNorm only otherwise) whatever merging the
-model is built with. *As built* (``built_params``/``built_flops``): everything the instantiated
+model is built with, except for ``regular_fpn`` models (the ConvNeXt/ViT hybrids), whose Table II
+counts their real single-conv merges: the final one and those after each of ``out_groups``.
+Branches whose grid changes from group to group (ConvNeXt) are counted module by module on the
+grid each module reads (``view // stride``, as the floor-rounding convolutions produce); their
+LayerNorms are counted (the official counter misses Hugging Face's ``ConvNextLayerNorm``, a
+0.1-0.3G difference at 1024 px). *As built* (``built_params``/``built_flops``): everything the instantiated
 model holds and runs, i.e. its stored position tables, its real merging (``conv`` for the
 detection models), the simple feature pyramid and the classification heads.
 """
