@@ -91,6 +91,13 @@ def test_hf_convnext_layout_matches_hf_model():
     x = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
         assert (model.branches[0].forward_map(x) - hf(x).last_hidden_state).abs().max() <= 1e-5
+        # the convnext_b_1024 baseline layout: the four stage maps are HF's hidden_states[1:]
+        base = piip.create_model("convnext_b_1024", img_size=96,
+                                 branches=[{"stage_dims": DIMS, "stage_depths": DEPTHS}]).eval()
+        load_pretrained_branches(base, [hf.state_dict()])
+        stages = hf(x, output_hidden_states=True).hidden_states[1:]
+        for got, want in zip(base(x).values(), stages):
+            assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
 
 
 def test_bad_inputs_give_one_clear_error():
