@@ -137,7 +137,9 @@ def _replace_branch(b: BranchConfig, o: dict[str, Any]) -> BranchConfig:
     if "depth" in o and "window_sizes" not in o:
         new.window_sizes = (list(b.window_sizes) * new.depth)[:new.depth] if b.window_sizes else None
     if ("depth" in o or "stage_depths" in o) and "interaction_groups" not in o:
-        new.interaction_groups = None
+        # a per-stage cut (ConvNeXt baselines) stays per-stage; anything else gets the default cut
+        per_stage = b.kind == "convnext" and b.interaction_groups == stage_groups(b.stage_depths)
+        new.interaction_groups = stage_groups(new.stage_depths) if per_stage and new.stage_depths else None
     new.__post_init__()
     return new
 
