@@ -14,50 +14,42 @@ branch and are dropped with a note.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 from torch import Tensor
 
-# Hugging Face ConvNextModel <-> timm, written once as (HF pattern, timm pattern) pairs
+# Hugging Face ConvNextModel <-> timm names, written once; {s} = stage, {j} = block. A template
+# ending in '.' renames a prefix, any other one a whole key.
 _HF_TIMM = [
-    (r"embeddings\.patch_embeddings\.", "stem.0."),
-    (r"embeddings\.layernorm\.", "stem.1."),
-    (r"encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.blocks.\2.norm."),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"stages.\1.blocks.\2.gamma"),
+    ("embeddings.patch_embeddings.", "stem.0."),
+    ("embeddings.layernorm.", "stem.1."),
+    ("encoder.stages.{s}.downsampling_layer.", "stages.{s}.downsample."),
+    ("encoder.stages.{s}.layers.{j}.dwconv.", "stages.{s}.blocks.{j}.conv_dw."),
+    ("encoder.stages.{s}.layers.{j}.layernorm.", "stages.{s}.blocks.{j}.norm."),
+    ("encoder.stages.{s}.layers.{j}.pwconv1.", "stages.{s}.blocks.{j}.mlp.fc1."),
+    ("encoder.stages.{s}.layers.{j}.pwconv2.", "stages.{s}.blocks.{j}.mlp.fc2."),
+    ("encoder.stages.{s}.layers.{j}.layer_scale_parameter", "stages.{s}.blocks.{j}.gamma"),
 ]
 _UNUSED = ("head.", "norm_pre.", "layernorm.", "pooler.", "classifier.")
 
 
-def _hf_to_timm(key: str) -> str | None:
-    for pat, repl in _HF_TIMM:
-        new, n = re.subn("^" + pat, repl, key)
-        if n:
-            return new
+def _rename(key: str, hf_to_timm: bool) -> Optional[str]:
+    """``key`` in one naming -> the other, or None when no template matches."""
+    for hf, timm in _HF_TIMM:
+        src, dst = (hf, timm) if hf_to_timm else (timm, hf)
+        pattern = re.escape(src).replace(r"\{s\}", r"(?P<s>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+        m = re.match(pattern if src.endswith(".") else pattern + "$", key)
+        if m:
+            return dst.format(**m.groupdict()) + key[m.end():]
     return None
 
 
 def timm_to_hf(key: str) -> str:
     """A branch (timm) key -> its Hugging Face ``ConvNextModel`` name (official checkpoints)."""
-    m = re.match(r"^stem\.([01])\.(.+)$", key)
-    if m:
-        return f"embeddings.{'patch_embeddings' if m.group(1) == '0' else 'layernorm'}.{m.group(2)}"
-    m = re.match(r"^stages\.(\d+)\.downsample\.(.+)$", key)
-    if m:
-        return f"encoder.stages.{m.group(1)}.downsampling_layer.{m.group(2)}"
-    m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
-    if m:
-        s, j, rest = m.groups()
-        rest = {"gamma": "layer_scale_parameter"}.get(rest, rest)
-        for timm_name, hf_name in (("conv_dw.", "dwconv."), ("norm.", "layernorm."), ("mlp.fc1.", "pwconv1."),
-                                   ("mlp.fc2.", "pwconv2.")):
-            if rest.startswith(timm_name):
-                rest = hf_name + rest[len(timm_name):]
-        return f"encoder.stages.{s}.layers.{j}.{rest}"
-    raise ValueError(f"{key}: not a ConvNeXt branch key")
+    new = _rename(key, hf_to_timm=False)
+    if new is None:
+        raise ValueError(f"{key}: not a ConvNeXt branch key")
+    return new
 
 
 def convert_convnext(sd: Mapping[str, Tensor], source: str = "checkpoint") -> tuple[dict[str, Tensor], list[str]]:
@@ -71,7 +63,7 @@ def convert_convnext(sd: Mapping[str, Tensor], source: str = "checkpoint") -> tu
             notes.append(f"read the tower under {prefix!r}" + (f", dropped {dropped}" if dropped else ""))
             break
     if any(k.startswith("encoder.stages.") for k in sd):
-        hf = {k: _hf_to_timm(k) for k in sd}
+        hf = {k: _rename(k, hf_to_timm=True) for k in sd}
         sd = {new if new is not None else k: sd[k] for k, new in hf.items()}
         notes.append("Hugging Face ConvNextModel names mapped to timm's")
     out: dict[str, Tensor] = {}
