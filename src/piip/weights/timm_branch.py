@@ -25,8 +25,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..branches.clip import CLIPBranch
 from ..branches.convnext import ConvNeXtBranch
 from ..branches.vit import ViTBranch, resize_pos_embed
+from .clip import clip_to_timm
 from .convnext import convert_convnext
 from .io import read_state_dict, strict_load, unwrap_state_dict
 
@@ -211,7 +213,12 @@ def load_pretrained_branches(model: nn.Module, entries: Sequence[Entry], heads: 
         if not isinstance(branch, ViTBranch):
             raise ValueError(f"branch {i} is a {type(branch).__name__}; it cannot load pretrained branch weights")
         head = cls_heads[i] if (cls_heads is not None and heads) else None
+        extra, pre_notes = {}, []
+        if isinstance(branch, CLIPBranch):  # CLIP layouts -> timm names (+ ln_pre)
+            sd, extra, pre_notes = clip_to_timm(sd, f"pretrained_branches[{i}] ({source})")
         bsd, hsd, notes = convert_timm_vit(sd, branch, head, cls_pos, f"pretrained_branches[{i}] ({source})")
+        bsd.update(extra)
+        notes = pre_notes + notes
         strict_load(branch, bsd, f"pretrained_branches[{i}] ({source})")
         if head is not None:
             strict_load(head, hsd, f"pretrained_branches[{i}] ({source}) head")
