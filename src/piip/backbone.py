@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
 from .branches import Branch, Tokens, build_branch
@@ -125,9 +125,14 @@ class PIIPBackbone(nn.Module):
                              f"width must be multiples of {stride} (e.g. {_round_up(h, stride)}x{_round_up(w, stride)})")
         x = x.to(next(self.branches[0].parameters()).dtype)
         views = []
-        for br, s in zip(self.branches, self.scales):
+        for br, bc, s in zip(self.branches, self.cfg.branches, self.scales):
             v = x if s >= 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-            br.check_input(*v.shape[-2:])
+            try:
+                br.check_input(*v.shape[-2:])
+            except ValueError as e:  # a view needs one patch (ViT) / one token after the last downsampling
+                need = _smallest_input(s, bc.max_stride, stride)
+                raise ValueError(f"a {h}x{w} input is too small for this model: {e}. The smallest input it takes is "
+                                 f"{need}x{need} (any height and width >= {need}, multiples of {stride})") from None
             views.append(v)
         return views
 
@@ -197,6 +202,14 @@ def _to_map(t: Tokens) -> Tensor:
 
 def _describe(b: Any) -> str:
     return f"{b.kind} {b.embed_dim}-wide at {round(b.img_size, 1)} px"
+
+
+def _smallest_input(scale: float, patch: int, stride: int) -> int:
+    """Smallest side (a multiple of ``stride``) whose view at ``scale`` still covers ``patch`` pixels."""
+    side = stride
+    while int(side * scale) < patch:   # interpolate's output size is floor(side * scale)
+        side += stride
+    return side
 
 
 def _round_up(v: int, m: int) -> int:

@@ -5,11 +5,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
 from ..config import BranchConfig
 from ..layers.attention import Attention
+from ..layers.drop import DropPath
 from ..layers.mlp import Mlp
 from .base import Branch, Tokens
 

@@ -8,7 +8,8 @@ from typing import Any
 
 def add_model_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
     p.add_argument("--model", default=default_model, help="registered model name (see `piip models`)")
-    p.add_argument("--img-size", type=int, default=None, help="finest-branch resolution (rescales all branches)")
+    p.add_argument("--img-size", type=positive_int, default=None,
+                   help="finest-branch resolution, a multiple of 16 (rescales all branches)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE|JSON",
                    help="model config override, repeatable: 'branches.embed_dim=32', 'deform_num_heads=2' or a "
                         "JSON object such as '{\"branches\": {\"depth\": 2}}'")
@@ -56,3 +57,34 @@ def parse_overrides(items: list[str], img_size: int | None = None) -> dict[str, 
     if img_size is not None:
         out["img_size"] = img_size
     return out
+
+
+def _typed(kind: type, test: Any, want: str):  # noqa: ANN202
+    def parse(text: str):  # noqa: ANN202
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+    parse.__name__ = want   # argparse names the type in its messages
+    return parse
+
+
+positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _typed(float, lambda v: v > 0 and v == v and v != float("inf"), "a number > 0")
+non_negative_float = _typed(float, lambda v: v >= 0 and v != float("inf"), "a number >= 0")
+unit_float = _typed(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def check_img_size(cfg: Any, flag: str = "--img-size") -> None:
+    """The finest branch's resolution must be a multiple of its input stride (the patch size of a
+    ViT, 32 for a ConvNeXt): it is the input size."""
+    size, patch = cfg.branches[0].img_size, cfg.branches[0].max_stride
+    if size != int(size) or int(size) % patch:
+        lo, hi = max(patch, int(size) // patch * patch), (int(size) // patch + 1) * patch
+        what = "input stride" if cfg.branches[0].kind == "convnext" else "patch size"
+        raise ValueError(f"{flag} {size:g} is not a multiple of the finest branch's {what} {patch}; "
+                         f"use {lo} or {hi}")

@@ -1,15 +1,26 @@
-"""``piip convert official SRC --model NAME --out DST.safetensors``: official checkpoint -> piip safetensors."""
+"""``piip convert official SRC --model NAME --out DST.safetensors``: a checkpoint -> piip safetensors.
+
+SRC is an official OpenGVLab/PIIP checkpoint (``--model`` names its config) or a piip training
+checkpoint (its own config is used; the backbone is written).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
+from ._model_args import parse_overrides, positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert checkpoints to piip safetensors")
-    p.add_argument("kind", choices=["official"], help="source format: 'official' (OpenGVLab/PIIP .pth)")
-    p.add_argument("src", help="official checkpoint (.pth)")
-    p.add_argument("--model", required=True, help="registered piip model matching the checkpoint's config")
+    p.add_argument("kind", choices=["official"],
+                   help="'official': an OpenGVLab/PIIP .pth, or a piip training checkpoint (backbone)")
+    p.add_argument("src", help="checkpoint (.pth / .pt)")
+    p.add_argument("--model", default=None,
+                   help="registered piip model matching the checkpoint's config (not needed for piip training "
+                        "checkpoints, which hold their config)")
+    p.add_argument("--img-size", type=positive_int, default=None, help="finest-branch resolution override")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE|JSON", help="config override")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--heads-out", default=None,
                    help="also write the mmdet neck/heads converted to torchvision MaskRCNN names to this file")
@@ -21,18 +32,34 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from ..config import PIIPConfig
     from ..registry import build_from_config, get_config
-    from ..weights import convert_mmdet_heads, convert_official_state_dict, read_state_dict
+    from ..weights import check_state_dict, convert_mmdet_heads, convert_official_state_dict
+    from ..weights.io import piip_backbone_part, read_checkpoint, unwrap_state_dict
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end with .safetensors, got {args.out!r}")
-    cfg = get_config(args.model)
+    raw = read_checkpoint(args.src, weights_only=not args.unsafe_pickle)
+    sd = unwrap_state_dict(raw, args.src)
+    stored = raw.get("model_config") if isinstance(raw, dict) else None
+    if isinstance(stored, dict) and "backbone" in stored and args.model is None:
+        cfg = PIIPConfig.from_dict(stored["backbone"])
+        name = str(raw.get("model_name") or "piip model")
+    elif args.model is None:
+        raise ValueError(f"--model is required: {args.src} holds no model config (give the registered name of the "
+                         "model the checkpoint was made for, see `piip models`)")
+    else:
+        cfg, name = get_config(args.model, **parse_overrides(args.override, args.img_size)), args.model
     with torch.device("meta"):  # names and shapes only: no memory for the weights
         model = build_from_config(cfg)
-    sd = read_state_dict(args.src, weights_only=not args.unsafe_pickle)
-    ours, extra = convert_official_state_dict(sd, model, args.src)
-    meta = {"format": "pt", "library": "piip", "model": args.model, "config": json.dumps(cfg.to_dict())}
+    body = piip_backbone_part(sd)
+    if body is not None:  # piip's own detector / training checkpoint: already our names
+        check_state_dict(model, body, args.src)
+        ours, extra = body, {}
+    else:
+        ours, extra = convert_official_state_dict(sd, model, args.src)
+    meta = {"format": "pt", "library": "piip", "model": name, "config": json.dumps(cfg.to_dict())}
     save_file({k: v.contiguous() for k, v in ours.items()}, args.out, metadata=meta)
-    print(f"wrote {len(ours)} tensors to {args.out} (load: piip.create_model({args.model!r}, checkpoint={args.out!r}))")
+    print(f"wrote {len(ours)} tensors of {name} to {args.out} (its config is in the file's metadata)")
     if extra:
         if args.heads_out:
             heads = convert_mmdet_heads(extra)
@@ -41,3 +68,4 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"skipped {len(extra)} neck/head tensors (use --heads-out to convert them)")
     return 0
+

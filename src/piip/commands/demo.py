@@ -8,14 +8,17 @@ import time
 import numpy as np
 import torch
 
+from ._model_args import check_img_size, positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a sample photo through a PIIP backbone (random weights)")
     p.add_argument("--model", default="piip_tsb_1120_896_448", help="registered model name")
-    p.add_argument("--img-size", type=int, default=None, help="finest-branch resolution (default: registered)")
+    p.add_argument("--img-size", type=positive_int, default=None,
+                   help="finest-branch resolution, a multiple of 16 (default: registered)")
     p.add_argument("--image", default=None, help="image file (default: scikit-image's astronaut photo)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="forward passes to time; with more than 1 the median of the warm passes is also printed")
     p.set_defaults(func=run)
 
@@ -23,11 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def load_image(path: str | None) -> np.ndarray:
     """RGB uint8 (H, W, 3) from a file, or scikit-image's bundled astronaut photo."""
     if path is None:
-        from skimage import data
+        from ..errors import require
+        data = require("skimage.data", "the demo photo (or pass --image FILE)")
         return data.astronaut()
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    from ..data.images import read_rgb
+    return read_rgb(path).permute(1, 2, 0).numpy()
 
 
 def to_input(img: np.ndarray, size: int) -> torch.Tensor:
@@ -46,20 +49,19 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import create_model, get_config
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {"img_size": args.img_size} if args.img_size else {}
+    overrides = {"img_size": args.img_size} if args.img_size is not None else {}
     cfg = get_config(args.model, **overrides)
+    check_img_size(cfg)
     if cfg.task != "dense":
         raise ValueError(f"demo runs dense backbones; {args.model} is a {cfg.task} model")
+    img = load_image(args.image)              # a bad file fails before the model is built
     model = create_model(args.model, **overrides).eval()
-    img = load_image(args.image)
     x = to_input(img, round(cfg.img_size))
     params = sum(p.numel() for p in model.parameters())
     print(f"model      {args.model}: branches " + ", ".join(
         f"ViT-{b.embed_dim}d@{round(b.img_size)}px" for b in cfg.branches))
     print(f"image      {img.shape[1]}x{img.shape[0]} RGB -> input {tuple(x.shape)}")
     print(f"parameters {params / 1e6:.1f}M (as built: branches, interactions, merging, pyramid)")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     times = []
     with torch.inference_mode():
         for _ in range(args.repeats):

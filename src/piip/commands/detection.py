@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ._model_args import add_model_args, parse_overrides
+from ._model_args import (add_model_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
+                          positive_float, positive_int, unit_float)
 
 
 def _add_data_args(p: argparse.ArgumentParser, split: str, required: bool) -> None:
@@ -27,12 +28,20 @@ def _coco_paths(args: argparse.Namespace, split: str) -> tuple[str | None, str |
 def _add_head_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detector (defaults: released Mask R-CNN 1x)")
     g.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"])
-    g.add_argument("--fpn-channels", type=int, default=256)
-    g.add_argument("--box-head-dim", type=int, default=1024)
-    g.add_argument("--mask-head-dim", type=int, default=256)
-    g.add_argument("--min-size", type=int, default=None, help="short-side cap (default: none, the long side becomes the finest resolution S; S*800//1333 is the released mmdet protocol)")
-    g.add_argument("--max-size", type=int, default=None, help="long-side cap (default: finest branch resolution)")
-    g.add_argument("--pad-divisor", type=int, default=None, help="pad to multiples of this (default 224 / 64 / 32)")
+    g.add_argument("--fpn-channels", type=positive_int, default=256)
+    g.add_argument("--box-head-dim", type=positive_int, default=1024)
+    g.add_argument("--mask-head-dim", type=positive_int, default=256)
+    g.add_argument("--min-size", type=positive_int, default=None, help="short-side cap (default: none, the long side becomes the finest resolution S; S*800//1333 is the released mmdet protocol)")
+    g.add_argument("--max-size", type=positive_int, default=None, help="long-side cap (default: finest branch resolution)")
+    g.add_argument("--anchor-scale", type=positive_float, default=8.0,
+                   help="anchor side = this x level stride (released: 8, i.e. 32..512 px anchors for ~1000 px "
+                        "images; use ~2 for images of ~128 px)")
+    g.add_argument("--rpn-batch-size", type=positive_int, default=256,
+                   help="anchors sampled per image for the RPN loss (released: 256)")
+    g.add_argument("--roi-batch-size", type=positive_int, default=512,
+                   help="proposals sampled per image for the box/mask heads (released: 512, sized for ~1333x800 "
+                        "images; small images with few objects learn faster with ~64)")
+    g.add_argument("--pad-divisor", type=positive_int, default=None, help="pad to multiples of this (default 224 / 64 / 32)")
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,29 +55,29 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     _add_data_args(p, "val", False)
     _add_head_args(p)
     g = p.add_argument_group("optimisation (defaults: released recipe)")
-    g.add_argument("--epochs", type=int, default=12)
-    g.add_argument("--batch-size", type=int, default=2, help="images per process")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--epochs", type=positive_int, default=12)
+    g.add_argument("--batch-size", type=positive_int, default=2, help="images per process")
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default: the model's released recipe, see piip.zoo.detection_recipe)")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--layer-decay", type=float, default=None,
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    g.add_argument("--layer-decay", type=unit_float, default=None,
                    help="layer-wise lr decay rate on ViT blocks (default: the model's released recipe, "
                         "see piip.zoo.detection_recipe; 1 = off)")
-    g.add_argument("--warmup-iters", type=int, default=500)
-    g.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs at which lr drops x0.1")
-    g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (released: none)")
+    g.add_argument("--warmup-iters", type=non_negative_int, default=500)
+    g.add_argument("--lr-steps", type=positive_int, nargs="*", default=[8, 11], help="epochs at which lr drops x0.1")
+    g.add_argument("--clip-grad", type=positive_float, default=None, help="max gradient norm (released: none)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for GPU, off for CPU)")
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", default="runs/detection")
     r.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (output-dir/checkpoint.pt)")
-    r.add_argument("--workers", type=int, default=2)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--workers", type=non_negative_int, default=2)
+    r.add_argument("--seed", type=non_negative_int, default=0)
     r.add_argument("--device", default="auto")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate on the val set every N epochs (0 = never)")
-    r.add_argument("--save-every-steps", type=int, default=0, help="extra mid-epoch checkpoints")
-    r.add_argument("--max-steps", type=int, default=None, help="stop (and save) at this global step")
-    r.add_argument("--log-every", type=int, default=20)
+    r.add_argument("--eval-every", type=non_negative_int, default=1, help="evaluate on the val set every N epochs (0 = never)")
+    r.add_argument("--save-every-steps", type=non_negative_int, default=0, help="extra mid-epoch checkpoints")
+    r.add_argument("--max-steps", type=positive_int, default=None, help="stop (and save) at this global step")
+    r.add_argument("--log-every", type=positive_int, default=20)
     r.add_argument("--no-flip", action="store_true", help="disable random horizontal flip")
     p.set_defaults(func=run_train)
 
@@ -82,9 +91,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"],
                    help="for a plain state dict only")
-    p.add_argument("--num-classes", type=int, default=80, help="for a plain state dict only")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--num-classes", type=positive_int, default=80, help="for a plain state dict only")
+    p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--out-dir", default=None, help="where to write detections.json and metrics.json "
@@ -106,12 +115,15 @@ def _det_cfg(args: argparse.Namespace, class_names: list[str]):
     return DetectorConfig(kind=args.kind, num_classes=len(class_names), fpn_channels=args.fpn_channels,
                           box_head_dim=args.box_head_dim, mask_head_dim=args.mask_head_dim,
                           min_size=args.min_size, max_size=args.max_size, pad_divisor=args.pad_divisor,
+                          anchor_scale=args.anchor_scale, rpn_batch_size=args.rpn_batch_size,
+                          roi_batch_size=args.roi_batch_size,
                           class_names=list(class_names))
 
 
 def run_train(args: argparse.Namespace) -> int:
     from ..data import CocoDetection, detection_collate, detection_train_transforms
     from ..engine import TrainConfig, Trainer, init_distributed, is_main
+    from ..engine.checkpoint import check_writable, seed_everything
     from ..engine.distributed import cleanup
     from ..evaluation import evaluate_detector
     from ..registry import create_model
@@ -121,7 +133,11 @@ def run_train(args: argparse.Namespace) -> int:
     if not train_ann:
         raise ValueError("give --train-ann and --train-images (or --coco-root)")
     val_ann, val_img = _coco_paths(args, "val")
+    check_writable(args.output_dir)            # before anything slow: fail now, not after an epoch
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r} does not exist (give a checkpoint.pt, or 'auto')")
     device, _, world = init_distributed(args.device)
+    seed_everything(args.seed)                 # the seed fixes the initial weights too
     overrides = parse_overrides(args.override, args.img_size)
     pretrained = None
     if args.pretrained_branches:
@@ -129,6 +145,7 @@ def run_train(args: argparse.Namespace) -> int:
     backbone = create_model(args.model, pretrained_branches=pretrained, **overrides)
     if backbone.cfg.task != "dense":
         raise ValueError(f"--model {args.model} is a {backbone.cfg.task} model; detection needs a dense backbone")
+    check_img_size(backbone.cfg)
     probe = CocoDetection(train_ann, train_img, with_masks=False)  # class list before the real dataset
     det_cfg = _det_cfg(args, probe.class_names)
     min_size, max_size, _ = resolve_sizes(backbone.cfg, det_cfg)

@@ -16,6 +16,7 @@ def run(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
     if not names:
         raise ValueError(f"no registered model matches {args.pattern!r}")
+    print(f"{'name':32s} {'resolutions':22s} description")
     for name in names:
         cfg = get_config(name)
         res = "/".join(str(round(b.img_size)) for b in cfg.branches)

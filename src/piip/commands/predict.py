@@ -6,7 +6,10 @@ import os
 
 import torch
 
-from ._model_args import add_model_args, parse_overrides
+from ._model_args import add_model_args, parse_overrides, positive_int, unit_float
+
+# output formats by file extension (torchvision.io writers)
+_WRITERS = {".png": "write_png", ".jpg": "write_jpeg", ".jpeg": "write_jpeg"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,11 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"],
                    help="for a plain state dict only")
-    p.add_argument("--num-classes", type=int, default=80, help="for a plain state dict only (80 = COCO names)")
-    p.add_argument("--out", default="prediction.png", help="output picture (PNG)")
-    p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
-    p.add_argument("--mask-thresh", type=float, default=0.5)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-classes", type=positive_int, default=80,
+                   help="for a plain state dict only (80 = COCO names)")
+    p.add_argument("--out", default="prediction.png", help="output picture: .png, .jpg or .jpeg")
+    p.add_argument("--score-thresh", type=unit_float, default=0.5, help="draw detections scoring at least this")
+    p.add_argument("--mask-thresh", type=unit_float, default=0.5)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=run)
 
 
@@ -45,27 +49,30 @@ def draw_detections(image: torch.Tensor, output: dict[str, torch.Tensor], class_
 
 
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image
-    from torchvision.io import write_png
+    import torchvision.io
 
     from ..data.coco import COCO_CLASSES
+    from ..data.images import read_rgb
+    from ..engine import init_distributed
     from ..tasks.detection import load_detector
-    if not os.path.isfile(args.image):
-        raise FileNotFoundError(f"image not found: {args.image}")
-    if not 0 <= args.score_thresh <= 1:
-        raise ValueError(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in _WRITERS:
+        raise ValueError(f"--out {args.out!r}: unknown picture format {ext or '(no extension)'!r}; use "
+                         f"{', '.join(_WRITERS)}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {args.out!r}: {out_dir!r} is a file, not a folder")
+    img = read_rgb(args.image)                  # before the (slower) model
+    device, _, _ = init_distributed(args.device)
     overrides = parse_overrides(args.override, args.img_size)
-    model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).eval().to(args.device)
+    model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).eval().to(device)
     names = model.det_cfg.class_names or (COCO_CLASSES if model.det_cfg.num_classes == 80 else [])
-    with Image.open(args.image) as im:
-        rgb = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
-        w, h = im.size
-    img = rgb.view(h, w, 3).permute(2, 0, 1).contiguous()
+    h, w = img.shape[-2:]
     with torch.no_grad():
-        out = model([img.float().div(255).to(args.device)])[0]
+        out = model([img.float().div(255).to(device)])[0]
     pic = draw_detections(img, out, names, args.score_thresh, args.mask_thresh)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_png(pic, args.out)
+    os.makedirs(out_dir, exist_ok=True)
+    getattr(torchvision.io, _WRITERS[ext])(pic, args.out)
     n = int((out["scores"] >= args.score_thresh).sum())
     print(f"{n} detection(s) with score >= {args.score_thresh} drawn on {args.out} ({w}x{h})")
     for lab, s, b in zip(out["labels"], out["scores"], out["boxes"]):

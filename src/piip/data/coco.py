@@ -35,13 +35,15 @@ class CocoDetection(Dataset):
         if on_error not in ("substitute", "none", "raise"):
             raise ValueError(f"on_error must be 'substitute', 'none' or 'raise', got {on_error!r}")
         with _quiet():
-            self.coco = COCO(ann_file)
+            self.coco = COCO()
+            self.coco.dataset = read_coco_json(ann_file)
+            self.coco.createIndex()
         self.img_dir, self.transforms, self.with_masks, self.on_error = img_dir, transforms, with_masks, on_error
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
-        ids = sorted(self.coco.getImgIds())
+        ids = self._existing(sorted(self.coco.getImgIds()), ann_file)
         if skip_empty:
             kept = [i for i in ids if self._valid_anns(i)]
             if len(kept) < len(ids):
@@ -53,6 +55,20 @@ class CocoDetection(Dataset):
         self.ids = ids
         self.seed, self.epoch = seed, 0
         self._bad: set[int] = set()
+
+    def _existing(self, ids: list[int], ann_file: str) -> list[int]:
+        """Image ids whose file exists; the missing ones are dropped with one warning (all missing: error)."""
+        gone = [i for i in ids if not os.path.isfile(os.path.join(self.img_dir, self.coco.imgs[i]["file_name"]))]
+        if not gone:
+            return ids
+        example = os.path.join(self.img_dir, self.coco.imgs[gone[0]]["file_name"])
+        if len(gone) == len(ids):
+            raise FileNotFoundError(f"none of the {len(ids)} images listed in {ann_file} exist in {self.img_dir!r} "
+                                    f"(e.g. {example!r}); check the image folder argument")
+        warnings.warn(f"{ann_file}: skipping {len(gone)} of {len(ids)} images missing from {self.img_dir!r} "
+                      f"(e.g. {example!r})", stacklevel=3)
+        missing = set(gone)
+        return [i for i in ids if i not in missing]
 
     @property
     def num_classes(self) -> int:
@@ -80,11 +96,8 @@ class CocoDetection(Dataset):
         return out
 
     def load_image(self, img_id: int) -> Tensor:
-        from PIL import Image
-        path = os.path.join(self.img_dir, self.coco.imgs[img_id]["file_name"])
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+        from .images import read_rgb
+        return read_rgb(os.path.join(self.img_dir, self.coco.imgs[img_id]["file_name"])).float().div_(255)
 
     def target(self, img_id: int, h: int, w: int) -> dict[str, Any]:
         anns = self._valid_anns(img_id)
@@ -129,6 +142,50 @@ class CocoDetection(Dataset):
                 img, target = self.transforms(img, target, rng)
             return img, target
         raise RuntimeError(f"no readable image found near index {index}; check the image folder {self.img_dir}")
+
+
+def read_coco_json(path: str) -> dict[str, Any]:
+    """A COCO annotation file, checked enough that every later failure is a clear message."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"annotation file {path!r} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"annotation file {path!r}: expected a COCO object with 'images', 'annotations' and "
+                         f"'categories', got a JSON {type(d).__name__}")
+    absent = [k for k in ("images", "categories") if not isinstance(d.get(k), list)]
+    if absent:
+        raise ValueError(f"annotation file {path!r} is not in COCO format: no list {absent} (found keys "
+                         f"{sorted(d)[:8]})")
+    if not d["categories"]:
+        raise ValueError(f"annotation file {path!r} lists no categories")
+    d.setdefault("annotations", [])
+    bad_img = [im for im in d["images"] if not isinstance(im, dict) or not {"id", "file_name", "height", "width"} <= set(im)]
+    if bad_img:
+        raise ValueError(f"annotation file {path!r}: {len(bad_img)} image entr(ies) lack id/file_name/height/width, "
+                         f"e.g. {str(bad_img[0])[:120]}")
+    bad_cat = [c for c in d["categories"] if not isinstance(c, dict) or not {"id", "name"} <= set(c)]
+    if bad_cat:
+        raise ValueError(f"annotation file {path!r}: category entries need id and name, e.g. {str(bad_cat[0])[:120]}")
+    img_ids, cat_ids = {im["id"] for im in d["images"]}, {c["id"] for c in d["categories"]}
+    problems: list[str] = []
+    for a in d["annotations"]:
+        if not isinstance(a, dict) or not {"image_id", "category_id", "bbox"} <= set(a):
+            problems.append(f"an annotation lacks image_id/category_id/bbox: {str(a)[:100]}")
+        elif a["image_id"] not in img_ids:
+            problems.append(f"annotation {a.get('id')} refers to image id {a['image_id']}, which is not listed")
+        elif a["category_id"] not in cat_ids:
+            problems.append(f"annotation {a.get('id')} has category id {a['category_id']}, which is not listed")
+        elif not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4
+                  and all(isinstance(v, (int, float)) for v in a["bbox"])):
+            problems.append(f"annotation {a.get('id')} has bbox {a['bbox']!r}, expected [x, y, width, height]")
+        if problems:
+            break
+    if problems:
+        raise ValueError(f"annotation file {path!r} is inconsistent: {problems[0]}")
+    return d
 
 
 class _quiet:

@@ -19,7 +19,17 @@ def init_distributed(device: str = "auto") -> tuple[torch.device, int, int]:
     if device == "auto":
         dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                             "use --device cpu (or auto)")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {device}: only cpu and cuda devices are supported")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local}")
     if dev.type == "cuda":

@@ -6,9 +6,13 @@ backward pass) and a ``collate_fn``; everything else is here.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import TrainingInterrupted
 from . import checkpoint as ckpt_io
 from .distributed import init_distributed, is_main, unwrap
 from .optim import WarmupSchedule, build_optimizer, build_scheduler
@@ -80,6 +85,7 @@ class Trainer:
         self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
         self.epoch, self.epoch_step, self.step = 0, 0, 0
         self.history: list[dict[str, Any]] = []
+        self._stop: Optional[str] = None   # name of the signal asking to stop, once one arrived
         self.ddp: Optional[nn.Module] = None
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -103,9 +109,15 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         """Continue exactly where ``path`` stopped: weights, optimizer moments, lr schedule,
-        epoch / in-epoch position in the same data order, and RNG states."""
+        epoch / in-epoch position in the same data order, and RNG states.
+
+        A checkpoint of another model or config is refused before anything changes."""
         ck = ckpt_io.load(path, map_location=self.device)
-        unwrap(self.model).load_state_dict(ck["model"])
+        self._check_same_model(ck, path)
+        try:
+            unwrap(self.model).load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise ValueError(f"--resume {path}: its weights do not fit this model: {str(e).splitlines()[0]} ...") from None
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.epoch, self.epoch_step, self.step = ck["epoch"], ck["epoch_step"], ck["step"]
@@ -119,6 +131,17 @@ class Trainer:
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step} "
                   f"({self.epoch_step}/{self.iters_per_epoch} into the epoch)")
 
+    def _check_same_model(self, ck: dict[str, Any], path: str) -> None:
+        mine, theirs = self.extra_state.get("model_config"), ck.get("model_config")
+        if mine is None or theirs is None or mine == theirs:
+            return
+        diff = sorted(_diff_keys(mine, theirs))
+        here = self.extra_state.get("model_name", "this model")
+        raise ValueError(f"--resume {path} was written by {ck.get('model_name', 'another model')} with a different "
+                         f"config than this run's {here} (differs in {', '.join(diff[:6])}"
+                         f"{' ...' if len(diff) > 6 else ''}); pass the same --model/--override/--img-size/head options "
+                         "as that run, or a new --output-dir to start fresh")
+
     # ------------------------------------------------------------------ loop
     def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
         self.sampler.set_epoch(epoch, skip_batches * self.cfg.batch_size)
@@ -127,7 +150,7 @@ class Trainer:
         # own generator: creating the loader must not consume the global RNG (exact resume)
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
                           num_workers=self.cfg.workers, collate_fn=self.collate_fn,
-                          pin_memory=self.device.type == "cuda",
+                          pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_stop_signals,
                           generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
     def train_step(self, batch: Any) -> dict[str, float]:
@@ -147,9 +170,50 @@ class Trainer:
         self.scheduler.step()
         return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self):  # noqa: ANN202
+        """SIGINT / SIGTERM: finish the current step, save, raise :class:`TrainingInterrupted`.
+        A second SIGINT aborts at once without saving."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if self._stop is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop = name
+            if is_main():
+                print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again to quit without saving)",
+                      file=sys.stderr, flush=True)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+    def _stop_if_asked(self, bar: Optional[Progress] = None) -> None:
+        if self._stop is None:
+            return
+        if bar is not None:
+            bar.close()
+        self.save()
+        raise TrainingInterrupted(self._stop, self.checkpoint_path, self.step)
+
     def fit(self) -> list[dict[str, Any]]:
+        """Train to ``cfg.epochs`` (or ``cfg.max_steps``); returns the per-epoch records."""
+        if self.epoch >= self.cfg.epochs:
+            raise ValueError(f"nothing to train: the run is already at epoch {self.epoch} of {self.cfg.epochs}; "
+                             "raise --epochs to continue it")
+        with self._stop_on_signals():
+            return self._fit()
+
+    def _fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         while self.epoch < cfg.epochs:
+            self._stop_if_asked()
             loader = self._loader(self.epoch, self.epoch_step)
             means = RunningMeans()
             bar = Progress(self.iters_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}", is_main(),
@@ -168,6 +232,7 @@ class Trainer:
                     if is_main():
                         print(f"stopped at step {self.step} (max_steps); resume with --resume {self.checkpoint_path}")
                     return self.history
+                self._stop_if_asked(bar)   # before the next batch is fetched
             bar.close()
             record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, **means.means()}
             self.epoch += 1
@@ -180,3 +245,24 @@ class Trainer:
                     record["eval"] = result
                     self.save()
         return self.history
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data-loading workers leave SIGINT / SIGTERM to the main process, which stops them cleanly
+    after saving (a worker killed by the terminal's Ctrl-C would otherwise abort the save)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two nested config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            out += _diff_keys(x, y, f"{prefix}{i}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

@@ -96,6 +96,9 @@ def evaluate_detector(model: nn.Module, dataset: Any, device: torch.device | str
     seen = sorted({i for _, ids in gathered for i in ids})
     iou_types = ["bbox", "segm"] if hasattr(model, "roi_heads") and model.roi_heads.has_mask() else ["bbox"]
     missing = len(dataset.ids) - len(seen)
+    if not seen:
+        raise ValueError(f"evaluation read none of the {len(dataset.ids)} image(s) in {dataset.img_dir!r} (all "
+                         "unreadable); check the image folder")
     metrics = coco_evaluate(dataset.coco, results, iou_types, img_ids=sorted(dataset.ids))
     if verbose:
         for t in iou_types:

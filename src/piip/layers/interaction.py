@@ -10,11 +10,11 @@ from functools import lru_cache
 from typing import Sequence
 
 import torch
-from timm.layers import DropPath
 from torch import Tensor, nn
 
 from .attention import CrossAttention
 from .deform_attn import MSDeformAttn
+from .drop import DropPath
 from .mlp import ConvFFN
 
 

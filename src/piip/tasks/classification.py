@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from timm.layers import trunc_normal_
+from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
 from ..backbone import PIIPBackbone

@@ -57,6 +57,7 @@ class DetectorConfig:
     min_size: Optional[int] = None
     max_size: Optional[int] = None
     pad_divisor: Optional[int] = None
+    anchor_scale: float = 8.0         # anchor side = anchor_scale x level stride (mmdet scales=[8]: 32..512 px)
     rpn_pre_nms_train: int = 2000
     rpn_pre_nms_test: int = 1000
     rpn_post_nms_train: int = 1000
@@ -226,13 +227,15 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
     ratios = (0.5, 1.0, 2.0)
     if kind == "retinanet":
         neck = PIIPFPN(body, det.fpn_channels, levels=("1", "2", "3"), extra="p6p7")
-        sizes = tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in (32, 64, 128, 256, 512))
+        base = det.anchor_scale / 2   # mmdet RetinaNet: octave_base_scale 4 on strides 8..128
+        sizes = tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in (base * t for t in (8, 16, 32, 64, 128)))
         anchors = FixedStrideAnchorGenerator(sizes, (ratios,) * 5, (8, 16, 32, 64, 128))
         model = RetinaNet(neck, n_out, anchor_generator=anchors, score_thresh=det.score_thresh,
                           detections_per_img=det.detections_per_img, topk_candidates=1000, nms_thresh=0.5)
     else:
         neck = PIIPFPN(body, det.fpn_channels)
-        anchors = FixedStrideAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (ratios,) * 5,
+        anchors = FixedStrideAnchorGenerator(tuple((det.anchor_scale * t,) for t in (4, 8, 16, 32, 64)),
+                                             (ratios,) * 5,
                                              (4, 8, 16, 32, 64))
         from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
         box_pool = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=0)
@@ -278,13 +281,13 @@ def load_detector(path: str, model: Optional[str] = None, overrides: Optional[di
                   num_classes: int = 80, kind: str = "mask_rcnn", map_location: str = "cpu") -> nn.Module:
     """A detector from a training checkpoint (rebuilt from the config inside it) or from a plain
     state dict (``.pt``/``.pth``/``.safetensors`` with detector keys), which needs ``model``."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        ckpt: Any = load_file(path)
-    else:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    from ..weights.io import check_state_dict, read_checkpoint
+    ckpt: Any = read_checkpoint(path, weights_only=True, map_location=map_location)
     if isinstance(ckpt, dict) and "model_config" in ckpt:
+        if ckpt["model_config"].get("task") != "detection":
+            raise ValueError(f"{path} holds a {ckpt['model_config'].get('task')} model, not a detector")
         det = detector_from_config(ckpt["model_config"])
+        check_state_dict(det, ckpt["model"], path)
         det.load_state_dict(ckpt["model"])
         return det
     if model is None:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping
+import pickle
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -11,25 +12,58 @@ from torch import Tensor, nn
 _WRAPPERS = ("state_dict", "model", "module", "model_ema")
 
 
-def read_state_dict(path: str, weights_only: bool = True) -> dict[str, Tensor]:
-    """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file, unwrapped from ``state_dict``/``model``/``module``.
+def read_checkpoint(path: str, weights_only: bool = True, map_location: object = "cpu") -> object:
+    """The object stored in a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file.
 
-    ``weights_only=True`` refuses arbitrary pickled objects; pass False only for files you trust.
+    Every way a file can be unusable (missing, a folder, truncated, not a checkpoint, pickled
+    Python objects under ``weights_only``) becomes one ValueError / FileNotFoundError naming the file.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"checkpoint path must be a string, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"checkpoint {path!r} {what}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"checkpoint {path!r} cannot be read as safetensors (truncated or not a safetensors "
+                             f"file): {e}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # pickle errors have many types
-        raise ValueError(f"could not read {path!r} with torch.load(weights_only={weights_only}): {e}. If the file "
-                         "is trusted, read it with piip.weights.read_state_dict(path, weights_only=False)") from e
-    return unwrap_state_dict(obj, path)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if weights_only and "global" in str(e).lower():
+            raise ValueError(f"checkpoint {path!r} holds pickled Python objects besides tensors, which the safe "
+                             "loader refuses; if you trust the file, read it with "
+                             "piip.weights.read_state_dict(path, weights_only=False)") from None
+        raise ValueError(f"checkpoint {path!r} is corrupt or not a torch checkpoint ({e})") from None
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"checkpoint {path!r} is truncated or not a torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); use an intact copy") from None
+
+
+def _numpy_array_globals() -> list:
+    """What plain numpy arrays pickle to (piip 0.1 training checkpoints held the numpy RNG state):
+    data only, no code, so the safe loader may rebuild them."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_state_dict(path: str, weights_only: bool = True) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file, unwrapped from ``state_dict``/``model``/``module``.
+
+    ``weights_only=True`` refuses arbitrary pickled objects; pass False only for files you trust.
+    A piip training checkpoint's detector weights are returned with their ``backbone.body.`` names.
+    """
+    return unwrap_state_dict(read_checkpoint(path, weights_only), os.fspath(path))
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -73,3 +107,14 @@ def strict_load(module: nn.Module, sd: Mapping[str, Tensor], source: str = "chec
     """Check, then copy every tensor (cast to the module's dtype/device)."""
     check_state_dict(module, sd, source)
     module.load_state_dict(dict(sd), strict=True)
+
+
+PIIP_DETECTOR_BACKBONE = "backbone.body."
+
+
+def piip_backbone_part(sd: Mapping[str, Tensor]) -> Optional[dict[str, Tensor]]:
+    """The backbone tensors of a piip detector state dict (``backbone.body.*``, e.g. a training
+    checkpoint's ``model``) under backbone names, or None when ``sd`` is not in that layout."""
+    if not any(k.startswith(PIIP_DETECTOR_BACKBONE) for k in sd):
+        return None
+    return {k[len(PIIP_DETECTOR_BACKBONE):]: v for k, v in sd.items() if k.startswith(PIIP_DETECTOR_BACKBONE)}

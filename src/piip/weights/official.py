@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 from torch import Tensor, nn
 
 from .convnext import timm_to_hf
-from .io import check_state_dict, read_state_dict, strict_load
+from .io import PIIP_DETECTOR_BACKBONE, check_state_dict, piip_backbone_part, read_state_dict, strict_load
 
 # tensors official checkpoints hold but never use: the final LayerNorm of HF ConvNextModel
 _UNUSED_OFFICIAL = re.compile(r"(^|\.)convnext_model\.layernorm\.(weight|bias)$")
@@ -145,8 +145,18 @@ def load_checkpoint(model: nn.Module, path: str, weights_only: bool = True) -> O
     """
     sd = read_state_dict(path, weights_only=weights_only)
     own = model.state_dict()
-    if sum(k in own for k in sd) > len(sd) / 2:  # our own naming (save_pretrained / piip convert)
-        strict_load(model, sd, path)
+    body = piip_backbone_part(sd)
+    if body is not None and not any(k.startswith(PIIP_DETECTOR_BACKBONE) for k in own):
+        sd = body  # a piip detector (training checkpoint) loaded into its bare backbone
+    if sum(k in own for k in sd) > len(sd) / 2:  # our own naming (save_pretrained / piip convert / training)
+        try:
+            strict_load(model, sd, path)
+        except ValueError as e:
+            if body is None:
+                raise
+            raise ValueError(f"{e}. {path} is a piip detector checkpoint: build the backbone with the overrides it "
+                             "was trained with, or load the whole detector with "
+                             "piip.tasks.detection.load_detector(path)") from None
         return None
     prefix, piip_model = _find_piip(model)
     ours, extra = convert_official_state_dict(sd, piip_model, path)

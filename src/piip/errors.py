@@ -1,0 +1,55 @@
+"""User-facing errors: what the CLI turns into one line and exit code 2 instead of a traceback.
+
+Anything raised for bad input (a file, an argument, a checkpoint that does not fit) is a
+``ValueError`` or an ``OSError`` with a message that names the input and says how to fix it.
+:class:`TrainingInterrupted` is how a training run that saved itself on SIGINT/SIGTERM ends.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# optional package -> the extra that installs it
+EXTRAS = {"pycocotools": "detection", "skimage": "demo", "PIL": "detection", "transformers": "hf",
+          "scipy": "detection"}
+
+
+class TrainingInterrupted(Exception):
+    """A signal stopped training after a checkpoint was written; ``checkpoint`` resumes it."""
+
+    def __init__(self, signame: str, checkpoint: str, step: int) -> None:
+        super().__init__(f"{signame} at step {step}: saved {checkpoint}")
+        self.signame, self.checkpoint, self.step = signame, checkpoint, step
+
+
+class MissingDependency(ImportError):
+    """An optional package is not installed (the message says which extra installs it)."""
+
+
+def require(module: str, what: str = "") -> ModuleType:
+    """Import an optional package or raise one line naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        extra = EXTRAS.get(top)
+        hint = f"pip install 'piip[{extra}]'" if extra else f"pip install {top}"
+        raise MissingDependency(f"{what or 'this'} needs the optional package {top!r} ({e}); install it with: "
+                                f"{hint}") from None
+
+
+def user_message(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for an exception reaching the CLI: 2 for user errors, 1 otherwise."""
+    if isinstance(exc, MissingDependency):
+        return 2, str(exc)
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split(".")[0]
+        extra = EXTRAS.get(top)
+        hint = f"pip install 'piip[{extra}]'" if extra else f"pip install {top}"
+        return 2, f"the optional package {top!r} is not installed; install it with: {hint}"
+    if isinstance(exc, (ValueError, OSError)):
+        msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
+            f"{exc.filename}: {exc.strerror or exc}"
+        return 2, msg.strip().replace("\n", " ")
+    return 1, (f"internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback, "
+               "and please report it)")
