@@ -238,3 +238,10 @@ def test_table_ii_flops_within_one_percent(name):
         # the intermediate merges of a ViT-B coarsest branch run a 96 -> 768 conv on the stride-4 grid
         inter = sum(r.flops for r in c.breakdown if "after group" in r.module) / 1e9
         assert (inter > 80) == (name.endswith(("ct_vs_vb_1024_672_448", "ct_cs_vb_1024_672_448")))
+
+
+def test_drop_path_is_linear_over_the_blocks_not_the_downsampling_layers():
+    model = PIIPBackbone(PIIPConfig(branches=[cx(64, drop_path=0.3)], merge=None, pyramid=None))
+    stages = model.branches[0].stages
+    rates = [getattr(blk.drop_path, "drop_prob", 0.0) for stage in stages for blk in stage.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, sum(DEPTHS)).tolist())
