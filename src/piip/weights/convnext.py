@@ -30,7 +30,9 @@ _HF_TIMM = [
     ("encoder.stages.{s}.layers.{j}.pwconv2.", "stages.{s}.blocks.{j}.mlp.fc2."),
     ("encoder.stages.{s}.layers.{j}.layer_scale_parameter", "stages.{s}.blocks.{j}.gamma"),
 ]
-_UNUSED = ("head.", "norm_pre.", "layernorm.", "pooler.", "classifier.")
+# classifier heads and final norms a branch never applies (``norm_pre``, which timm's
+# head-norm-first models do apply in forward_features, is refused as an unexpected key instead)
+_UNUSED = ("head.", "layernorm.", "pooler.", "classifier.")
 
 
 def _rename(key: str, hf_to_timm: bool) -> Optional[str]:
