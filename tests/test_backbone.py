@@ -5,7 +5,7 @@ import torch
 
 import piip
 from piip.layers.attention import Attention
-from conftest import tiny_overrides
+from conftest import tiny_input_size, tiny_overrides
 
 DENSE = [n for n in piip.list_models() if piip.get_config(n).task == "dense"]
 CLS = [n for n in piip.list_models() if piip.get_config(n).task == "classification"]
@@ -55,15 +55,17 @@ def test_unknown_model_and_override_errors():
 
 @pytest.mark.parametrize("name", DENSE)
 def test_dense_models_build_and_output_pyramid(name):
-    model = piip.create_model(name, **tiny_overrides(name)).eval()
-    x = torch.randn(2, 3, 64, 96)
+    h, w = tiny_input_size(name)
+    model = piip.create_model(name, **tiny_overrides(name, img_size=h)).eval()
+    x = torch.randn(2, 3, h, w)
     with torch.no_grad():
         out = model(x)
-    assert list(out) == ["0", "1", "2", "3"]
-    c = model.out_channels
-    for key, stride in zip(out, (4, 8, 16, 32)):
-        assert out[key].shape == (2, c, 64 // stride, 96 // stride), (key, out[key].shape)
-    assert model.forward_features(x).shape == (2, c, 4, 6)
+    assert list(out) == ["0", "1", "2", "3"] and model.out_strides == [4, 8, 16, 32]
+    assert len(model.out_channels) == 4
+    for key, c, stride in zip(out, model.out_channels, (4, 8, 16, 32)):
+        assert out[key].shape == (2, c, h // stride, w // stride), (key, out[key].shape)
+    s = model.branches[0].group_strides[-1]  # the final merged map is on the finest branch's last grid
+    assert model.forward_features(x).shape == (2, model.out_channels[-1], h // s, w // s)
 
 
 @pytest.mark.parametrize("name", CLS)

@@ -216,3 +216,24 @@ def test_parse_overrides():
         parse_overrides(["oops"])
     with pytest.raises(ValueError, match="kind must be one of"):
         build_detector("piip_tsb_1120_896_448", 3, "yolo", **TINY)
+
+
+def test_cli_trains_a_convnext_vit_hybrid_with_its_recipe(coco, tmp_path):
+    """A registered hybrid (ConvNeXt-T / ViT-S / ConvNeXt-B, shrunk) trains one step in the CLI with
+    the released recipe: lr 2e-4, layer decay 0.8 on the ViT blocks only."""
+    from piip.cli import main
+    out = tmp_path / "hybrid"
+    tiny = {"branches": [{"stage_dims": [32, 32, 64, 64]}, {"embed_dim": 64, "num_heads": 2},
+                         {"stage_dims": [32, 32, 64, 64]}], "deform_num_heads": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["train", "detection", "--model", "piip_ct_vs_cb_1024_672_448", "--img-size", "128",
+                   "--override", json.dumps(tiny), "--train-ann", coco["ann"], "--train-images", coco["images"],
+                   "--epochs", "1", "--batch-size", "2", "--workers", "0", "--warmup-iters", "1", "--max-steps", "1",
+                   "--output-dir", str(out), "--eval-every", "0", "--fpn-channels", "32", "--box-head-dim", "64",
+                   "--mask-head-dim", "32"])
+    assert rc == 0
+    groups = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["optimizer"]["param_groups"]
+    scales = sorted({round(g["lr_scale"], 8) for g in groups})
+    assert scales[0] == round(0.8 ** 13, 8) and scales[-1] == 1.0   # ViT patch embedding ... heads
+    assert all(g["initial_lr"] == pytest.approx(2e-4 * g["lr_scale"]) for g in groups)

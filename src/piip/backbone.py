@@ -19,7 +19,7 @@ from .config import PIIPConfig
 from .layers.deform_attn import MSDeformAttn
 from .layers.interaction import InteractionGroup, default_edges, validate_edges
 from .layers.merge import BranchMerge
-from .layers.pyramid import SimpleFeaturePyramid
+from .layers.pyramid import LEVEL_STRIDES, SimpleFeaturePyramid
 
 
 class PIIPBackbone(nn.Module):
@@ -57,21 +57,51 @@ class PIIPBackbone(nn.Module):
                 for g in range(self.num_groups))
         else:
             self.interactions = None
-        self.embed_dim = max(br.out_dim for br in self.branches)
+        self.out_groups = self._check_out_groups(cfg.out_groups)
+        if cfg.merge == "regular_fpn":  # every output is at the last (largest) branch's width
+            widths = [self.branches[-1].group_dims[g] for g in self.out_groups + [self.num_groups - 1]]
+        else:
+            widths = [max(br.group_dims[g] for br in self.branches) for g in self.out_groups + [self.num_groups - 1]]
+        self.embed_dim = widths[-1]
         if cfg.merge is not None and (n > 1 or cfg.merge == "linear"):
-            self.merge: Optional[BranchMerge] = BranchMerge([br.out_dim for br in self.branches],
-                                                            self.embed_dim, cfg.merge)
+            self.merge: Optional[BranchMerge] = self._build_merge(self.num_groups - 1, widths[-1])
+            # official names: intermediate_merging_{g}_*
+            self.inter_merges = nn.ModuleDict({str(g): self._build_merge(g, w)
+                                               for g, w in zip(self.out_groups, widths)}) if self.out_groups else None
         else:
             if n > 1 and cfg.task != "classification":
-                raise ValueError("a multi-branch dense model needs merge='conv' or 'linear'")
-            self.merge = None
-        self.pyramid = SimpleFeaturePyramid(self.embed_dim, cfg.pyramid) if cfg.pyramid else None
-        self.out_channels = self.embed_dim
+                raise ValueError("a multi-branch dense model needs merge='conv', 'linear' or 'regular_fpn'")
+            self.merge, self.inter_merges = None, None
+        # merged maps sit on the finest branch's grid at their group
+        strides = [self.branches[0].group_strides[g] for g in self.out_groups + [self.num_groups - 1]]
+        if self.out_groups:
+            if not cfg.pyramid:
+                raise ValueError("out_groups feed the pyramid: set pyramid='gn' or 'ln'")
+            self.pyramid = SimpleFeaturePyramid(widths, cfg.pyramid, strides)
+        else:
+            self.pyramid = SimpleFeaturePyramid(self.embed_dim, cfg.pyramid, [strides[-1]] * 4) if cfg.pyramid else None
+        # per pyramid level (or the single merged map without a pyramid)
+        self.out_channels: list[int] = (list(widths) if self.out_groups else [self.embed_dim] * 4) \
+            if self.pyramid is not None else [self.embed_dim]
+        self.out_strides: list[int] = list(LEVEL_STRIDES) if self.pyramid is not None else [strides[-1]]
         self._init_new_modules()
+
+    def _check_out_groups(self, out_groups: Optional[list[int]]) -> list[int]:
+        if not out_groups:
+            return []
+        last = self.num_groups - 1
+        if sorted(set(out_groups)) != list(out_groups) or not all(0 <= g < last for g in out_groups) \
+                or len(out_groups) != 3:
+            raise ValueError(f"out_groups {out_groups} must be 3 increasing interaction groups before the last "
+                             f"one ({last}); with the final map they make the 4 pyramid levels")
+        return list(out_groups)
+
+    def _build_merge(self, group: int, width: int) -> BranchMerge:
+        return BranchMerge([br.group_dims[group] for br in self.branches], width, self.cfg.merge)
 
     # ------------------------------------------------------------------ init
     def _init_new_modules(self) -> None:
-        for mod in (self.interactions, self.merge, self.pyramid):
+        for mod in (self.interactions, self.merge, self.inter_merges, self.pyramid):
             if mod is not None:
                 mod.apply(_init_weights)
         if self.interactions is not None:
@@ -89,20 +119,18 @@ class PIIPBackbone(nn.Module):
         if not torch.is_floating_point(x):
             raise ValueError(f"PIIP input must be a floating-point tensor (float32/bfloat16/float16), got {x.dtype}")
         h, w = x.shape[-2:]
-        p = self.branches[0].patch_size if hasattr(self.branches[0], "patch_size") else 1
-        stride = p
+        stride = self.cfg.branches[0].max_stride
         if h % stride or w % stride:
             raise ValueError(f"branch 0 ({_describe(self.cfg.branches[0])}) cannot take a {h}x{w} input: height and "
                              f"width must be multiples of {stride} (e.g. {_round_up(h, stride)}x{_round_up(w, stride)})")
-        dtype = self.branches[0].patch_embed.proj.weight.dtype if hasattr(self.branches[0], "patch_embed") else x.dtype
-        x = x.to(dtype)
+        x = x.to(next(self.branches[0].parameters()).dtype)
         views = []
-        for br, s in zip(self.branches, self.scales):
+        for br, bc, s in zip(self.branches, self.cfg.branches, self.scales):
             v = x if s >= 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
             try:
                 br.check_input(*v.shape[-2:])
-            except ValueError as e:
-                need = _smallest_input(s, getattr(br, "patch_size", 1), stride)
+            except ValueError as e:  # a view needs one patch (ViT) / one token after the last downsampling
+                need = _smallest_input(s, bc.max_stride, stride)
                 raise ValueError(f"a {h}x{w} input is too small for this model: {e}. The smallest input it takes is "
                                  f"{need}x{need} (any height and width >= {need}, multiples of {stride})") from None
             views.append(v)
@@ -113,8 +141,9 @@ class PIIPBackbone(nn.Module):
         """Run all branches with interactions; returns each branch's final tokens."""
         return self.forward_views(self.resize_inputs(x))
 
-    def forward_views(self, views: list[Tensor]) -> list[Tokens]:
-        """Like :meth:`forward_branches` but with each branch's view given explicitly."""
+    def forward_views(self, views: list[Tensor], taps: Optional[list[Tensor]] = None) -> list[Tokens]:
+        """Like :meth:`forward_branches` but with each branch's view given explicitly; the merged
+        maps after the ``out_groups`` are appended to ``taps`` when it is given."""
         if len(views) != len(self.branches):
             raise ValueError(f"expected {len(self.branches)} views (one per branch), got {len(views)}")
         states = [br.embed(v) for br, v in zip(self.branches, views)]
@@ -123,19 +152,31 @@ class PIIPBackbone(nn.Module):
             if self.interactions is not None:
                 xs = self.interactions[g]([t.x for t in states], [t.hw for t in states])
                 states = [t._replace(x=nx) for t, nx in zip(states, xs)]
+            if taps is not None and g in self.out_groups:
+                taps.append(self.merge_tokens(states, g))
         return states
 
-    def merge_tokens(self, states: list[Tokens]) -> Tensor:
+    def merge_tokens(self, states: list[Tokens], group: Optional[int] = None) -> Tensor:
+        """Branch states -> one map at the finest branch's grid (``group``: an intermediate merge)."""
         maps = [_to_map(t) for t in states]
-        if self.merge is None and len(maps) > 1:
+        merge = self.merge if group is None or self.inter_merges is None else self.inter_merges[str(group)]
+        if merge is None and len(maps) > 1:
             raise RuntimeError("this model has no branch merging (merge=None); use forward_branches()")
-        return self.merge(maps) if self.merge is not None else maps[0]
+        return merge(maps) if merge is not None else maps[0]
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Merged (B, C, H/16, W/16) map at the finest branch's grid, before the pyramid."""
+        """Final merged (B, C, h, w) map at the finest branch's last grid, before the pyramid."""
         return self.merge_tokens(self.forward_branches(x))
 
+    def forward_maps(self, x: Tensor) -> list[Tensor]:
+        """The merged maps after each of ``out_groups`` and the final one (what the pyramid reads)."""
+        taps: list[Tensor] = []
+        states = self.forward_views(self.resize_inputs(x), taps)
+        return taps + [self.merge_tokens(states)]
+
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        if self.out_groups:
+            return self.pyramid(self.forward_maps(x))
         feats = self.forward_features(x)
         if self.pyramid is None:
             return OrderedDict([("0", feats)])
@@ -164,7 +205,7 @@ def _describe(b: Any) -> str:
 
 
 def _smallest_input(scale: float, patch: int, stride: int) -> int:
-    """Smallest side (a multiple of ``stride``) whose view at ``scale`` still covers one patch."""
+    """Smallest side (a multiple of ``stride``) whose view at ``scale`` still covers ``patch`` pixels."""
     side = stride
     while int(side * scale) < patch:   # interpolate's output size is floor(side * scale)
         side += stride

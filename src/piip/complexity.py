@@ -30,7 +30,12 @@ merging; no pyramid adapters, FPN or detection heads; an ImageNet classifier's o
 heads are included, as in the papers' classification tables), position embeddings counted at each branch's input
 grid (e.g. 70x70x192 for a 1120 px ViT-T) and the light ``linear`` merging (LayerNorm + Linear +
 LayerNorm per branch narrower than the output, LayerNorm only otherwise) whatever merging the
-model is built with. *As built* (``built_params``/``built_flops``): everything the instantiated
+model is built with, except for ``regular_fpn`` models (the ConvNeXt/ViT hybrids), whose Table II
+counts their real single-conv merges: the final one and those after each of ``out_groups``.
+Branches whose grid changes from group to group (ConvNeXt) are counted module by module on the
+grid each module reads (``view // stride``, as the floor-rounding convolutions produce); their
+LayerNorms are counted (the official counter misses Hugging Face's ``ConvNextLayerNorm``, a
+0.1-0.3G difference at 1024 px). *As built* (``built_params``/``built_flops``): everything the instantiated
 model holds and runs, i.e. its stored position tables, its real merging (``conv`` for the
 detection models), the simple feature pyramid and the classification heads.
 """
@@ -268,34 +273,44 @@ def _n_params(*mods: Optional[nn.Module]) -> int:
 
 # ---------------------------------------------------------------------------- model parts
 def branch_grids(cfg: PIIPConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Each branch's input view (H, W) and token grid for a square input at the finest resolution,
-    computed as the model does (bilinear resize by the resolution ratio, floor, patchify)."""
+    """Each branch's input view (H, W) and its last token grid for a square input at the finest
+    resolution, computed as the model does (bilinear resize by the resolution ratio, floor, then
+    every stride-s reduction floors: grid = view // s)."""
     base = cfg.branches[0].img_size
     size = int(round(base))
-    p0 = cfg.branches[0].patch_size
+    p0 = cfg.branches[0].max_stride
     if size % p0:
-        raise ValueError(f"img_size={base:g} is not a multiple of the patch size {p0} "
+        raise ValueError(f"img_size={base:g} is not a multiple of the finest branch's input stride {p0} "
                          f"(e.g. {max(p0, size // p0 * p0)} or {size // p0 * p0 + p0})")
     views, grids = [], []
     for b in cfg.branches:
         s = b.img_size / base
         v = size if s >= 1 else int(math.floor(size * s))
-        if v < b.patch_size:
-            raise ValueError(f"img_size={base:g} gives a branch a {v} px view, smaller than its patch "
-                             f"({b.patch_size} px); use a larger img_size")
+        if v < b.max_stride:
+            raise ValueError(f"img_size={base:g} gives a branch a {v} px view, smaller than its input stride "
+                             f"({b.max_stride} px); use a larger img_size")
         views.append((v, v))
-        grids.append((v // b.patch_size, v // b.patch_size))
+        grids.append((v // b.max_stride, v // b.max_stride))
     return views, grids
+
+
+def _group_grids(br: nn.Module, view: tuple[int, int]) -> list[tuple[int, int]]:
+    """The branch's token grid after each interaction group (its real grid, from the group's stride)."""
+    return [(view[0] // s, view[1] // s) for s in br.group_strides]
 
 
 def _branch_cost(br: nn.Module, label: str, view: tuple[int, int], grid: tuple[int, int],
                  paper: bool) -> ModuleCost:
     from .branches.vit import ViTBranch
+    cost = ModuleCost(label, params=_n_params(br))
+    if hasattr(br, "flop_parts"):  # branches that change grid inside: each part with its input map
+        for part, hw in br.flop_parts(view):
+            _walk(part, Geom(hw[0] * hw[1], hw), cost)
+        return cost
     if not isinstance(br, ViTBranch):
-        raise ValueError(f"FLOP counting supports ViT branches only, got {type(br).__name__} for {label}")
+        raise ValueError(f"FLOP counting does not support {type(br).__name__} ({label})")
     n_patch = grid[0] * grid[1]
     cls = br.cls_token is not None
-    cost = ModuleCost(label, params=_n_params(br))
     if paper:  # position table at the branch's own input grid
         cost.params += n_patch * br.pos_embed.shape[-1] - br.pos_embed.numel()
     _walk(br, Geom(n_patch + int(cls), grid), cost, overrides={id(br.patch_embed): Geom(n_patch, view)},
@@ -320,12 +335,13 @@ def _edge_cost(edge: InteractionEdge, q: Geom, f: Geom, cost: ModuleCost) -> Non
     _walk(edge, q, cost, over)
 
 
-def _interaction_cost(backbone: nn.Module, grids: Sequence[tuple[int, int]]) -> ModuleCost:
+def _interaction_cost(backbone: nn.Module, grids: Sequence[Sequence[tuple[int, int]]]) -> ModuleCost:
+    """``grids[k][g]``: branch k's token grid at group g."""
     cost = ModuleCost("interactions", params=_n_params(backbone.interactions))
     if backbone.interactions is None:
         return cost
-    geoms = [Geom(h * w, (h, w)) for h, w in grids]
-    for group in backbone.interactions:
+    for g, group in enumerate(backbone.interactions):
+        geoms = [Geom(gr[g][0] * gr[g][1], gr[g]) for gr in grids]
         for key, edge in group.edges.items():
             s, d = (int(i) for i in key.split("to"))
             _edge_cost(edge, geoms[d], geoms[s], cost)
@@ -341,25 +357,35 @@ def _merge_cost(merge: Optional[BranchMerge], grids: Sequence[tuple[int, int]], 
     return cost
 
 
-def _paper_merge(backbone: nn.Module) -> Optional[BranchMerge]:
-    """The light merging the papers count, whatever merging the model is built with."""
-    if backbone.merge is None:
-        return None
-    if backbone.merge.kind == "linear":
-        return backbone.merge
-    with torch.device("meta"):
-        return BranchMerge([br.out_dim for br in backbone.branches], backbone.embed_dim, "linear")
+def _merges_cost(backbone: nn.Module, grids: Sequence[Sequence[tuple[int, int]]],
+                 paper: bool) -> list[ModuleCost]:
+    """The final merge and the intermediate ones of regular-FPN models, each on every branch's grid
+    at its group. The papers count the light ``linear`` merge for the simple-pyramid models but
+    the real merges of the regular-FPN hybrids (Table II)."""
+    last = backbone.num_groups - 1
+    merge = backbone.merge
+    if merge is None:
+        return []
+    if paper and merge.kind != "regular_fpn":
+        with torch.device("meta"):
+            light = BranchMerge([br.out_dim for br in backbone.branches], backbone.embed_dim, "linear")
+        return [_merge_cost(light, [gr[last] for gr in grids], "merging (linear)")]
+    rows = [_merge_cost(merge, [gr[last] for gr in grids], f"merging ({merge.kind})")]
+    for g, m in (backbone.inter_merges or {}).items():
+        rows.append(_merge_cost(m, [gr[int(g)] for gr in grids], f"merging ({merge.kind}) after group {g}"))
+    return [r for r in rows if r is not None]
 
 
-def _pyramid_cost(pyramid: Optional[nn.Module], grid: tuple[int, int],
-                  backbone_width: int) -> Optional[ModuleCost]:
+def _pyramid_cost(pyramid: Optional[nn.Module], grids: Sequence[tuple[int, int]],
+                  widths: Sequence[int]) -> Optional[ModuleCost]:
+    """Level i reads a map on ``grids[i]`` with ``widths[i]`` channels."""
     if pyramid is None:
         return None
     cost = ModuleCost("pyramid (fpn1-4)", params=_n_params(pyramid))
-    for name in ("fpn1", "fpn2", "fpn3", "fpn4"):
+    for name, grid, width in zip(("fpn1", "fpn2", "fpn3", "fpn4"), grids, widths):
         m = getattr(pyramid, name)
         seq = m if isinstance(m, nn.Sequential) else nn.Sequential(m)
-        _walk_map_sequential(seq, grid, cost, width=backbone_width)
+        _walk_map_sequential(seq, grid, cost, width=width)
     return cost
 
 
@@ -374,7 +400,8 @@ def _heads_cost(model: nn.Module) -> Optional[ModuleCost]:
 
 
 def _describe_branch(i: int, br: nn.Module, res: float) -> str:
-    return f"branch {i} (ViT {br.cfg.embed_dim}d x{br.cfg.depth} @ {round(res, 1):g})"
+    kind = {"vit": "ViT", "convnext": "ConvNeXt"}.get(br.cfg.kind, br.cfg.kind)
+    return f"branch {i} ({kind} {br.cfg.embed_dim}d x{br.cfg.depth} @ {round(res, 1):g})"
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -400,6 +427,7 @@ def count_model(model: nn.Module, name: str = "model") -> Complexity:
     backbone = getattr(model, "backbone", model)
     cfg: PIIPConfig = backbone.cfg
     views, grids = branch_grids(cfg)
+    group_grids = [_group_grids(br, v) for br, v in zip(backbone.branches, views)]
     res = [b.img_size for b in cfg.branches]
     paper: list[ModuleCost] = []
     built: list[ModuleCost] = []
@@ -408,16 +436,14 @@ def count_model(model: nn.Module, name: str = "model") -> Complexity:
         paper.append(_branch_cost(br, label, v, g, paper=True))
         built.append(_branch_cost(br, label, v, g, paper=False))
     if backbone.interactions is not None:
-        inter = _interaction_cost(backbone, grids)
+        inter = _interaction_cost(backbone, group_grids)
         paper.append(inter)
         built.append(dataclasses.replace(inter, flops_by_kind=dict(inter.flops_by_kind)))
-    merge_paper = _merge_cost(_paper_merge(backbone), grids, "merging (linear)")
-    merge_built = _merge_cost(backbone.merge, grids,
-                              f"merging ({backbone.merge.kind})" if backbone.merge is not None else "")
-    for part, rows in ((merge_paper, paper), (merge_built, built)):
-        if part is not None:
-            rows.append(part)
-    pyramid = _pyramid_cost(backbone.pyramid, grids[0], backbone.embed_dim)
+    paper += _merges_cost(backbone, group_grids, paper=True)
+    built += _merges_cost(backbone, group_grids, paper=False)
+    taps = backbone.out_groups or [backbone.num_groups - 1] * 4
+    levels = taps + [backbone.num_groups - 1] if backbone.out_groups else taps
+    pyramid = _pyramid_cost(backbone.pyramid, [group_grids[0][g] for g in levels], backbone.out_channels)
     if pyramid is not None:
         built.append(pyramid)
     heads = _heads_cost(model)

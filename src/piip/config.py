@@ -8,12 +8,19 @@ from typing import Any, Optional
 
 @dataclass
 class BranchConfig:
-    """One branch: a ViT fed the image at ``img_size`` (its registered resolution).
+    """One branch: a network (``kind`` 'vit' or 'convnext') fed the image at ``img_size`` (its
+    registered resolution).
 
     ``interaction_groups`` lists, for each interaction, the inclusive [first, last] block run
     before it. ``window_sizes`` has one entry per block: 0 = global attention.
     ``pos_grid`` is the grid the position embedding is stored at (the pretraining grid);
     None stores it at this branch's own grid.
+
+    ConvNeXt branches are described by ``stage_dims`` / ``stage_depths`` (4 stages); their block
+    list is the released flat one in which every downsampling layer counts as a block, so
+    ``depth`` (derived) is ``sum(stage_depths) + 3`` and ``embed_dim`` (derived) the last width.
+    ``layer_scale`` is the layer-scale init and ``drop_path`` the last block's rate of the linear
+    schedule; ViT-only fields are ignored.
     """
 
     img_size: float
@@ -30,12 +37,30 @@ class BranchConfig:
     pos_grid: Optional[int] = 14
     window_sizes: Optional[list[int]] = None
     interaction_groups: Optional[list[list[int]]] = None
+    stage_dims: Optional[list[int]] = None
+    stage_depths: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
+        if self.kind == "convnext":
+            if not self.stage_dims or not self.stage_depths or len(self.stage_dims) != 4 \
+                    or len(self.stage_depths) != 4 or min(self.stage_depths) < 1:
+                raise ValueError(f"a convnext branch needs 4 stage_dims and 4 stage_depths >= 1, got "
+                                 f"stage_dims={self.stage_dims}, stage_depths={self.stage_depths}")
+            self.depth = sum(self.stage_depths) + len(self.stage_depths) - 1
+            self.embed_dim = self.stage_dims[-1]
+            self.window_sizes = [0] * self.depth
         if self.window_sizes is None:
             self.window_sizes = [0] * self.depth
+        if self.interaction_groups is None and self.kind == "convnext":  # the released cuts
+            d = self.stage_depths
+            self.interaction_groups = convnext_groups(d) if d[2] % 9 == 0 else stage_groups(d)
         if self.interaction_groups is None:
             self.interaction_groups = [[i, i] for i in range(self.depth)]
+
+    @property
+    def max_stride(self) -> int:
+        """Stride of the branch's coarsest tokens: its input must be a multiple of it."""
+        return 4 * 2 ** (len(self.stage_dims) - 1) if self.kind == "convnext" else self.patch_size
 
 
 @dataclass
@@ -52,8 +77,12 @@ class PIIPConfig:
     interaction_drop_path: float = 0.4
     interaction_proj: bool = True
     edges: Optional[list[list[int]]] = None   # directed (src, dst); None = bidirectional adjacent
-    merge: Optional[str] = "conv"            # 'conv' | 'linear' | None (single branch)
+    merge: Optional[str] = "conv"            # 'conv' | 'linear' | 'regular_fpn' | None (single branch)
     pyramid: Optional[str] = "gn"            # 'gn' | 'ln' | None
+    # groups after which an extra merged map is output (regular FPN, released: [0, 1, 10]); the
+    # pyramid then takes these maps and the final one, each at its own stride and width
+    out_groups: Optional[list[int]] = None
+    image_norm: str = "half"                  # pixel normalisation the weights expect: 'half' | 'imagenet'
     task: str = "dense"                       # 'dense' | 'classification'
     head: str = "cls_token"                   # classification: 'cls_token' | 'merged'
     # token the per-branch heads read: 'cls' (the class token) or 'first_patch' (what the released
@@ -107,8 +136,10 @@ def _replace_branch(b: BranchConfig, o: dict[str, Any]) -> BranchConfig:
     new = dataclasses.replace(b, **o)
     if "depth" in o and "window_sizes" not in o:
         new.window_sizes = (list(b.window_sizes) * new.depth)[:new.depth] if b.window_sizes else None
-    if "depth" in o and "interaction_groups" not in o:
-        new.interaction_groups = None
+    if ("depth" in o or "stage_depths" in o) and "interaction_groups" not in o:
+        # a per-stage cut (ConvNeXt baselines) stays per-stage; anything else gets the default cut
+        per_stage = b.kind == "convnext" and b.interaction_groups == stage_groups(b.stage_depths)
+        new.interaction_groups = stage_groups(new.stage_depths) if per_stage and new.stage_depths else None
     new.__post_init__()
     return new
 
@@ -124,3 +155,32 @@ def uniform_groups(depth: int, num_groups: int) -> list[list[int]]:
 def windows(depth: int, size: int, global_every: Optional[int] = None) -> list[int]:
     """Window size per block; with ``global_every=n`` every n-th block (n-1, 2n-1, ...) is global."""
     return [0 if global_every and (i + 1) % global_every == 0 else size for i in range(depth)]
+
+
+def convnext_groups(stage_depths: list[int], stage2_groups: int = 9) -> list[list[int]]:
+    """The released 12-group cut: stage 0; ds1 + stage 1; stage 2 in ``stage2_groups`` equal runs
+    (the first with ds2); ds3 + stage 3. T (9 blocks in stage 2): runs of 1; S/B/L (27): runs of 3."""
+    d0, d1, d2, d3 = stage_depths
+    if d2 % stage2_groups:
+        raise ValueError(f"stage 2 has {d2} blocks, not divisible into {stage2_groups} interaction groups")
+    k, ds2 = d2 // stage2_groups, d0 + d1 + 1
+    lasts = [d0 - 1, d0 + d1] + [ds2 + (i + 1) * k for i in range(stage2_groups)] + [ds2 + d2 + 1 + d3]
+    return _ranges(lasts)
+
+
+def _ranges(lasts: list[int]) -> list[list[int]]:
+    """Consecutive [first, last] ranges ending at ``lasts``."""
+    out, prev = [], -1
+    for last in lasts:
+        out.append([prev + 1, last])
+        prev = last
+    return out
+
+
+def stage_groups(stage_depths: list[int]) -> list[list[int]]:
+    """One group per stage (its downsampling layer included): the baselines' four stage maps."""
+    lasts, n = [], -1
+    for s, d in enumerate(stage_depths):
+        n += d + (1 if s > 0 else 0)
+        lasts.append(n)
+    return _ranges(lasts)

@@ -80,9 +80,11 @@ unit_float = _typed(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def check_img_size(cfg: Any, flag: str = "--img-size") -> None:
-    """The finest branch's resolution must be a whole number of patches (it is the input size)."""
-    size, patch = cfg.branches[0].img_size, getattr(cfg.branches[0], "patch_size", 16)
+    """The finest branch's resolution must be a multiple of its input stride (the patch size of a
+    ViT, 32 for a ConvNeXt): it is the input size."""
+    size, patch = cfg.branches[0].img_size, cfg.branches[0].max_stride
     if size != int(size) or int(size) % patch:
         lo, hi = max(patch, int(size) // patch * patch), (int(size) // patch + 1) * patch
-        raise ValueError(f"{flag} {size:g} is not a multiple of the finest branch's patch size {patch}; "
+        what = "input stride" if cfg.branches[0].kind == "convnext" else "patch size"
+        raise ValueError(f"{flag} {size:g} is not a multiple of the finest branch's {what} {patch}; "
                          f"use {lo} or {hi}")

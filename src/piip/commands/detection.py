@@ -57,10 +57,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("optimisation (defaults: released recipe)")
     g.add_argument("--epochs", type=positive_int, default=12)
     g.add_argument("--batch-size", type=positive_int, default=2, help="images per process")
-    g.add_argument("--lr", type=positive_float, default=1e-4)
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (default: the model's released recipe, see piip.zoo.detection_recipe)")
     g.add_argument("--weight-decay", type=non_negative_float, default=0.05)
     g.add_argument("--layer-decay", type=unit_float, default=None,
-                   help="layer-wise lr decay rate (default 0.85 multi-branch, 0.95 single-branch; 1 = off)")
+                   help="layer-wise lr decay rate on ViT blocks (default: the model's released recipe, "
+                        "see piip.zoo.detection_recipe; 1 = off)")
     g.add_argument("--warmup-iters", type=non_negative_int, default=500)
     g.add_argument("--lr-steps", type=positive_int, nargs="*", default=[8, 11], help="epochs at which lr drops x0.1")
     g.add_argument("--clip-grad", type=positive_float, default=None, help="max gradient norm (released: none)")
@@ -151,9 +153,10 @@ def run_train(args: argparse.Namespace) -> int:
                             detection_train_transforms(min_size, max_size, 0.0 if args.no_flip else 0.5),
                             skip_empty=True, with_masks=args.kind == "mask_rcnn", seed=args.seed)
     model = build_detector(backbone, dataset.num_classes, args.kind, det_cfg)
-    layer_decay = args.layer_decay
-    if layer_decay is None:
-        layer_decay = 0.85 if len(backbone.cfg.branches) > 1 else 0.95
+    from ..zoo import detection_recipe
+    recipe = detection_recipe(args.model, backbone.cfg)
+    layer_decay = recipe["layer_decay"] if args.layer_decay is None else args.layer_decay
+    lr = recipe["lr"] if args.lr is None else args.lr
     val_set = CocoDetection(val_ann, val_img, on_error="none") if val_ann and args.eval_every else None
     if val_set is not None and val_set.class_names != dataset.class_names:
         raise ValueError(f"val categories {val_set.class_names} differ from train categories {dataset.class_names}")
@@ -164,7 +167,7 @@ def run_train(args: argparse.Namespace) -> int:
         return evaluate_detector(m, val_set, device, args.batch_size, args.workers, args.amp,
                                  out_dir=os.path.join(args.output_dir, f"eval_epoch{epoch}"))
 
-    cfg = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    cfg = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                       weight_decay=args.weight_decay, layer_decay=layer_decay, warmup_iters=args.warmup_iters,
                       lr_steps=list(args.lr_steps), clip_grad=args.clip_grad, amp=args.amp, workers=args.workers,
                       seed=args.seed, device=str(device), save_every_steps=args.save_every_steps,

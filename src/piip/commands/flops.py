@@ -59,7 +59,8 @@ def format_table(results: list[Complexity], breakdown: bool) -> str:
         if breakdown:
             lines += _breakdown_lines(c)
     lines.append("paper: backbone only (+ classifier heads), 1 MAC = 1 FLOP, pos. embeddings at each branch's grid, "
-                 "linear merging; as built: the instantiated model incl. its merging, pyramid and heads")
+                 "linear merging (regular-FPN hybrids: their real merges, as Table II); as built: the instantiated "
+                 "model incl. its merging, pyramid and heads")
     return "\n".join(lines)
 
 

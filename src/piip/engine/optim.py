@@ -5,7 +5,8 @@ and lr scale ``rate ** (L - 1 - id)``: patch embedding / position table / class 
 branch get id 0; block i of the *largest* branch (official branch1, our last) gets i + 1; block i
 of another branch gets ``(i + 1) * skip_stride`` (official: 1 for TSB, 2 for SBL/TSBL, i.e. the
 largest branch's depth over that branch's depth, which is how we derive it); everything else
-(interactions, merging, pyramid, neck, heads) gets L - 1 (scale 1). No weight decay on 1-D
+(interactions, merging, pyramid, neck, heads) gets L - 1 (scale 1), and so does every parameter of
+a non-ViT (ConvNeXt) branch: the released hybrids decay ViT branches only. No weight decay on 1-D
 parameters and biases (as released; position tables do get weight decay there too).
 """
 from __future__ import annotations
@@ -30,11 +31,13 @@ def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
         raise ValueError("layer-wise lr decay needs a model containing a PIIPBackbone")
     prefix, bb = backbones[0]
     prefix = prefix + "." if prefix else ""
-    depths = [b.depth for b in bb.cfg.branches]
+    # only ViT blocks are decayed: ConvNeXt branch parameters (stem / stages) keep scale 1, as in
+    # the released hybrids, and their flat block count does not set num_layers
+    depths = [b.depth if b.kind == "vit" else 0 for b in bb.cfg.branches]
     n = len(depths)
-    num_layers = num_layers or max(depths)
+    num_layers = num_layers or max(depths) or 1
     if skip_strides is None:
-        strides = [max(1, max(depths) // d) for d in depths]
+        strides = [max(1, max(depths) // d) if d else 1 for d in depths]
         strides[-1] = 1
     else:  # official order: for official branch2, branch3, ... = our n-2, n-3, ...
         if len(skip_strides) != n - 1:
@@ -50,6 +53,8 @@ def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
         if not m:
             continue
         k, rest = int(m.group(1)), m.group(2)
+        if bb.cfg.branches[k].kind != "vit":
+            continue
         if rest.startswith(("patch_embed", "pos_embed", "cls_token")):
             ids[name] = 0
         elif rest.startswith("blocks."):

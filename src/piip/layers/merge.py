@@ -39,11 +39,19 @@ def _conv_merge(in_dim: int, out_dim: int) -> nn.Sequential:
     )
 
 
+def _single_conv_merge(in_dim: int, out_dim: int, conv: bool) -> nn.Sequential:
+    """The released regular-FPN merge: 3x3 conv (only when ``conv``), GroupNorm(32), ReLU."""
+    layers = [nn.Conv2d(in_dim, out_dim, 3, padding=1, bias=False)] if conv else []
+    return nn.Sequential(*layers, nn.GroupNorm(32, out_dim), nn.ReLU(inplace=True))
+
+
 class BranchMerge(nn.Module):
     """Project each branch to ``out_dim``, upsample bilinearly to branch 0's grid, weighted sum.
 
     kind ``linear``: LayerNorm + Linear + LayerNorm (paper). kind ``conv``: released detection
-    variant. The weights are learnable scalars initialised to 1.
+    variant. kind ``regular_fpn``: the released hybrids' merge, one conv + GroupNorm + ReLU per
+    branch, GroupNorm + ReLU only for the last (largest) branch, whose width is the output's.
+    The weights are learnable scalars initialised to 1.
     """
 
     def __init__(self, in_dims: Sequence[int], out_dim: int, kind: str = "conv") -> None:
@@ -52,10 +60,17 @@ class BranchMerge(nn.Module):
             if out_dim % 32:
                 raise ValueError(f"conv merging uses GroupNorm(32): out width {out_dim} must be a multiple of 32")
             self.projs = nn.ModuleList(_conv_merge(d, out_dim) for d in in_dims)
+        elif kind == "regular_fpn":
+            if out_dim % 32 or in_dims[-1] != out_dim:
+                raise ValueError(f"regular_fpn merging maps every branch to the last branch's width ({in_dims[-1]}) "
+                                 f"with GroupNorm(32): got out width {out_dim}, which must equal it and be a "
+                                 "multiple of 32")
+            last = len(in_dims) - 1
+            self.projs = nn.ModuleList(_single_conv_merge(d, out_dim, i != last) for i, d in enumerate(in_dims))
         elif kind == "linear":
             self.projs = nn.ModuleList(_TokenNormLinear(d, out_dim) for d in in_dims)
         else:
-            raise ValueError(f"merge must be 'conv', 'linear' or None, got {kind!r}")
+            raise ValueError(f"merge must be 'conv', 'linear', 'regular_fpn' or None, got {kind!r}")
         self.kind = kind
         self.weights = nn.ParameterList(nn.Parameter(torch.tensor(1.0)) for _ in in_dims)
 

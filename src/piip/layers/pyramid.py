@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,28 +47,49 @@ class Upsample2x(nn.ConvTranspose2d):
         return out.permute(0, 3, 1, 2)
 
 
-class SimpleFeaturePyramid(nn.Module):
-    """fpn1: 2 transposed convs (x4), fpn2: one (x2), fpn3: identity, fpn4: max-pool (/2).
+LEVEL_STRIDES = (4, 8, 16, 32)
 
-    ``norm`` is ``gn`` (GroupNorm(32), released PIIP code) or ``ln`` (channel LayerNorm,
-    released ViTDet baselines) between the two transposed convs. The maps come back in
-    channels-last memory format (logically (B, C, H, W)); convolutions downstream accept it.
+
+class SimpleFeaturePyramid(nn.Module):
+    """Maps at strides 4, 8, 16, 32 from maps at the strides the backbone outputs.
+
+    Each level ``fpnK`` adapts its input map by the ratio of strides: x4 = 2 transposed convs
+    (``norm`` + GELU between them), x2 = one, x1 = identity, /2 = max-pool. With one stride-16
+    input for all levels this is the ViTDet simple feature pyramid; with the four merged maps of
+    regular-FPN merging each level reads its own map (all identities for a CNN finest branch).
+    ``norm`` is ``gn`` (GroupNorm(32), released PIIP code) or ``ln`` (channel LayerNorm, released
+    ViTDet baselines). The maps come back in channels-last memory format (logically (B, C, H, W)).
     """
 
-    def __init__(self, dim: int, norm: str = "gn") -> None:
+    def __init__(self, dims: Union[int, Sequence[int]], norm: str = "gn",
+                 in_strides: Sequence[int] = (16, 16, 16, 16)) -> None:
         super().__init__()
-        if norm == "gn":
-            if dim % 32:
-                raise ValueError(f"pyramid GroupNorm(32) needs a width divisible by 32, got {dim}")
-            norm_layer: nn.Module = nn.GroupNorm(32, dim)
-        elif norm == "ln":
-            norm_layer = LayerNorm2d(dim, eps=1e-6)
-        else:
+        dims = [dims] * len(LEVEL_STRIDES) if isinstance(dims, int) else list(dims)
+        if len(dims) != len(LEVEL_STRIDES) or len(in_strides) != len(LEVEL_STRIDES):
+            raise ValueError(f"the pyramid needs one width and one input stride per level {LEVEL_STRIDES}, got "
+                             f"widths {dims} and strides {list(in_strides)}")
+        if norm not in ("gn", "ln"):
             raise ValueError(f"pyramid norm must be 'gn' or 'ln', got {norm!r}")
-        self.fpn1 = nn.Sequential(Upsample2x(dim, dim), norm_layer, nn.GELU(), Upsample2x(dim, dim))
-        self.fpn2 = nn.Sequential(Upsample2x(dim, dim))
-        self.fpn3 = nn.Identity()
-        self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
+        for i, (dim, s_in, s_out) in enumerate(zip(dims, in_strides, LEVEL_STRIDES)):
+            setattr(self, f"fpn{i + 1}", _level(dim, norm, s_in, s_out))
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        return OrderedDict((str(i), f(x)) for i, f in enumerate((self.fpn1, self.fpn2, self.fpn3, self.fpn4)))
+    def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> "OrderedDict[str, Tensor]":
+        xs = [x] * 4 if isinstance(x, Tensor) else list(x)
+        levels = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
+        return OrderedDict((str(i), f(m)) for i, (f, m) in enumerate(zip(levels, xs)))
+
+
+def _level(dim: int, norm: str, s_in: int, s_out: int) -> nn.Module:
+    if s_in == s_out:
+        return nn.Identity()
+    if s_in == 2 * s_out:
+        return nn.Sequential(Upsample2x(dim, dim))
+    if s_in == 4 * s_out:
+        if norm == "gn" and dim % 32:
+            raise ValueError(f"pyramid GroupNorm(32) needs a width divisible by 32, got {dim}")
+        norm_layer = nn.GroupNorm(32, dim) if norm == "gn" else LayerNorm2d(dim, eps=1e-6)
+        return nn.Sequential(Upsample2x(dim, dim), norm_layer, nn.GELU(), Upsample2x(dim, dim))
+    if s_out == 2 * s_in:
+        return nn.MaxPool2d(kernel_size=2, stride=2)
+    raise ValueError(f"the pyramid cannot make a stride-{s_out} level from a stride-{s_in} map "
+                     "(supported ratios: x4, x2, x1, /2)")

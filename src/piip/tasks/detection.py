@@ -32,6 +32,9 @@ from ..backbone import PIIPBackbone
 from ..config import PIIPConfig
 
 KINDS = ("mask_rcnn", "faster_rcnn", "retinanet")
+# pixel normalisations (mean, std) on [0, 1] RGB, selected by PIIPConfig.image_norm
+IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+               "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
 @dataclass
@@ -88,9 +91,9 @@ def resolve_sizes(backbone_cfg: PIIPConfig, det: DetectorConfig) -> tuple[int, i
         pad = 224 if len(backbone_cfg.branches) > 1 else 64
         if max_size < 224:
             pad = 32
-    patch = backbone_cfg.branches[0].patch_size
-    if pad % patch:
-        raise ValueError(f"pad_divisor={pad} must be a multiple of the finest branch's patch size {patch}")
+    stride = backbone_cfg.branches[0].max_stride
+    if pad % stride:
+        raise ValueError(f"pad_divisor={pad} must be a multiple of the finest branch's input stride {stride}")
     return min_size, max_size, pad
 
 
@@ -104,14 +107,14 @@ class PIIPFPN(nn.Module):
             raise ValueError("detection needs a backbone with a feature pyramid (config pyramid='gn' or 'ln')")
         self.body = body
         self.levels = tuple(levels)
-        c = body.out_channels
+        channels = [body.out_channels[int(k)] for k in self.levels]  # per level (regular FPN: per-group widths)
         if extra == "maxpool":
             extra_block = LastLevelMaxPool()
         elif extra == "p6p7":
-            extra_block = LastLevelP6P7(c, out_channels)  # mmdet add_extra_convs='on_input'
+            extra_block = LastLevelP6P7(channels[-1], out_channels)  # mmdet add_extra_convs='on_input'
         else:
             raise ValueError(f"extra must be 'maxpool' or 'p6p7', got {extra!r}")
-        self.fpn = FeaturePyramidNetwork([c] * len(self.levels), out_channels, extra_blocks=extra_block)
+        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra_block)
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
@@ -168,12 +171,17 @@ class PIIPDetectionTransform(GeneralizedRCNNTransform):
     Images come in as RGB floats in [0, 1]. Resize keeps the ratio with
     ``scale = min(max_size / long side, min_size / short side)`` (mmdet ``Resize(img_scale=
     (max_size, min_size), keep_ratio=True)``; torchvision uses the same rule), normalise with
-    mean = std = 0.5 (= 127.5 on 0-255 RGB), pad bottom/right with zeros to a multiple of
-    ``size_divisible``. ``postprocess`` maps boxes and masks back to the original image size.
+    mean = std = 0.5 (= 127.5 on 0-255 RGB; ``norm='half'``, the released ViT configs) or the
+    ImageNet mean/std (``norm='imagenet'``, what ConvNeXt / hybrid weights were trained with), pad
+    bottom/right with zeros to a multiple of ``size_divisible``. ``postprocess`` maps boxes and
+    masks back to the original image size.
     """
 
-    def __init__(self, min_size: int, max_size: int, size_divisible: int) -> None:
-        super().__init__(min_size, max_size, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    def __init__(self, min_size: int, max_size: int, size_divisible: int, norm: str = "half") -> None:
+        if norm not in IMAGE_NORMS:
+            raise ValueError(f"image_norm must be one of {sorted(IMAGE_NORMS)}, got {norm!r}")
+        mean, std = IMAGE_NORMS[norm]
+        super().__init__(min_size, max_size, image_mean=list(mean), image_std=list(std),
                          size_divisible=size_divisible)
 
 
@@ -251,7 +259,7 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
                              mask_predictor=MaskRCNNPredictor(det.mask_head_dim, det.mask_head_dim, n_out))
         else:
             model = FasterRCNN(neck, None, **common)
-    model.transform = PIIPDetectionTransform(min_size, max_size, pad)
+    model.transform = PIIPDetectionTransform(min_size, max_size, pad, body.cfg.image_norm)
     model.det_cfg = det
     return model
 

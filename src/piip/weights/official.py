@@ -11,22 +11,33 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
+from .convnext import timm_to_hf
 from .io import PIIP_DETECTOR_BACKBONE, check_state_dict, piip_backbone_part, read_state_dict, strict_load
 
+# tensors official checkpoints hold but never use: the final LayerNorm of HF ConvNextModel
+_UNUSED_OFFICIAL = re.compile(r"(^|\.)convnext_model\.layernorm\.(weight|bias)$")
 _EDGE = re.compile(r"^interactions\.(\d+)\.edges\.(\d+)to(\d+)\.(proj|injector)\.(.+)$")
 
 
-def official_name(key: str, num_branches: int) -> str:
-    """Our backbone key -> the official backbone key (no 'backbone.' prefix)."""
+def official_name(key: str, num_branches: int, kinds: Optional[Sequence[str]] = None) -> str:
+    """Our backbone key -> the official backbone key (no 'backbone.' prefix). ``kinds``: each
+    branch's kind (ConvNeXt branches are Hugging Face ``ConvNextModel`` s under ``convnext_model.``)."""
     n = num_branches
     parts = key.split(".")
     if parts[0] == "branches":
         rest = ".".join(parts[2:])
+        if kinds is not None and kinds[int(parts[1])] == "convnext":
+            rest = "convnext_model." + timm_to_hf(rest)
         return rest if n == 1 else f"branch{n - int(parts[1])}.{rest}"
+    if parts[0] == "inter_merges":  # regular-FPN merges after intermediate groups
+        g, i = parts[1], int(parts[3])
+        if parts[2] == "weights":
+            return f"intermediate_merging_{g}_w{n - i}"
+        return f"intermediate_merging_{g}_branch{n - i}." + ".".join(parts[4:])
     if parts[0] == "merge":
         i = int(parts[2])
         if parts[1] == "weights":
@@ -55,14 +66,16 @@ def _official_names(model: nn.Module) -> tuple[dict[str, str], str]:
         if model.cfg.head != "cls_token":
             raise ValueError("only head='cls_token' classifiers have an official checkpoint layout")
         n = len(model.backbone.branches)
-        table = {official_name(k, n): f"backbone.{k}" for k in model.backbone.state_dict()}
+        kinds = [b.kind for b in model.backbone.cfg.branches]
+        table = {official_name(k, n, kinds): f"backbone.{k}" for k in model.backbone.state_dict()}
         for k in model.heads.state_dict():
             i, sub, rest = k.split(".", 2)
             table[f"branch{n - int(i)}.{'norm' if sub == 'norm' else 'head'}.{rest}"] = f"heads.{k}"
         return table, "classification"
     if isinstance(model, PIIPBackbone):
         n = len(model.branches)
-        return {official_name(k, n): k for k in model.state_dict()}, "detection"
+        kinds = [b.kind for b in model.cfg.branches]
+        return {official_name(k, n, kinds): k for k in model.state_dict()}, "detection"
     raise ValueError(f"official checkpoints load into a PIIPBackbone or PIIPClassifier, not {type(model).__name__}")
 
 
@@ -86,7 +99,7 @@ def convert_official_state_dict(sd: Mapping[str, Tensor], model: nn.Module,
     for k, v in sd.items():
         if k in table:
             ours[table[k]] = v
-        else:
+        elif not _UNUSED_OFFICIAL.search(k):
             unexpected.append(k)
     missing = sorted(k for k, v in table.items() if k not in sd)
     if missing or unexpected:

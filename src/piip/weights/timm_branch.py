@@ -25,7 +25,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..branches.clip import CLIPBranch
+from ..branches.convnext import ConvNeXtBranch
 from ..branches.vit import ViTBranch, resize_pos_embed
+from .clip import clip_to_timm
+from .convnext import convert_convnext
 from .io import read_state_dict, strict_load, unwrap_state_dict
 
 Entry = Union[None, str, os.PathLike, dict, nn.Module]
@@ -183,7 +187,8 @@ def _fold_layer_scale(sd: dict[str, Tensor]) -> None:
 
 def load_pretrained_branches(model: nn.Module, entries: Sequence[Entry], heads: bool = True,
                              cls_pos: str = "fold") -> list[BranchLoadReport]:
-    """Load timm-format ViT weights into each branch (finest first); ``None`` leaves a branch as is.
+    """Load timm-format ViT weights (ConvNeXt branches: any layout of :mod:`piip.weights.convnext`)
+    into each branch (finest first); ``None`` leaves a branch as is.
 
     Entries: a file path (.pth/.bin/.safetensors), a timm model name (downloads), a state dict or
     a timm model. ``heads=False`` keeps a classifier's own heads. Returns one report per branch.
@@ -199,11 +204,21 @@ def load_pretrained_branches(model: nn.Module, entries: Sequence[Entry], heads: 
         if entry is None:
             reports.append(BranchLoadReport(i, None, ["not loaded (None)"]))
             continue
-        if not isinstance(branch, ViTBranch):
-            raise ValueError(f"branch {i} is a {type(branch).__name__}; only ViT branches load timm ViT weights")
         sd, source = _entry_state_dict(entry, i)
+        if isinstance(branch, ConvNeXtBranch):
+            bsd, notes = convert_convnext(sd, f"pretrained_branches[{i}] ({source})")
+            strict_load(branch, bsd, f"pretrained_branches[{i}] ({source})")
+            reports.append(BranchLoadReport(i, source, notes))
+            continue
+        if not isinstance(branch, ViTBranch):
+            raise ValueError(f"branch {i} is a {type(branch).__name__}; it cannot load pretrained branch weights")
         head = cls_heads[i] if (cls_heads is not None and heads) else None
+        extra, pre_notes = {}, []
+        if isinstance(branch, CLIPBranch):  # CLIP layouts -> timm names (+ ln_pre)
+            sd, extra, pre_notes = clip_to_timm(sd, f"pretrained_branches[{i}] ({source})")
         bsd, hsd, notes = convert_timm_vit(sd, branch, head, cls_pos, f"pretrained_branches[{i}] ({source})")
+        bsd.update(extra)
+        notes = pre_notes + notes
         strict_load(branch, bsd, f"pretrained_branches[{i}] ({source})")
         if head is not None:
             strict_load(head, hsd, f"pretrained_branches[{i}] ({source}) head")
