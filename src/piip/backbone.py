@@ -50,7 +50,8 @@ class PIIPBackbone(nn.Module):
         if n > 1 and self.edges:
             self.interactions = nn.ModuleList(
                 InteractionGroup([br.group_dims[g] for br in self.branches], self.edges,
-                                 with_proj=cfg.interaction_proj, attn_type=cfg.attn_type,
+                                 with_proj=cfg.interaction_proj, norm=cfg.interaction_norm,
+                                 attn_type=cfg.attn_type,
                                  num_heads=cfg.deform_num_heads, num_points=cfg.n_points,
                                  deform_ratio=cfg.deform_ratio, with_cffn=cfg.with_cffn,
                                  cffn_ratio=cfg.cffn_ratio, drop_path=cfg.interaction_drop_path)
@@ -58,14 +59,15 @@ class PIIPBackbone(nn.Module):
         else:
             self.interactions = None
         self.embed_dim = max(br.out_dim for br in self.branches)
-        if cfg.merge is not None and (n > 1 or cfg.merge == "linear"):
+        if cfg.merge is not None and (n > 1 or cfg.merge in ("linear", "gn_linear")):
             self.merge: Optional[BranchMerge] = BranchMerge([br.out_dim for br in self.branches],
                                                             self.embed_dim, cfg.merge)
         else:
             if n > 1 and cfg.task != "classification":
-                raise ValueError("a multi-branch dense model needs merge='conv' or 'linear'")
+                raise ValueError("a multi-branch dense model needs merge='conv', 'linear' or 'gn_linear'")
             self.merge = None
-        self.pyramid = SimpleFeaturePyramid(self.embed_dim, cfg.pyramid) if cfg.pyramid else None
+        self.pyramid = (SimpleFeaturePyramid(self.embed_dim, cfg.pyramid, cfg.pyramid_levels)
+                        if cfg.pyramid else None)
         self.out_channels = self.embed_dim
         self._init_new_modules()
 

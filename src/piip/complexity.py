@@ -25,9 +25,11 @@ analytic attention terms of the official ``get_flops_det.py``):
   query width; its linear layers are counted as Linears (value_proj on the feature tokens);
   regular cross-attention (ablation): 2·Nq·Nk·d.
 
-Paper convention (``params``/``flops``): the backbone only (branches, interactions, branch
-merging; no pyramid adapters, FPN or detection heads; an ImageNet classifier's own norm + linear
-heads are included, as in the papers' classification tables), position embeddings counted at each branch's input
+Paper convention (``params``/``flops``): the backbone (branches, interactions, branch
+merging; no pyramid adapters, FPN or detection heads) plus a classification head: an ImageNet
+classifier's own norm + linear heads, and for every other model the 1000-class LayerNorm + Linear
+head on the widest width that the papers' counter (the classification code's ``get_flops.py``)
+attaches to every model it counts (0.77M for a 768-wide model), position embeddings counted at each branch's input
 grid (e.g. 70x70x192 for a 1120 px ViT-T) and the light ``linear`` merging (LayerNorm + Linear +
 LayerNorm per branch narrower than the output, LayerNorm only otherwise) whatever merging the
 model is built with. *As built* (``built_params``/``built_flops``): everything the instantiated
@@ -296,8 +298,8 @@ def _branch_cost(br: nn.Module, label: str, view: tuple[int, int], grid: tuple[i
     n_patch = grid[0] * grid[1]
     cls = br.cls_token is not None
     cost = ModuleCost(label, params=_n_params(br))
-    if paper:  # position table at the branch's own input grid
-        cost.params += n_patch * br.pos_embed.shape[-1] - br.pos_embed.numel()
+    if paper and br.pos_embed is not None:  # position table (and any class slot) at the branch's input grid
+        cost.params += (n_patch + br.pos_slot) * br.pos_embed.shape[-1] - br.pos_embed.numel()
     _walk(br, Geom(n_patch + int(cls), grid), cost, overrides={id(br.patch_embed): Geom(n_patch, view)},
           padded=not paper)
     return cost
@@ -345,7 +347,7 @@ def _paper_merge(backbone: nn.Module) -> Optional[BranchMerge]:
     """The light merging the papers count, whatever merging the model is built with."""
     if backbone.merge is None:
         return None
-    if backbone.merge.kind == "linear":
+    if backbone.merge.kind in ("linear", "gn_linear"):
         return backbone.merge
     with torch.device("meta"):
         return BranchMerge([br.out_dim for br in backbone.branches], backbone.embed_dim, "linear")
@@ -363,13 +365,30 @@ def _pyramid_cost(pyramid: Optional[nn.Module], grid: tuple[int, int],
     return cost
 
 
-def _heads_cost(model: nn.Module) -> Optional[ModuleCost]:
+def _heads_cost(model: nn.Module, grid: tuple[int, int]) -> Optional[ModuleCost]:
     heads = getattr(model, "heads", None)
     if heads is None:
         return None
     cost = ModuleCost("classification heads", params=_n_params(heads))
-    for head in heads:  # one token (or one pooled vector) per head
-        _walk(head, Geom(1, (1, 1)), cost)
+    merged = model.cfg.head == "merged"
+    for head in heads:  # one token per head; the merged head norms every token of the finest grid first
+        _walk(head.norm, Geom(grid[0] * grid[1] if merged else 1, grid), cost)
+        _walk(head.fc, Geom(1, (1, 1)), cost)
+    return cost
+
+
+# The papers' counter (classification get_flops.py) adds a 1000-class head on the widest width to
+# every model it counts, detection backbones included (vision_spec §0.4, §F.4).
+PAPER_HEAD_CLASSES = 1000
+
+
+def _paper_head_cost(width: int, grid: tuple[int, int]) -> ModuleCost:
+    """cls_norm LayerNorm over the finest grid's tokens + a Linear(width, 1000) on the pooled vector."""
+    with torch.device("meta"):
+        norm, fc = nn.LayerNorm(width), nn.Linear(width, PAPER_HEAD_CLASSES)
+    cost = ModuleCost("classification head (paper counter)", params=_n_params(norm, fc))
+    _walk(norm, Geom(grid[0] * grid[1], grid), cost)
+    _walk(fc, Geom(1, (1, 1)), cost)
     return cost
 
 
@@ -420,10 +439,12 @@ def count_model(model: nn.Module, name: str = "model") -> Complexity:
     pyramid = _pyramid_cost(backbone.pyramid, grids[0], backbone.embed_dim)
     if pyramid is not None:
         built.append(pyramid)
-    heads = _heads_cost(model)
+    heads = _heads_cost(model, grids[0])
     if heads is not None:  # an ImageNet classifier's reported size includes its heads
         paper.append(heads)
         built.append(dataclasses.replace(heads, flops_by_kind=dict(heads.flops_by_kind)))
+    else:
+        paper.append(_paper_head_cost(backbone.embed_dim, grids[0]))
     return Complexity(model=name, resolutions=res, grids=list(grids), breakdown=paper, built_breakdown=built,
                       merge_built=backbone.merge.kind if backbone.merge is not None else None)
 

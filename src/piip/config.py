@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -14,6 +14,10 @@ class BranchConfig:
     before it. ``window_sizes`` has one entry per block: 0 = global attention.
     ``pos_grid`` is the grid the position embedding is stored at (the pretraining grid);
     None stores it at this branch's own grid.
+
+    Pretraining flavours are settings of the one ViT branch (see ``piip.branches.flavours``):
+    ``flavour`` names the checkpoint layout (deit | augreg | dinov2 | mae | beitv2 | uniperceiver),
+    the other fields below it are the semantics that flavour needs.
     """
 
     img_size: float
@@ -23,13 +27,21 @@ class BranchConfig:
     kind: str = "vit"
     patch_size: int = 16
     mlp_ratio: float = 4.0
-    qkv_bias: bool = True
+    qkv_bias: Union[bool, str] = True      # True | False | 'qv' (BEiT: q and v biases, no k bias)
     layer_scale: Optional[float] = 1.0
     drop_path: float = 0.0
     cls_token: bool = False
     pos_grid: Optional[int] = 14
     window_sizes: Optional[list[int]] = None
     interaction_groups: Optional[list[list[int]]] = None
+    flavour: str = "deit"
+    norm_eps: float = 1e-6
+    # 'learned' (1, g*g, C) | 'learned_cls' (1, 1+g*g, C) with an unused class slot (InternViT-class
+    # branches) | 'none' (BEiT) | 'uniperceiver' (spatial table + temporal row 0, LayerNorm after the add)
+    pos_layout: str = "learned"
+    rel_pos_bias: bool = False             # BEiT: a relative position bias table per attention window
+    mlp_act: str = "gelu"                  # 'gelu' | 'gelu_tanh' (flash-attn FusedMLP)
+    drop_path_schedule: str = "constant"   # 'constant' | 'linear' (linspace(0, drop_path, depth))
 
     def __post_init__(self) -> None:
         if self.window_sizes is None:
@@ -51,9 +63,11 @@ class PIIPConfig:
     cffn_ratio: float = 0.25
     interaction_drop_path: float = 0.4
     interaction_proj: bool = True
+    interaction_norm: bool = True             # False: identity norms in the interactions (released '_speedup')
     edges: Optional[list[list[int]]] = None   # directed (src, dst); None = bidirectional adjacent
     merge: Optional[str] = "conv"            # 'conv' | 'linear' | None (single branch)
     pyramid: Optional[str] = "gn"            # 'gn' | 'ln' | None
+    pyramid_levels: Optional[list[int]] = None  # pyramid maps returned (0..3 = strides 4..32); None = all
     task: str = "dense"                       # 'dense' | 'classification'
     head: str = "cls_token"                   # classification: 'cls_token' | 'merged'
     # token the per-branch heads read: 'cls' (the class token) or 'first_patch' (what the released

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,13 @@ class SimpleFeaturePyramid(nn.Module):
     channels-last memory format (logically (B, C, H, W)); convolutions downstream accept it.
     """
 
-    def __init__(self, dim: int, norm: str = "gn") -> None:
+    def __init__(self, dim: int, norm: str = "gn", levels: Optional[Sequence[int]] = None) -> None:
         super().__init__()
+        # levels: which maps forward returns (DINO reads strides 8/16/32 = levels 1, 2, 3; the
+        # released code still holds fpn1, so its weights stay for strict loading)
+        self.levels = sorted(set(levels)) if levels is not None else [0, 1, 2, 3]
+        if not self.levels or any(lv not in (0, 1, 2, 3) for lv in self.levels):
+            raise ValueError(f"pyramid_levels must be a non-empty subset of [0, 1, 2, 3], got {levels!r}")
         if norm == "gn":
             if dim % 32:
                 raise ValueError(f"pyramid GroupNorm(32) needs a width divisible by 32, got {dim}")
@@ -70,4 +76,5 @@ class SimpleFeaturePyramid(nn.Module):
         self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        return OrderedDict((str(i), f(x)) for i, f in enumerate((self.fpn1, self.fpn2, self.fpn3, self.fpn4)))
+        fpns = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
+        return OrderedDict((str(i), fpns[i](x)) for i in self.levels)
