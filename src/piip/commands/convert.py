@@ -22,13 +22,13 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from ..registry import build_from_config, get_config
-    from ..weights import convert_mmdet_heads, convert_official_state_dict, read_state_dict
+    from ..weights import convert_mmdet_heads, convert_official_state_dict, fit_config_to_checkpoint, read_state_dict
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end with .safetensors, got {args.out!r}")
-    cfg = get_config(args.model)
+    sd = read_state_dict(args.src, weights_only=not args.unsafe_pickle)
+    cfg = fit_config_to_checkpoint(get_config(args.model), sd, args.src)  # TSBL: finest width from the file
     with torch.device("meta"):  # names and shapes only: no memory for the weights
         model = build_from_config(cfg)
-    sd = read_state_dict(args.src, weights_only=not args.unsafe_pickle)
     ours, extra = convert_official_state_dict(sd, model, args.src)
     meta = {"format": "pt", "library": "piip", "model": args.model, "config": json.dumps(cfg.to_dict())}
     save_file({k: v.contiguous() for k, v in ours.items()}, args.out, metadata=meta)

@@ -118,20 +118,46 @@ def normalise_vit_state_dict(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], 
     return sd, notes
 
 
-def guess_flavour(keys) -> Optional[str]:
-    """The flavour a (branch-level) key set looks like, when the keys reveal it."""
+_GROUP_TEXT = {
+    "uniperceiver": "uniperceiver",
+    "beit": "beitv2",
+    "ls": "a ViT with ls1/ls2 layer scale (timm DeiT III / DINOv2, or the released AugReg/DINOv2/MAE layout)",
+    "gamma": "deit (DeiT III layout, gamma_1/gamma_2 layer scale)",
+    "plain": "a ViT without layer scale (DeiT / AugReg classifier layout)",
+}
+
+
+def layout_group(keys) -> Optional[str]:
+    """Which family of key layouts a branch's keys belong to (uniperceiver | beit | ls | gamma | plain)."""
     keys = list(keys)
     if any("visual_embed." in k or ".self_attn.in_proj" in k for k in keys):
         return "uniperceiver"
     if any(k.endswith((".q_bias", ".relative_position_bias_table")) for k in keys):
-        return "beitv2"
+        return "beit"
     if any(".ls1.gamma" in k for k in keys):
-        return "a ViT with ls1/ls2 layer scale (timm DeiT III / DINOv2, or the released AugReg/DINOv2/MAE layout)"
+        return "ls"
     if any(k.endswith(".gamma_1") for k in keys):
-        return "deit (DeiT III, gamma_1/gamma_2 layer scale)"
+        return "gamma"
     if any(k.endswith("patch_embed.proj.weight") for k in keys):
-        return "deit/augreg without layer scale"
+        return "plain"
     return None
+
+
+def config_group(cfg: BranchConfig) -> str:
+    """The layout group a branch of ours writes in the official layout (see :func:`layout_group`)."""
+    if cfg.flavour == "uniperceiver":
+        return "uniperceiver"
+    if cfg.flavour == "beitv2":
+        return "beit"
+    if cfg.layer_scale is None:
+        return "plain"
+    return "ls" if cfg.flavour in _INTERNVIT_FLAVOURS else "gamma"
+
+
+def guess_flavour(keys) -> Optional[str]:
+    """A readable name of the flavour a (branch-level) key set looks like, when the keys reveal it."""
+    group = layout_group(keys)
+    return _GROUP_TEXT[group] if group else None
 
 
 # ---------------------------------------------------------------- tensor resizing
