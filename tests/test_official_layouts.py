@@ -237,7 +237,7 @@ def _randomize(m: torch.nn.Module) -> torch.nn.Module:
                                   "piip_sbl_1568_1120_672_mae", "piip_sbl_1568_1120_672_uniperceiver",
                                   "piip_sbl_1792_1120_672_dino"])
 def test_official_file_round_trip_per_flavour(tmp_path, name):
-    kw = _tiny(name, 3)
+    kw = _tiny(name, 3, img=64)
     if "dino" in name and "dinov2" not in name:
         kw["branches"] = [{**b, "window_sizes": [4, 0]} for b in kw["branches"]]
     else:
@@ -246,7 +246,7 @@ def test_official_file_round_trip_per_flavour(tmp_path, name):
     path = str(tmp_path / "official.pth")
     torch.save({"state_dict": to_official_state_dict(src)}, path)
     dst = piip.create_model(name, checkpoint=path, **kw).eval()
-    x = torch.randn(1, 3, 128, 128)
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         a, b = src(x), dst(x)
     assert list(a) == (["1", "2", "3"] if name.endswith("_dino") else ["0", "1", "2", "3"])
@@ -256,7 +256,7 @@ def test_official_file_round_trip_per_flavour(tmp_path, name):
 
 def test_tsbl_384_checkpoint_loads_through_create_model(tmp_path):
     name = "piip_tsbl_1344_896_672_448"
-    kw = _tiny(name, 4)
+    kw = _tiny(name, 4, img=64)
     cfg = get_config(name, **kw)
     released = dataclasses.replace(cfg, branches=[dataclasses.replace(cfg.branches[1], img_size=cfg.branches[0].img_size,
                                                                       interaction_groups=cfg.branches[0].interaction_groups),
@@ -267,7 +267,7 @@ def test_tsbl_384_checkpoint_loads_through_create_model(tmp_path):
     with pytest.warns(UserWarning, match="finest branch is 64 wide"):
         dst = piip.create_model(name, checkpoint=path, **kw).eval()
     assert dst.branches[0].cfg.embed_dim == 64
-    x = torch.randn(1, 3, 128, 128)
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(src(x)["2"], dst(x)["2"])
 
