@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,17 @@ def tiny_overrides(name: str, img_size: int = 64) -> dict:
     n = len(cfg.branches)
     branches = [{"embed_dim": 32 * (i + 1), "num_heads": 2} for i in range(n)]
     return dict(img_size=img_size, branches=branches, deform_num_heads=2, num_classes=7)
+
+
+def official_keys_dir() -> str:
+    """shared/reference/official_keys in the first parent directory that has it (clones and worktrees)."""
+    here = os.path.abspath(os.path.dirname(__file__))
+    while here != os.path.dirname(here):
+        cand = os.path.join(here, "shared", "reference", "official_keys")
+        if os.path.isdir(cand):
+            return cand
+        here = os.path.dirname(here)
+    return os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import official_keys_dir
 
 import piip
 from piip.complexity import _fast_meta_init
@@ -23,19 +24,9 @@ from piip.weights import (convert_official_state_dict, fit_config_to_checkpoint,
                           to_official_state_dict)
 
 
-def _keys_dir() -> str | None:
-    here = os.path.abspath(os.path.dirname(__file__))
-    while here != os.path.dirname(here):
-        cand = os.path.join(here, "shared", "reference", "official_keys")
-        if os.path.isdir(cand):
-            return cand
-        here = os.path.dirname(here)
-    return None
-
-
 def _listing(name: str) -> dict[str, tuple]:
-    d = _keys_dir()
-    if d is None or not os.path.isfile(os.path.join(d, name)):
+    d = official_keys_dir()
+    if not os.path.isfile(os.path.join(d, name)):
         pytest.skip("official key listings (shared/reference/official_keys) not found above the clone")
     out = {}
     with open(os.path.join(d, name)) as f:
