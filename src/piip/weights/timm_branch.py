@@ -11,7 +11,8 @@ timm -> branch differences handled here:
   released PIIP code did). Branches without a class token drop both.
 - patch kernels of another size are resampled with timm's ``resample_patch_embed`` (FlexiViT
   pseudo-inverse: a resized patch through the new kernel gives the old kernel's token), except for
-  ``dinov2`` branches, which get the released code's plain bicubic resize (14 -> 16).
+  the InternViT-class flavours (``augreg``, ``dinov2``, ``mae``: DINOv2 and MAE-H are patch 14),
+  which get the released code's plain bicubic resize (14 -> 16).
 - ``learned_cls`` branches keep the checkpoint's class position in their (unused) slot 0; ``none``
   branches (BEiT) drop any absolute table; BEiT relative position tables are resized per window.
 - layer scale: ``blocks.i.ls1.gamma`` / ``ls2.gamma`` (timm) or ``gamma_1`` / ``gamma_2`` (original
@@ -110,7 +111,7 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
     if w is None:
         raise ValueError(f"{source}: no 'patch_embed.proj.weight'; is this a timm ViT checkpoint?")
     p = branch.patch_size
-    if tuple(w.shape[-2:]) != (p, p) and branch.cfg.flavour == "dinov2":
+    if tuple(w.shape[-2:]) != (p, p) and branch.cfg.flavour in ("augreg", "dinov2", "mae"):
         notes.append(f"patch kernel resized {tuple(w.shape[-2:])} -> ({p}, {p}) (bicubic, as the released code)")
         w = resize_patch_kernel_bicubic(w, p)
     elif tuple(w.shape[-2:]) != (p, p):
