@@ -51,15 +51,15 @@ for _res in ((1344, 896, 672, 448), (1568, 1120, 672, 448), (1792, 1568, 1120, 4
 # The SBL 1568/1120/672 family of Table V (vision_spec §B.3): per branch (S, B, L) the flavour,
 # drop path and stored position grid of the released config; "deit" is DeiT III (224, 21k).
 _TABLE_V = {
-    "": (("deit", "deit", "deit"), (0.05, 0.15, 0.4), 14, "DeiT III"),
-    "_augreg": (("augreg",) * 3, (0.2, 0.3, 0.4), 24, "AugReg 384"),
+    "": (("deit", "deit", "deit"), (0.05, 0.15, 0.4), 14, "DeiT III branches"),
+    "_augreg": (("augreg",) * 3, (0.2, 0.3, 0.4), 24, "AugReg-384 branches"),
     "_augreg_speedup": (("augreg",) * 3, (0.2, 0.3, 0.4), 24,
-                        "AugReg 384, no interaction projections/norms, tanh-GELU MLPs"),
-    "_dinov2": (("dinov2",) * 3, (0.2, 0.3, 0.4), 32, "DINOv2 (patch 14 resized to 16)"),
-    "_mae": (("deit", "mae", "mae"), (0.05, 0.15, 0.4), 14, "DeiT III-S, MAE-B/L"),
-    "_beitv2": (("deit", "beitv2", "beitv2"), (0.05, 0.15, 0.4), 14, "DeiT III-S, BEiTv2-B/L"),
+                        "AugReg-384 branches, no interaction projections/norms, tanh-GELU MLPs"),
+    "_dinov2": (("dinov2",) * 3, (0.2, 0.3, 0.4), 32, "DINOv2 branches (patch 14 resized to 16)"),
+    "_mae": (("deit", "mae", "mae"), (0.05, 0.15, 0.4), 14, "DeiT III-S, MAE-B/L branches"),
+    "_beitv2": (("deit", "beitv2", "beitv2"), (0.05, 0.15, 0.4), 14, "DeiT III-S, BEiTv2-B/L branches"),
     "_uniperceiver": (("deit", "uniperceiver", "uniperceiver"), (0.05, 0.15, 0.4), 14,
-                      "DeiT III-S, Uni-Perceiver-B/L"),
+                      "DeiT III-S, Uni-Perceiver-B/L branches"),
 }
 # layer-scale init of a freshly built branch per flavour (the released classes'; pretrained files overwrite it)
 _LAYER_SCALE_INIT = {"beitv2": 1e-6, "uniperceiver": 0.0}
@@ -80,7 +80,7 @@ def _table_v(suffix: str) -> PIIPConfig:
 
 for _suffix, (_f, _d, _g, _what) in _TABLE_V.items():
     register_model(f"piip_sbl_1568_1120_672{_suffix}",
-                   f"PIIP-SBL 1568/1120/672 detection backbone, {_what} branches (released Mask R-CNN config)")(
+                   f"PIIP-SBL 1568/1120/672 detection backbone: {_what} (released Mask R-CNN config)")(
         lambda s=_suffix: _table_v(s))
 
 
