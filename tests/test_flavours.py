@@ -190,3 +190,15 @@ def test_drop_path_schedule_and_interaction_options():
     assert deit.drop_path_schedule == "constant" and deit.flavour == "deit"
     with pytest.raises(ValueError, match="unknown ViT flavour"):
         flavour_settings("clip")
+
+
+def test_uniperceiver_embedding_is_layer_zero_for_layer_decay():
+    from piip.engine.optim import layer_ids
+    kw = dict(img_size=64, deform_num_heads=2, branches=[{"embed_dim": 32, "num_heads": 2, "depth": 2,
+                                                          "window_sizes": [4, 4]}] * 3)
+    with torch.device("meta"):
+        model = piip.create_model("piip_sbl_1568_1120_672_uniperceiver", **kw)
+    ids, _ = layer_ids(model)
+    for name in ("temporal_pos_embed", "embed_norm.weight", "pos_embed", "patch_embed.proj.weight"):
+        assert ids[f"branches.2.{name}"] == 0, name
+    assert ids["branches.2.blocks.0.attn.qkv.weight"] > 0
