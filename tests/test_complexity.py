@@ -113,6 +113,11 @@ TINY = {"embed_dim": 32, "num_heads": 2, "depth": 3}
     # window 14 on 8x8 / 6x6 / 3x3 grids: the real forward pads every window
     ("piip_tsb_1120_896_448", dict(branches=TINY, deform_num_heads=2), 128),
     ("vitdet_b_1024", dict(branches=TINY), 224),
+    # DINO backbone: pyramid levels 1-3 only (fpn1 held, not run), windows 24 + global blocks
+    ("piip_sbl_1792_1120_672_dino", dict(branches=TINY, deform_num_heads=2), 128),
+    # BEiT relative-position windows, q/v biases, identity-norm interactions, tanh-GELU branches
+    ("piip_sbl_1568_1120_672_beitv2", dict(branches={**TINY, "window_sizes": [4, 4, 4]}, deform_num_heads=2), 96),
+    ("piip_sbl_1568_1120_672_augreg_speedup", dict(branches=TINY, deform_num_heads=2), 96),
     ("piip_tsb_368_192_128_cls", dict(branches=TINY, deform_num_heads=2, num_classes=10), 128),
     ("piip_b_512_256_128_cls", dict(branches=TINY, deform_num_heads=2, attn_type="normal", num_classes=10), 128),
 ])

@@ -180,7 +180,8 @@ def test_tsbl_with_a_384_wide_finest_branch_is_built_as_released():
                                                   *cfg.branches[1:]])
     sd = {"backbone." + k: v for k, v in official_layout(released).items()}
     assert sd["backbone.branch4.patch_embed.proj.weight"].shape[0] == 384
-    with pytest.raises(ValueError, match=r"shape mismatch.*branches\.0\.blocks.*finest first: 384-wide deit"):
+    with pytest.raises(ValueError, match=r"shape mismatch.*branches\.0\.blocks.*finest first: 384-wide deit.*"
+                                         r"released 4-branch code's build"):
         convert_official_state_dict(sd, _meta_model(cfg))  # never a silent partial load
     with pytest.warns(UserWarning, match="finest branch is 384 wide.*released 4-branch code") as rec:
         fitted = fit_config_to_checkpoint(cfg, sd, "tsbl.pth")

@@ -358,8 +358,8 @@ def _pyramid_cost(pyramid: Optional[nn.Module], grid: tuple[int, int],
     if pyramid is None:
         return None
     cost = ModuleCost("pyramid (fpn1-4)", params=_n_params(pyramid))
-    for name in ("fpn1", "fpn2", "fpn3", "fpn4"):
-        m = getattr(pyramid, name)
+    for level in pyramid.levels:  # the maps it returns (DINO: fpn2-4; fpn1's weights are held, not run)
+        m = getattr(pyramid, f"fpn{level + 1}")
         seq = m if isinstance(m, nn.Sequential) else nn.Sequential(m)
         _walk_map_sequential(seq, grid, cost, width=backbone_width)
     return cost

@@ -93,4 +93,7 @@ def describe_official_checkpoint(sd: Mapping[str, Tensor]) -> str:
             matches.append(name)
     hint = f"registered models with that layout: {', '.join(matches)}" if matches else \
         "no registered model has that layout"
+    if n == 4 and shape[0][0] is not None and shape[0][0] == shape[1][0]:
+        hint += (" (a finest branch as wide as the next one is the released 4-branch code's build: "
+                 "piip.create_model(NAME, checkpoint=...) and `piip convert official` build it that way)")
     return f"The file looks like {n} branch(es), finest first: {text}; {hint}."
