@@ -89,7 +89,8 @@ def describe_official_checkpoint(sd: Mapping[str, Tensor]) -> str:
         cfg = get_config(name)
         if len(cfg.branches) != n or (n > 1 and (cfg.interaction_proj, cfg.interaction_norm) != (proj, norm)):
             continue
-        if all((w, g, p) == (b.embed_dim, config_group(b), _cfg_pos_len(b)) for (w, g, p), b in zip(shape, cfg.branches)):
+        if all((w, g, p) == (b.embed_dim, config_group(b), _cfg_pos_len(b))
+               for (w, g, p), b in zip(shape, cfg.branches)):
             matches.append(name)
     hint = f"registered models with that layout: {', '.join(matches)}" if matches else \
         "no registered model has that layout"
