@@ -2,8 +2,8 @@
 
 ``official_layout`` writes, from a model's configuration, the key names and shapes the released code's
 modules produce (vision_spec §B.5, §F.3, §F.5), on the meta device (full size, no memory). It is checked
-against the key listings of real released models, then every registered model must accept its own
-layout; TSBL files with a 384-wide finest branch, tiny real-valued round trips and mismatches follow.
+against the key listings of real released models, then every registered ViT-branch model must accept its
+own layout (the ConvNeXt/ViT hybrids' layout is checked in test_convnext.py); TSBL files with a 384-wide finest branch, tiny real-valued round trips and mismatches follow.
 """
 from __future__ import annotations
 
