@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -16,6 +18,17 @@ def tiny_overrides(name: str, img_size: int = 64) -> dict:
 def tiny_input_size(name: str) -> tuple[int, int]:
     """A small non-square input every branch of the model accepts (ConvNeXt views need >= 32 px)."""
     return (128, 96) if any(b.kind == "convnext" for b in piip.get_config(name).branches) else (64, 96)
+
+
+def official_keys_dir() -> str:
+    """shared/reference/official_keys in the first parent directory that has it (clones and worktrees)."""
+    here = os.path.abspath(os.path.dirname(__file__))
+    while here != os.path.dirname(here):
+        cand = os.path.join(here, "shared", "reference", "official_keys")
+        if os.path.isdir(cand):
+            return cand
+        here = os.path.dirname(here)
+    return os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
 
 
 @pytest.fixture(autouse=True)

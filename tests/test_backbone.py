@@ -7,7 +7,10 @@ import piip
 from piip.layers.attention import Attention
 from conftest import tiny_input_size, tiny_overrides
 
-DENSE = [n for n in piip.list_models() if piip.get_config(n).task == "dense"]
+# The Table V flavour variants share piip_sbl_1568_1120_672's structure; each one runs end to end
+# (at depth 2) in test_official_layouts.py::test_official_file_round_trip_per_flavour.
+_FLAVOUR_VARIANTS = ("_augreg", "_augreg_speedup", "_beitv2", "_dinov2", "_mae", "_uniperceiver")
+DENSE = [n for n in piip.list_models() if piip.get_config(n).task == "dense" and not n.endswith(_FLAVOUR_VARIANTS)]
 CLS = [n for n in piip.list_models() if piip.get_config(n).task == "classification"]
 
 EXPECTED = {
@@ -60,10 +63,12 @@ def test_dense_models_build_and_output_pyramid(name):
     x = torch.randn(2, 3, h, w)
     with torch.no_grad():
         out = model(x)
-    assert list(out) == ["0", "1", "2", "3"] and model.out_strides == [4, 8, 16, 32]
-    assert len(model.out_channels) == 4
-    for key, c, stride in zip(out, model.out_channels, (4, 8, 16, 32)):
-        assert out[key].shape == (2, c, h // stride, w // stride), (key, out[key].shape)
+    levels = model.cfg.pyramid_levels or [0, 1, 2, 3]  # DINO backbones: strides 8/16/32 only
+    assert list(out) == [str(lv) for lv in levels] and model.out_strides == [4, 8, 16, 32]
+    assert len(model.out_channels) == 4  # per level, indexed by level number
+    for lv in levels:
+        stride = (4, 8, 16, 32)[lv]
+        assert out[str(lv)].shape == (2, model.out_channels[lv], h // stride, w // stride), (lv, out[str(lv)].shape)
     s = model.branches[0].group_strides[-1]  # the final merged map is on the finest branch's last grid
     assert model.forward_features(x).shape == (2, model.out_channels[-1], h // s, w // s)
 

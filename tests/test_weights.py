@@ -12,13 +12,14 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import piip
+from conftest import official_keys_dir
 from piip.branches.vit import ViTBranch
 from piip.config import BranchConfig
 from piip.registry import build_from_config, get_config
 from piip.weights import (convert_mmdet_heads, convert_official_state_dict, convert_timm_vit, load_checkpoint,
                           load_pretrained_branches, read_state_dict, strict_load, to_official_state_dict)
 
-KEYS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
+KEYS_DIR = official_keys_dir()
 TINY = dict(img_size=128, branches={"embed_dim": 32, "num_heads": 2, "depth": 2}, deform_num_heads=2)
 
 

@@ -50,7 +50,8 @@ class PIIPBackbone(nn.Module):
         if n > 1 and self.edges:
             self.interactions = nn.ModuleList(
                 InteractionGroup([br.group_dims[g] for br in self.branches], self.edges,
-                                 with_proj=cfg.interaction_proj, attn_type=cfg.attn_type,
+                                 with_proj=cfg.interaction_proj, norm=cfg.interaction_norm,
+                                 attn_type=cfg.attn_type,
                                  num_heads=cfg.deform_num_heads, num_points=cfg.n_points,
                                  deform_ratio=cfg.deform_ratio, with_cffn=cfg.with_cffn,
                                  cffn_ratio=cfg.cffn_ratio, drop_path=cfg.interaction_drop_path)
@@ -63,24 +64,27 @@ class PIIPBackbone(nn.Module):
         else:
             widths = [max(br.group_dims[g] for br in self.branches) for g in self.out_groups + [self.num_groups - 1]]
         self.embed_dim = widths[-1]
-        if cfg.merge is not None and (n > 1 or cfg.merge == "linear"):
+        if cfg.merge is not None and (n > 1 or cfg.merge in ("linear", "gn_linear")):
             self.merge: Optional[BranchMerge] = self._build_merge(self.num_groups - 1, widths[-1])
             # official names: intermediate_merging_{g}_*
             self.inter_merges = nn.ModuleDict({str(g): self._build_merge(g, w)
                                                for g, w in zip(self.out_groups, widths)}) if self.out_groups else None
         else:
             if n > 1 and cfg.task != "classification":
-                raise ValueError("a multi-branch dense model needs merge='conv', 'linear' or 'regular_fpn'")
+                raise ValueError("a multi-branch dense model needs merge='conv', 'linear', 'gn_linear' or "
+                                 "'regular_fpn'")
             self.merge, self.inter_merges = None, None
         # merged maps sit on the finest branch's grid at their group
         strides = [self.branches[0].group_strides[g] for g in self.out_groups + [self.num_groups - 1]]
         if self.out_groups:
             if not cfg.pyramid:
                 raise ValueError("out_groups feed the pyramid: set pyramid='gn' or 'ln'")
-            self.pyramid = SimpleFeaturePyramid(widths, cfg.pyramid, strides)
+            self.pyramid = SimpleFeaturePyramid(widths, cfg.pyramid, strides, cfg.pyramid_levels)
         else:
-            self.pyramid = SimpleFeaturePyramid(self.embed_dim, cfg.pyramid, [strides[-1]] * 4) if cfg.pyramid else None
-        # per pyramid level (or the single merged map without a pyramid)
+            self.pyramid = (SimpleFeaturePyramid(self.embed_dim, cfg.pyramid, [strides[-1]] * 4, cfg.pyramid_levels)
+                            if cfg.pyramid else None)
+        # per pyramid level, indexed by level number even when pyramid_levels returns fewer maps
+        # (or the single merged map without a pyramid)
         self.out_channels: list[int] = (list(widths) if self.out_groups else [self.embed_dim] * 4) \
             if self.pyramid is not None else [self.embed_dim]
         self.out_strides: list[int] = list(LEVEL_STRIDES) if self.pyramid is not None else [strides[-1]]

@@ -25,19 +25,25 @@ analytic attention terms of the official ``get_flops_det.py``):
   query width; its linear layers are counted as Linears (value_proj on the feature tokens);
   regular cross-attention (ablation): 2·Nq·Nk·d.
 
-Paper convention (``params``/``flops``): the backbone only (branches, interactions, branch
-merging; no pyramid adapters, FPN or detection heads; an ImageNet classifier's own norm + linear
-heads are included, as in the papers' classification tables), position embeddings counted at each branch's input
-grid (e.g. 70x70x192 for a 1120 px ViT-T) and the light ``linear`` merging (LayerNorm + Linear +
-LayerNorm per branch narrower than the output, LayerNorm only otherwise) whatever merging the
-model is built with, except for ``regular_fpn`` models (the ConvNeXt/ViT hybrids), whose Table II
-counts their real single-conv merges: the final one and those after each of ``out_groups``.
-Branches whose grid changes from group to group (ConvNeXt) are counted module by module on the
-grid each module reads (``view // stride``, as the floor-rounding convolutions produce); their
-LayerNorms are counted (the official counter misses Hugging Face's ``ConvNextLayerNorm``, a
-0.1-0.3G difference at 1024 px). *As built* (``built_params``/``built_flops``): everything the instantiated
-model holds and runs, i.e. its stored position tables, its real merging (``conv`` for the
-detection models), the simple feature pyramid and the classification heads.
+Paper convention (``params``/``flops``): the backbone (branches, interactions, branch
+merging; no pyramid adapters, FPN or detection heads) plus a classification head: an ImageNet
+classifier's own norm + linear heads, and for every other model the 1000-class LayerNorm + Linear
+head on the widest width that the papers' counter (the classification code's ``get_flops.py``)
+attaches to every model it counts (0.77M for a 768-wide model), except the regular-FPN models
+of Table II (the ``regular_fpn`` hybrids and the ConvNeXt-B baseline), whose rows come from the
+detection counter (no head). Position embeddings are
+counted at each branch's input grid (e.g. 70x70x192 for a 1120 px ViT-T) and the merging as the
+light ``linear`` merging (LayerNorm + Linear + LayerNorm per branch narrower than the output,
+LayerNorm only otherwise) whatever merging the model is built with, except for ``gn_linear``
+(PIIP-B classification, counted as built) and ``regular_fpn`` models (the ConvNeXt/ViT hybrids),
+whose Table II counts their real single-conv merges: the final one and those after each of
+``out_groups``. Branches whose grid changes from group to group (ConvNeXt) are counted module by
+module on the grid each module reads (``view // stride``, as the floor-rounding convolutions
+produce); their LayerNorms are counted (the official counter misses Hugging Face's
+``ConvNextLayerNorm``, a 0.1-0.3G difference at 1024 px). *As built*
+(``built_params``/``built_flops``): everything the instantiated model holds and runs, i.e. its
+stored position tables, its real merging (``conv`` for the detection models), the simple feature
+pyramid (the levels it returns) and the classification heads.
 """
 from __future__ import annotations
 
@@ -311,8 +317,8 @@ def _branch_cost(br: nn.Module, label: str, view: tuple[int, int], grid: tuple[i
         raise ValueError(f"FLOP counting does not support {type(br).__name__} ({label})")
     n_patch = grid[0] * grid[1]
     cls = br.cls_token is not None
-    if paper:  # position table at the branch's own input grid
-        cost.params += n_patch * br.pos_embed.shape[-1] - br.pos_embed.numel()
+    if paper and br.pos_embed is not None:  # position table (and any class slot) at the branch's input grid
+        cost.params += (n_patch + br.pos_slot) * br.pos_embed.shape[-1] - br.pos_embed.numel()
     _walk(br, Geom(n_patch + int(cls), grid), cost, overrides={id(br.patch_embed): Geom(n_patch, view)},
           padded=not paper)
     return cost
@@ -360,13 +366,14 @@ def _merge_cost(merge: Optional[BranchMerge], grids: Sequence[tuple[int, int]], 
 def _merges_cost(backbone: nn.Module, grids: Sequence[Sequence[tuple[int, int]]],
                  paper: bool) -> list[ModuleCost]:
     """The final merge and the intermediate ones of regular-FPN models, each on every branch's grid
-    at its group. The papers count the light ``linear`` merge for the simple-pyramid models but
-    the real merges of the regular-FPN hybrids (Table II)."""
+    at its group. The papers count the light ``linear`` merge for the simple-pyramid models (the
+    ``gn_linear`` merge of PIIP-B classification as built), but the real merges of the regular-FPN
+    hybrids (Table II)."""
     last = backbone.num_groups - 1
     merge = backbone.merge
     if merge is None:
         return []
-    if paper and merge.kind != "regular_fpn":
+    if paper and merge.kind not in ("regular_fpn", "gn_linear"):
         with torch.device("meta"):
             light = BranchMerge([br.out_dim for br in backbone.branches], backbone.embed_dim, "linear")
         return [_merge_cost(light, [gr[last] for gr in grids], "merging (linear)")]
@@ -382,21 +389,44 @@ def _pyramid_cost(pyramid: Optional[nn.Module], grids: Sequence[tuple[int, int]]
     if pyramid is None:
         return None
     cost = ModuleCost("pyramid (fpn1-4)", params=_n_params(pyramid))
-    for name, grid, width in zip(("fpn1", "fpn2", "fpn3", "fpn4"), grids, widths):
-        m = getattr(pyramid, name)
+    for level in pyramid.levels:  # the maps it returns (DINO: fpn2-4; fpn1's weights are held, not run)
+        m = getattr(pyramid, f"fpn{level + 1}")
+        grid, width = grids[level], widths[level]
         seq = m if isinstance(m, nn.Sequential) else nn.Sequential(m)
         _walk_map_sequential(seq, grid, cost, width=width)
     return cost
 
 
-def _heads_cost(model: nn.Module) -> Optional[ModuleCost]:
+def _heads_cost(model: nn.Module, grid: tuple[int, int]) -> Optional[ModuleCost]:
     heads = getattr(model, "heads", None)
     if heads is None:
         return None
     cost = ModuleCost("classification heads", params=_n_params(heads))
-    for head in heads:  # one token (or one pooled vector) per head
-        _walk(head, Geom(1, (1, 1)), cost)
+    merged = model.cfg.head == "merged"
+    for head in heads:  # one token per head; the merged head norms every token of the finest grid first
+        _walk(head.norm, Geom(grid[0] * grid[1] if merged else 1, grid), cost)
+        _walk(head.fc, Geom(1, (1, 1)), cost)
     return cost
+
+
+# The papers' counter (classification get_flops.py) adds a 1000-class head on the widest width to
+# every model it counts, detection backbones included (vision_spec §0.4, §F.4).
+PAPER_HEAD_CLASSES = 1000
+
+
+def _paper_head_cost(width: int, grid: tuple[int, int]) -> ModuleCost:
+    """cls_norm LayerNorm over the finest grid's tokens + a Linear(width, 1000) on the pooled vector."""
+    with torch.device("meta"):
+        norm, fc = nn.LayerNorm(width), nn.Linear(width, PAPER_HEAD_CLASSES)
+    cost = ModuleCost("classification head (paper counter)", params=_n_params(norm, fc))
+    _walk(norm, Geom(grid[0] * grid[1], grid), cost)
+    _walk(fc, Geom(1, (1, 1)), cost)
+    return cost
+
+
+def _regular_fpn(backbone: nn.Module) -> bool:
+    """Table II models: the regular-FPN hybrids and the ConvNeXt baseline (stage maps, no merge)."""
+    return bool(backbone.out_groups) or (backbone.merge is not None and backbone.merge.kind == "regular_fpn")
 
 
 def _describe_branch(i: int, br: nn.Module, res: float) -> str:
@@ -446,10 +476,13 @@ def count_model(model: nn.Module, name: str = "model") -> Complexity:
     pyramid = _pyramid_cost(backbone.pyramid, [group_grids[0][g] for g in levels], backbone.out_channels)
     if pyramid is not None:
         built.append(pyramid)
-    heads = _heads_cost(model)
+    heads = _heads_cost(model, grids[0])
     if heads is not None:  # an ImageNet classifier's reported size includes its heads
         paper.append(heads)
         built.append(dataclasses.replace(heads, flops_by_kind=dict(heads.flops_by_kind)))
+    elif not _regular_fpn(backbone):
+        # the Table II (regular-FPN) rows come from the detection counter, which adds no head
+        paper.append(_paper_head_cost(backbone.embed_dim, grids[0]))
     return Complexity(model=name, resolutions=res, grids=list(grids), breakdown=paper, built_breakdown=built,
                       merge_built=backbone.merge.kind if backbone.merge is not None else None)
 

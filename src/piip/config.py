@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -21,6 +21,10 @@ class BranchConfig:
     ``depth`` (derived) is ``sum(stage_depths) + 3`` and ``embed_dim`` (derived) the last width.
     ``layer_scale`` is the layer-scale init and ``drop_path`` the last block's rate of the linear
     schedule; ViT-only fields are ignored.
+
+    Pretraining flavours are settings of the one ViT branch (see ``piip.branches.flavours``):
+    ``flavour`` names the checkpoint layout (deit | augreg | dinov2 | mae | beitv2 | uniperceiver),
+    the other fields below it are the semantics that flavour needs.
     """
 
     img_size: float
@@ -30,7 +34,7 @@ class BranchConfig:
     kind: str = "vit"
     patch_size: int = 16
     mlp_ratio: float = 4.0
-    qkv_bias: bool = True
+    qkv_bias: Union[bool, str] = True      # True | False | 'qv' (BEiT: q and v biases, no k bias)
     layer_scale: Optional[float] = 1.0
     drop_path: float = 0.0
     cls_token: bool = False
@@ -39,6 +43,14 @@ class BranchConfig:
     interaction_groups: Optional[list[list[int]]] = None
     stage_dims: Optional[list[int]] = None
     stage_depths: Optional[list[int]] = None
+    flavour: str = "deit"
+    norm_eps: float = 1e-6
+    # 'learned' (1, g*g, C) | 'learned_cls' (1, 1+g*g, C) with an unused class slot (InternViT-class
+    # branches) | 'none' (BEiT) | 'uniperceiver' (spatial table + temporal row 0, LayerNorm after the add)
+    pos_layout: str = "learned"
+    rel_pos_bias: bool = False             # BEiT: a relative position bias table per attention window
+    mlp_act: str = "gelu"                  # 'gelu' | 'gelu_tanh' (flash-attn FusedMLP)
+    drop_path_schedule: str = "constant"   # 'constant' | 'linear' (linspace(0, drop_path, depth))
 
     def __post_init__(self) -> None:
         if self.kind == "convnext":
@@ -76,13 +88,15 @@ class PIIPConfig:
     cffn_ratio: float = 0.25
     interaction_drop_path: float = 0.4
     interaction_proj: bool = True
+    interaction_norm: bool = True             # False: identity norms in the interactions (released '_speedup')
     edges: Optional[list[list[int]]] = None   # directed (src, dst); None = bidirectional adjacent
-    merge: Optional[str] = "conv"            # 'conv' | 'linear' | 'regular_fpn' | None (single branch)
+    merge: Optional[str] = "conv"            # 'conv' | 'linear' | 'gn_linear' | 'regular_fpn' | None
     pyramid: Optional[str] = "gn"            # 'gn' | 'ln' | None
     # groups after which an extra merged map is output (regular FPN, released: [0, 1, 10]); the
     # pyramid then takes these maps and the final one, each at its own stride and width
     out_groups: Optional[list[int]] = None
     image_norm: str = "half"                  # pixel normalisation the weights expect: 'half' | 'imagenet'
+    pyramid_levels: Optional[list[int]] = None  # pyramid maps returned (0..3 = strides 4..32); None = all
     task: str = "dense"                       # 'dense' | 'classification'
     head: str = "cls_token"                   # classification: 'cls_token' | 'merged'
     # token the per-branch heads read: 'cls' (the class token) or 'first_patch' (what the released

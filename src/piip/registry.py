@@ -66,13 +66,19 @@ def create_model(name: str, pretrained_branches: Optional[list] = None, checkpoi
         **overrides: config fields, e.g. ``img_size=224``, ``merge='linear'``,
             ``branches={'embed_dim': 64, 'num_heads': 2}``.
     """
-    model = build_from_config(get_config(name, **overrides))
-    if pretrained_branches is not None or checkpoint is not None:
-        from . import weights  # loading code lives with the weights
-        if pretrained_branches is not None:
-            weights.load_pretrained_branches(model, pretrained_branches)
-        if checkpoint is not None:
-            weights.load_checkpoint(model, checkpoint)
+    cfg = get_config(name, **overrides)
+    if pretrained_branches is None and checkpoint is None:
+        return build_from_config(cfg)
+    from . import weights  # loading code lives with the weights
+    sd = None
+    if checkpoint is not None:  # the file may decide part of the build (TSBL finest-branch width)
+        sd = weights.read_state_dict(checkpoint)
+        cfg = weights.fit_config_to_checkpoint(cfg, sd, checkpoint)
+    model = build_from_config(cfg)
+    if pretrained_branches is not None:
+        weights.load_pretrained_branches(model, pretrained_branches)
+    if checkpoint is not None:
+        weights.load_checkpoint(model, checkpoint, state_dict=sd)
     return model
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .branches.flavours import flavour_settings
 from .config import BranchConfig, PIIPConfig, convnext_groups, stage_groups, uniform_groups, windows
 from .registry import register_model
 
@@ -18,12 +19,14 @@ DET_DROP_PATH = {"T": 0.05, "S": 0.05, "B": 0.15, "L": 0.4, "H": 0.5}
 
 def vit(size: str, img_size: float, groups: int = 12, window: int = 0, drop_path: float = 0.0,
         cls_token: bool = False, pos_grid: Optional[int] = 14, layer_scale: Optional[float] = 1.0,
-        global_every: Optional[int] = None) -> BranchConfig:
+        global_every: Optional[int] = None, flavour: str = "deit", **settings) -> BranchConfig:
+    """A ViT-``size`` branch of pretraining ``flavour``; ``settings`` override the flavour's fields."""
     dim, depth, heads = VIT_SIZES[size]
     return BranchConfig(img_size=img_size, embed_dim=dim, depth=depth, num_heads=heads, drop_path=drop_path,
                         cls_token=cls_token, pos_grid=pos_grid, layer_scale=layer_scale,
                         window_sizes=windows(depth, window, global_every) if window else [0] * depth,
-                        interaction_groups=uniform_groups(depth, groups))
+                        interaction_groups=uniform_groups(depth, groups),
+                        **{**flavour_settings(flavour), **settings})
 
 
 def _detection(sizes: str, resolutions: tuple[int, ...], window: int) -> PIIPConfig:
@@ -43,6 +46,51 @@ for _res in ((1120, 672, 448), (1344, 896, 448), (1568, 896, 672)):
     _register_detection("SBL", _res, 28)
 for _res in ((1344, 896, 672, 448), (1568, 1120, 672, 448), (1792, 1568, 1120, 448)):
     _register_detection("TSBL", _res, 28)
+
+
+# The SBL 1568/1120/672 family of Table V (vision_spec §B.3): per branch (S, B, L) the flavour,
+# drop path and stored position grid of the released config; "deit" is DeiT III (224, 21k).
+_TABLE_V = {
+    "": (("deit", "deit", "deit"), (0.05, 0.15, 0.4), 14, "DeiT III branches"),
+    "_augreg": (("augreg",) * 3, (0.2, 0.3, 0.4), 24, "AugReg-384 branches"),
+    "_augreg_speedup": (("augreg",) * 3, (0.2, 0.3, 0.4), 24,
+                        "AugReg-384 branches, no interaction projections/norms, tanh-GELU MLPs"),
+    "_dinov2": (("dinov2",) * 3, (0.2, 0.3, 0.4), 32, "DINOv2 branches (patch 14 resized to 16)"),
+    "_mae": (("deit", "mae", "mae"), (0.05, 0.15, 0.4), 14, "DeiT III-S, MAE-B/L branches"),
+    "_beitv2": (("deit", "beitv2", "beitv2"), (0.05, 0.15, 0.4), 14, "DeiT III-S, BEiTv2-B/L branches"),
+    "_uniperceiver": (("deit", "uniperceiver", "uniperceiver"), (0.05, 0.15, 0.4), 14,
+                      "DeiT III-S, Uni-Perceiver-B/L branches"),
+}
+# layer-scale init of a freshly built branch per flavour (the released classes'; pretrained files overwrite it)
+_LAYER_SCALE_INIT = {"beitv2": 1e-6, "uniperceiver": 0.0}
+
+
+def _table_v(suffix: str) -> PIIPConfig:
+    flavours, dps, grid, _ = _TABLE_V[suffix]
+    speedup = suffix.endswith("_speedup")
+    branches = []
+    for size, res, flavour, dp in zip("SBL", (1568, 1120, 672), flavours, dps):
+        grid_b = 14 if flavour == "deit" else grid  # DeiT III-S is always the 224 model
+        branches.append(vit(size, res, window=28, drop_path=dp, pos_grid=grid_b, flavour=flavour,
+                            layer_scale=_LAYER_SCALE_INIT.get(flavour, 1.0),
+                            **({"mlp_act": "gelu_tanh"} if speedup else {})))
+    return PIIPConfig(branches=branches, merge="conv", pyramid="gn",
+                      interaction_proj=not speedup, interaction_norm=not speedup)
+
+
+for _suffix, (_f, _d, _g, _what) in _TABLE_V.items():
+    register_model(f"piip_sbl_1568_1120_672{_suffix}",
+                   f"PIIP-SBL 1568/1120/672 detection backbone: {_what} (released Mask R-CNN config)")(
+        lambda s=_suffix: _table_v(s))
+
+
+@register_model("piip_sbl_1792_1120_672_dino",
+                "PIIP-SBL 1792/1120/672 DINO backbone, DeiT III-384 branches, maps at strides 8/16/32")
+def piip_sbl_1792_1120_672_dino() -> PIIPConfig:
+    # window 24 with every third block global, position tables at the 384 grid (24x24)
+    branches = [vit(s, r, window=24, global_every=3, drop_path=dp, pos_grid=24)
+                for s, r, dp in zip("SBL", (1792, 1120, 672), (0.05, 0.15, 0.4))]
+    return PIIPConfig(branches=branches, merge="conv", pyramid="gn", pyramid_levels=[1, 2, 3])
 
 
 @register_model("vitdet_b_1024", "ViTDet-B at 1024 (window 14, global blocks 2/5/8/11), single-branch baseline")
@@ -71,10 +119,11 @@ def piip_tsb_368_192_128_cls() -> PIIPConfig:
 
 
 def _sbl_cls(res: tuple[int, int, int]) -> PIIPConfig:
-    # AugReg branches: no layer scale, position tables at the 224 pretraining grid
-    return _classification([vit("S", res[0], drop_path=0.05, cls_token=True, layer_scale=None),
-                            vit("B", res[1], drop_path=0.2, cls_token=True, layer_scale=None),
-                            vit("L", res[2], drop_path=0.4, cls_token=True, layer_scale=None)],
+    # AugReg branches (classification intern_vit_6b.py): no layer scale, constant drop path, position
+    # tables stored at each branch's own grid with the unused class slot of the released checkpoints
+    return _classification([vit(s, r, drop_path=dp, cls_token=True, layer_scale=None, pos_grid=None,
+                                flavour="augreg", drop_path_schedule="constant")
+                            for s, r, dp in zip("SBL", res, (0.05, 0.2, 0.4))],
                            head="cls_token", head_token="first_patch")
 
 
@@ -91,8 +140,9 @@ def piip_b_512_256_128_cls() -> PIIPConfig:
     def branch(dim: int, heads: int, res: int, window: int = 0) -> BranchConfig:
         return BranchConfig(img_size=res, embed_dim=dim, depth=12, num_heads=heads, cls_token=False,
                             pos_grid=None, layer_scale=None, drop_path=0.1, window_sizes=[window] * 12)
+    # merging as the released classification code: GroupNorm(32) + Linear + GroupNorm (vision_spec §F.5)
     return PIIPConfig(branches=[branch(160, 2, 512, window=16), branch(320, 4, 256), branch(640, 8, 128)],
-                      merge="linear", pyramid=None, task="classification", head="merged")
+                      merge="gn_linear", pyramid=None, task="classification", head="merged")
 
 
 @register_model("deit_b_224_cls", "DeiT-B 224 classifier (single-branch baseline)")

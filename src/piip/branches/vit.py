@@ -1,4 +1,5 @@
-"""Plain ViT branch (DeiT / DeiT III / AugReg / ViTDet layout) with optional window attention."""
+"""The ViT branch with optional window attention; every pretraining flavour (DeiT, DeiT III,
+AugReg, DINOv2, MAE, BEiTv2, Uni-Perceiver) is a setting of this one class (``flavours.py``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,18 +14,23 @@ from ..layers.attention import Attention
 from ..layers.drop import DropPath
 from ..layers.mlp import Mlp
 from .base import Branch, Tokens
+from .flavours import FLAVOURS, POS_LAYOUTS
+
+# Uni-Perceiver's temporal position table (row 0 is added to every image token)
+UNIPERCEIVER_TEMPORAL_ROWS = 8
 
 
 class Block(nn.Module):
     """Pre-norm transformer block with optional layer scale (gamma_1, gamma_2)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 layer_scale: Optional[float] = None, drop_path: float = 0.0, window_size: int = 0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool | str = True,
+                 layer_scale: Optional[float] = None, drop_path: float = 0.0, window_size: int = 0,
+                 norm_eps: float = 1e-6, rel_pos_bias: bool = False, mlp_act: str = "gelu") -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, window_size=window_size)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, window_size=window_size, rel_pos_bias=rel_pos_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=mlp_act)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale is not None:
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
@@ -59,9 +65,24 @@ def resize_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int
     return grid.flatten(2).transpose(1, 2).to(pos.dtype)
 
 
+def drop_path_rates(rate: float, depth: int, schedule: str) -> list[float]:
+    """Per-block drop-path rates: DeiT-class branches use one rate, the others linspace(0, rate, depth)."""
+    if schedule == "constant":
+        return [rate] * depth
+    if schedule == "linear":
+        return torch.linspace(0, rate, depth, device="cpu").tolist()  # cpu: also under a meta device context
+    raise ValueError(f"drop_path_schedule must be 'constant' or 'linear', got {schedule!r}")
+
+
 class ViTBranch(Branch):
-    """A ViT cut into interaction groups. Keys follow timm/official names (patch_embed.proj,
-    pos_embed, cls_token, blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,gamma_1,gamma_2})."""
+    """A ViT cut into interaction groups. Keys follow timm/official DeiT names (patch_embed.proj,
+    pos_embed, cls_token, blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,gamma_1,gamma_2});
+    other flavours' names are mapped at load time (``piip.weights.vit_layouts``).
+
+    Position layouts: ``learned`` stores ``(1, g*g, C)``; ``learned_cls`` stores ``(1, 1+g*g, C)``
+    whose slot 0 is never used (kept so official checkpoints load strictly); ``none`` has no
+    table; ``uniperceiver`` adds ``temporal_pos_embed[0]`` too and LayerNorms the embedding.
+    """
 
     def __init__(self, cfg: BranchConfig, name: str = "branch") -> None:
         super().__init__()
@@ -73,22 +94,38 @@ class ViTBranch(Branch):
             raise ValueError(f"{name}: window_sizes has {len(cfg.window_sizes)} entries for depth {cfg.depth}")
         if cfg.cls_token and any(w > 0 for w in cfg.window_sizes):
             raise ValueError(f"{name}: a class token cannot be combined with windowed attention")
+        if cfg.flavour not in FLAVOURS:
+            raise ValueError(f"{name}: unknown ViT flavour {cfg.flavour!r}; available: {sorted(FLAVOURS)}")
+        if cfg.pos_layout not in POS_LAYOUTS:
+            raise ValueError(f"{name}: pos_layout must be one of {POS_LAYOUTS}, got {cfg.pos_layout!r}")
+        if cfg.rel_pos_bias and any(w <= 0 for w in cfg.window_sizes):
+            raise ValueError(f"{name}: rel_pos_bias (BEiT) needs windowed attention in every block")
         self.groups = _check_groups(cfg.interaction_groups, cfg.depth, name)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
         grid = cfg.pos_grid or max(1, int(cfg.img_size) // cfg.patch_size)
         self.pos_grid = (grid, grid)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.embed_dim))
+        self.pos_slot = int(cfg.pos_layout == "learned_cls")
+        self.pos_embed = (nn.Parameter(torch.zeros(1, self.pos_slot + grid * grid, cfg.embed_dim))
+                          if cfg.pos_layout != "none" else None)
+        if cfg.pos_layout == "uniperceiver":
+            self.temporal_pos_embed = nn.Parameter(torch.zeros(UNIPERCEIVER_TEMPORAL_ROWS, cfg.embed_dim))
+            self.embed_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        else:
+            self.temporal_pos_embed = self.embed_norm = None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.cls_token else None
+        dpr = drop_path_rates(cfg.drop_path, cfg.depth, cfg.drop_path_schedule)
         self.blocks = nn.ModuleList(
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale, cfg.drop_path, ws)
-            for ws in cfg.window_sizes)
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale, dp, ws,
+                  norm_eps=cfg.norm_eps, rel_pos_bias=cfg.rel_pos_bias, mlp_act=cfg.mlp_act)
+            for dp, ws in zip(dpr, cfg.window_sizes))
         self.group_dims = [cfg.embed_dim] * len(self.groups)
         self.group_strides = [cfg.patch_size] * len(self.groups)
         self._pos_cache: dict = {}
         self.init_weights()
 
     def init_weights(self) -> None:
-        trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.blocks.modules():
@@ -104,19 +141,23 @@ class ViTBranch(Branch):
                              f"smaller than one patch; use a larger input (at least {p} px per side for this branch)")
 
     def pos_embed_for(self, hw: tuple[int, int]) -> Tensor:
-        """Position table at grid ``hw``; cached in eval mode while the parameter is unchanged."""
+        """Position table at grid ``hw`` (class slot dropped); cached in eval mode while the parameter is unchanged."""
+        pos = self.pos_embed[:, self.pos_slot:]
         if torch.is_grad_enabled() and self.pos_embed.requires_grad:
-            return resize_pos_embed(self.pos_embed, self.pos_grid, hw)
+            return resize_pos_embed(pos, self.pos_grid, hw)
         key = (hw, self.pos_embed._version, self.pos_embed.dtype, self.pos_embed.device, self.pos_embed.data_ptr())
         hit = self._pos_cache.get(hw)
         if hit is None or hit[0] != key:
-            hit = (key, resize_pos_embed(self.pos_embed.detach(), self.pos_grid, hw))
+            hit = (key, resize_pos_embed(pos.detach(), self.pos_grid, hw))
             self._pos_cache = {hw: hit} if len(self._pos_cache) > 8 else {**self._pos_cache, hw: hit}
         return hit[1]
 
     def embed(self, img: Tensor) -> Tokens:
         x, hw = self.patch_embed(img)
-        x = x + self.pos_embed_for(hw).to(x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed_for(hw).to(x.dtype)
+        if self.temporal_pos_embed is not None:
+            x = self.embed_norm(x + self.temporal_pos_embed[:1].to(x.dtype))
         cls = self.cls_token.expand(x.shape[0], -1, -1) if self.cls_token is not None else None
         return Tokens(x, hw, cls)
 

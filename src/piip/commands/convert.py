@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import PIIPConfig
     from ..registry import build_from_config, get_config
-    from ..weights import check_state_dict, convert_mmdet_heads, convert_official_state_dict
+    from ..weights import check_state_dict, convert_mmdet_heads, convert_official_state_dict, fit_config_to_checkpoint
     from ..weights.io import piip_backbone_part, read_checkpoint, unwrap_state_dict
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end with .safetensors, got {args.out!r}")
@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
                          "model the checkpoint was made for, see `piip models`)")
     else:
         cfg, name = get_config(args.model, **parse_overrides(args.override, args.img_size)), args.model
+    body = piip_backbone_part(sd)
+    cfg = fit_config_to_checkpoint(cfg, body if body is not None else sd, args.src)  # TSBL: finest width
     with torch.device("meta"):  # names and shapes only: no memory for the weights
         model = build_from_config(cfg)
-    body = piip_backbone_part(sd)
     if body is not None:  # piip's own detector / training checkpoint: already our names
         check_state_dict(model, body, args.src)
         ours, extra = body, {}

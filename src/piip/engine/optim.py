@@ -55,7 +55,8 @@ def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
         k, rest = int(m.group(1)), m.group(2)
         if bb.cfg.branches[k].kind != "vit":
             continue
-        if rest.startswith(("patch_embed", "pos_embed", "cls_token")):
+        if rest.startswith(("patch_embed", "pos_embed", "cls_token", "temporal_pos_embed", "embed_norm")):
+            # the embedding (Uni-Perceiver's visual_embed included) is layer 0
             ids[name] = 0
         elif rest.startswith("blocks."):
             i = int(rest.split(".")[1])

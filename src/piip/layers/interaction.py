@@ -37,11 +37,13 @@ class Injector(nn.Module):
 
     def __init__(self, dim: int, dim_feat: int, attn_type: str = "deform", num_heads: int = 6,
                  num_points: int = 4, deform_ratio: float = 1.0, with_cffn: bool = True,
-                 cffn_ratio: float = 0.25, drop_path: float = 0.0) -> None:
+                 cffn_ratio: float = 0.25, drop_path: float = 0.0, norm: bool = True) -> None:
         super().__init__()
         self.attn_type = attn_type
-        self.query_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.feat_norm = nn.LayerNorm(dim_feat, eps=1e-6)
+        # norm=False: the released "_speedup" configs' norm_layer='none' (identity, no weights)
+        norm_layer = (lambda d: nn.LayerNorm(d, eps=1e-6)) if norm else (lambda d: nn.Identity())
+        self.query_norm = norm_layer(dim)
+        self.feat_norm = norm_layer(dim_feat)
         if attn_type == "deform":
             self.attn: nn.Module = MSDeformAttn(dim, num_heads, num_points, 1, deform_ratio, dim_feat)
         elif attn_type == "normal":
@@ -53,7 +55,7 @@ class Injector(nn.Module):
         if with_cffn:
             self.cffn_gamma = nn.Parameter(torch.zeros(dim))
             self.ffn = ConvFFN(dim, int(dim * cffn_ratio))
-            self.ffn_norm = nn.LayerNorm(dim, eps=1e-6)
+            self.ffn_norm = norm_layer(dim)
             self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, query: Tensor, query_hw: tuple[int, int], feat: Tensor, feat_hw: tuple[int, int]) -> Tensor:

@@ -31,6 +31,29 @@ class _TokenNormLinear(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+class Permute(nn.Module):
+    """``x.permute(*dims)`` as a module (no weights), so a Sequential keeps the released indices."""
+
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(*self.dims)
+
+
+def _gn_linear_merge(in_dim: int, out_dim: int) -> nn.Module:
+    """The released classification merge: GroupNorm(32) for the widest branch, else
+    GroupNorm(32) -> Linear over channels -> GroupNorm(32) (keys 0 / 2 / 4 as released)."""
+    for d in (in_dim, out_dim):
+        if d % 32:
+            raise ValueError(f"gn_linear merging uses GroupNorm(32): width {d} must be a multiple of 32")
+    if in_dim == out_dim:
+        return nn.GroupNorm(32, out_dim)
+    return nn.Sequential(nn.GroupNorm(32, in_dim), Permute(0, 2, 3, 1), nn.Linear(in_dim, out_dim),
+                         Permute(0, 3, 1, 2), nn.GroupNorm(32, out_dim))
+
+
 def _conv_merge(in_dim: int, out_dim: int) -> nn.Sequential:
     """The released detection code's merge: 2 x (3x3 conv, GroupNorm(32), ReLU)."""
     return nn.Sequential(
@@ -48,7 +71,8 @@ def _single_conv_merge(in_dim: int, out_dim: int, conv: bool) -> nn.Sequential:
 class BranchMerge(nn.Module):
     """Project each branch to ``out_dim``, upsample bilinearly to branch 0's grid, weighted sum.
 
-    kind ``linear``: LayerNorm + Linear + LayerNorm (paper). kind ``conv``: released detection
+    kind ``linear``: LayerNorm + Linear + LayerNorm (paper). kind ``gn_linear``: the released
+    classification code's GroupNorm(32) + Linear + GroupNorm. kind ``conv``: released detection
     variant. kind ``regular_fpn``: the released hybrids' merge, one conv + GroupNorm + ReLU per
     branch, GroupNorm + ReLU only for the last (largest) branch, whose width is the output's.
     The weights are learnable scalars initialised to 1.
@@ -69,8 +93,10 @@ class BranchMerge(nn.Module):
             self.projs = nn.ModuleList(_single_conv_merge(d, out_dim, i != last) for i, d in enumerate(in_dims))
         elif kind == "linear":
             self.projs = nn.ModuleList(_TokenNormLinear(d, out_dim) for d in in_dims)
+        elif kind == "gn_linear":
+            self.projs = nn.ModuleList(_gn_linear_merge(d, out_dim) for d in in_dims)
         else:
-            raise ValueError(f"merge must be 'conv', 'linear', 'regular_fpn' or None, got {kind!r}")
+            raise ValueError(f"merge must be 'conv', 'linear', 'gn_linear', 'regular_fpn' or None, got {kind!r}")
         self.kind = kind
         self.weights = nn.ParameterList(nn.Parameter(torch.tensor(1.0)) for _ in in_dims)
 

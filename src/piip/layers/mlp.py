@@ -5,12 +5,15 @@ from torch import Tensor, nn
 
 
 class Mlp(nn.Module):
-    """Linear -> GELU -> Linear (timm key layout: fc1, fc2)."""
+    """Linear -> GELU -> Linear (timm key layout: fc1, fc2). ``act='gelu_tanh'`` is the tanh
+    approximation flash-attn's FusedMLP computes (the released '_speedup' / InternViT configs)."""
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, act: str = "gelu") -> None:
         super().__init__()
+        if act not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"Mlp: act must be 'gelu' or 'gelu_tanh', got {act!r}")
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 

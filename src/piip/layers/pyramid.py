@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +59,17 @@ class SimpleFeaturePyramid(nn.Module):
     regular-FPN merging each level reads its own map (all identities for a CNN finest branch).
     ``norm`` is ``gn`` (GroupNorm(32), released PIIP code) or ``ln`` (channel LayerNorm, released
     ViTDet baselines). The maps come back in channels-last memory format (logically (B, C, H, W)).
+    ``levels`` picks the maps returned (keys '0'..'3'); all four levels are built either way.
     """
 
     def __init__(self, dims: Union[int, Sequence[int]], norm: str = "gn",
-                 in_strides: Sequence[int] = (16, 16, 16, 16)) -> None:
+                 in_strides: Sequence[int] = (16, 16, 16, 16), levels: Optional[Sequence[int]] = None) -> None:
         super().__init__()
+        # levels: which maps forward returns (DINO reads strides 8/16/32 = levels 1, 2, 3; the
+        # released code still holds fpn1, so its weights stay for strict loading)
+        self.levels = sorted(set(levels)) if levels is not None else [0, 1, 2, 3]
+        if not self.levels or any(lv not in (0, 1, 2, 3) for lv in self.levels):
+            raise ValueError(f"pyramid_levels must be a non-empty subset of [0, 1, 2, 3], got {levels!r}")
         dims = [dims] * len(LEVEL_STRIDES) if isinstance(dims, int) else list(dims)
         if len(dims) != len(LEVEL_STRIDES) or len(in_strides) != len(LEVEL_STRIDES):
             raise ValueError(f"the pyramid needs one width and one input stride per level {LEVEL_STRIDES}, got "
@@ -74,9 +80,10 @@ class SimpleFeaturePyramid(nn.Module):
             setattr(self, f"fpn{i + 1}", _level(dim, norm, s_in, s_out))
 
     def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> "OrderedDict[str, Tensor]":
+        """``x``: one map for every level, or one map per level (all 4, indexed by level)."""
         xs = [x] * 4 if isinstance(x, Tensor) else list(x)
-        levels = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
-        return OrderedDict((str(i), f(m)) for i, (f, m) in enumerate(zip(levels, xs)))
+        fpns = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
+        return OrderedDict((str(i), fpns[i](xs[i])) for i in self.levels)
 
 
 def _level(dim: int, norm: str, s_in: int, s_out: int) -> nn.Module:

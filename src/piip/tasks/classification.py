@@ -2,7 +2,7 @@
 
 ``head='cls_token'``: every branch has a class token, its own norm + linear head, and the
 branch logits are averaged (the released classification models). ``head='merged'``: the
-merged map is average-pooled, normed and classified (from-scratch PIIP-B of Table X).
+merged map's tokens are normed, averaged and classified (from-scratch PIIP-B of Table X).
 """
 from __future__ import annotations
 
@@ -65,8 +65,9 @@ class PIIPClassifier(nn.Module):
             if pre_logits:
                 return torch.cat([h.norm(x) for h, x in zip(self.heads, toks)], dim=-1)
             return torch.stack([h(x) for h, x in zip(self.heads, toks)], 0).mean(0)
-        pooled = feats.mean(dim=(2, 3))
-        return self.heads[0].norm(pooled) if pre_logits else self.heads[0](pooled)
+        # as the released classification code: LayerNorm every merged token, then average
+        pooled = self.heads[0].norm(feats.flatten(2).transpose(1, 2)).mean(1)
+        return pooled if pre_logits else self.heads[0].fc(pooled)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

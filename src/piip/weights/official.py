@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from .convnext import timm_to_hf
 from .io import PIIP_DETECTOR_BACKBONE, check_state_dict, piip_backbone_part, read_state_dict, strict_load
+from .official_match import describe_official_checkpoint
+from .vit_layouts import from_official_tensor, official_tensor, to_official_branch_key
 
 # tensors official checkpoints hold but never use: the final LayerNorm of HF ConvNextModel
 _UNUSED_OFFICIAL = re.compile(r"(^|\.)convnext_model\.layernorm\.(weight|bias)$")
@@ -58,25 +60,50 @@ def official_name(key: str, num_branches: int, kinds: Optional[Sequence[str]] = 
     raise ValueError(f"{key}: no official equivalent")
 
 
+def _backbone_names(backbone: nn.Module) -> dict[str, str]:
+    """{official key: our backbone key}; branch-internal names follow each ViT branch's flavour
+    layout (ConvNeXt branches: Hugging Face ``ConvNextModel`` names, see :func:`official_name`)."""
+    n = len(backbone.branches)
+    kinds = [b.kind for b in backbone.cfg.branches]
+    table = {}
+    for k in backbone.state_dict():
+        if k.startswith("branches.") and kinds[int(k.split(".", 2)[1])] != "convnext":
+            _, i, rest = k.split(".", 2)
+            prefix = official_name(f"branches.{i}.x", n)[:-1]
+            table[prefix + to_official_branch_key(rest, backbone.cfg.branches[int(i)])] = k
+        else:
+            table[official_name(k, n, kinds)] = k
+    return table
+
+
 def _official_names(model: nn.Module) -> tuple[dict[str, str], str]:
     """{official key: our key} for every tensor of ``model``, and the checkpoint's task kind."""
     from ..backbone import PIIPBackbone
     from ..tasks.classification import PIIPClassifier
     if isinstance(model, PIIPClassifier):
-        if model.cfg.head != "cls_token":
-            raise ValueError("only head='cls_token' classifiers have an official checkpoint layout")
         n = len(model.backbone.branches)
-        kinds = [b.kind for b in model.backbone.cfg.branches]
-        table = {official_name(k, n, kinds): f"backbone.{k}" for k in model.backbone.state_dict()}
+        table = {off: f"backbone.{k}" for off, k in _backbone_names(model.backbone).items()}
         for k in model.heads.state_dict():
             i, sub, rest = k.split(".", 2)
-            table[f"branch{n - int(i)}.{'norm' if sub == 'norm' else 'head'}.{rest}"] = f"heads.{k}"
+            if model.cfg.head == "merged":  # released classification code: cls_norm + cls_head
+                table[f"cls_{'norm' if sub == 'norm' else 'head'}.{rest}"] = f"heads.{k}"
+            else:  # a single-branch classifier is a plain DeiT / timm ViT: norm.*, head.*
+                prefix = f"branch{n - int(i)}." if n > 1 else ""
+                table[f"{prefix}{'norm' if sub == 'norm' else 'head'}.{rest}"] = f"heads.{k}"
         return table, "classification"
     if isinstance(model, PIIPBackbone):
-        n = len(model.branches)
-        kinds = [b.kind for b in model.cfg.branches]
-        return {official_name(k, n, kinds): k for k in model.state_dict()}, "detection"
+        return _backbone_names(model), "detection"
     raise ValueError(f"official checkpoints load into a PIIPBackbone or PIIPClassifier, not {type(model).__name__}")
+
+
+def _branch_of(model: nn.Module, key: str):
+    """(branch config, branch-internal key) for one of our keys, or None."""
+    backbone = getattr(model, "backbone", model)
+    k = key[len("backbone."):] if key.startswith("backbone.") and hasattr(model, "backbone") else key
+    if not k.startswith("branches."):
+        return None
+    _, i, rest = k.split(".", 2)
+    return backbone.cfg.branches[int(i)], rest
 
 
 def convert_official_state_dict(sd: Mapping[str, Tensor], model: nn.Module,
@@ -98,7 +125,8 @@ def convert_official_state_dict(sd: Mapping[str, Tensor], model: nn.Module,
     ours, unexpected = {}, []
     for k, v in sd.items():
         if k in table:
-            ours[table[k]] = v
+            where = _branch_of(model, table[k])
+            ours[table[k]] = from_official_tensor(where[1], v, where[0]) if where else v
         elif not _UNUSED_OFFICIAL.search(k):
             unexpected.append(k)
     missing = sorted(k for k, v in table.items() if k not in sd)
@@ -112,8 +140,11 @@ def convert_official_state_dict(sd: Mapping[str, Tensor], model: nn.Module,
                          + (" ..." if len(unexpected) > 20 else ""))
         raise ValueError(f"{source} does not match this {kind} model ({type(model).__name__}, "
                          f"{len(table)} tensors): " + "; ".join(parts)
-                         + ". Check that the model name matches the checkpoint's config.")
-    check_state_dict(model, ours, source)
+                         + ". " + describe_official_checkpoint(sd))
+    try:
+        check_state_dict(model, ours, source)
+    except ValueError as e:
+        raise ValueError(f"{e}. {describe_official_checkpoint(sd)}") from None
     return ours, extra
 
 
@@ -122,7 +153,11 @@ def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     table, kind = _official_names(model)
     own = model.state_dict()
     prefix = "backbone." if kind == "detection" else ""
-    return {prefix + off: own[ours] for off, ours in table.items()}
+    out = {}
+    for off, ours in table.items():
+        where = _branch_of(model, ours)
+        out[prefix + off] = official_tensor(where[1], own[ours], where[0]) if where else own[ours]
+    return out
 
 
 def _find_piip(model: nn.Module) -> tuple[str, nn.Module]:
@@ -136,14 +171,16 @@ def _find_piip(model: nn.Module) -> tuple[str, nn.Module]:
     return found[0][0] + ".", found[0][1]
 
 
-def load_checkpoint(model: nn.Module, path: str, weights_only: bool = True) -> Optional[dict[str, Tensor]]:
+def load_checkpoint(model: nn.Module, path: str, weights_only: bool = True,
+                    state_dict: Optional[Mapping[str, Tensor]] = None) -> Optional[dict[str, Tensor]]:
     """Load an official PIIP checkpoint (mmdet detection or classification) or a piip safetensors file.
 
     ``model`` is a PIIPBackbone, a PIIPClassifier, or a detector containing one PIIPBackbone. For a
     detector with torchvision ``rpn``/``roi_heads``, the mmdet neck and heads are converted too
     (see :func:`convert_mmdet_heads`); for a bare backbone they are skipped with a warning and returned.
+    ``state_dict``: the file's tensors when the caller has read them already.
     """
-    sd = read_state_dict(path, weights_only=weights_only)
+    sd = dict(state_dict) if state_dict is not None else read_state_dict(path, weights_only=weights_only)
     own = model.state_dict()
     body = piip_backbone_part(sd)
     if body is not None and not any(k.startswith(PIIP_DETECTOR_BACKBONE) for k in own):

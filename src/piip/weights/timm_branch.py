@@ -1,4 +1,9 @@
-"""Initialise PIIP branches from timm-format ViT checkpoints (DeiT, DeiT III, AugReg).
+"""Initialise PIIP branches from the ViT flavours' checkpoints: timm (``deit3_*``, ``vit_*_augreg*``,
+``vit_*_dinov2``, ``vit_*_mae``, ``beitv2_*``) and the original files the released configs name
+(``dinov2_vit*14_pretrain.pth``, ``mae_pretrain_vit_*.pth``, ``beitv2_*_pt1k_ft21k.pth``, Uni-Perceiver
+``*_converted.pth``); foreign key layouts are mapped first (``vit_layouts.normalise_vit_state_dict``).
+CLIP branches read OpenAI / open_clip / Hugging Face CLIP layouts (converted to timm names by
+``weights.clip.clip_to_timm``) and ConvNeXt branches the layouts of ``weights.convnext``.
 
 timm -> branch differences handled here:
 - ``pos_embed``: the class-token slot (if any) is split off and the patch part is bicubic-resized
@@ -7,7 +12,11 @@ timm -> branch differences handled here:
   vector is folded into ``cls_token`` (``cls_pos='fold'``, exact) or dropped (``'drop'``, what the
   released PIIP code did). Branches without a class token drop both.
 - patch kernels of another size are resampled with timm's ``resample_patch_embed`` (FlexiViT
-  pseudo-inverse: a resized patch through the new kernel gives the old kernel's token).
+  pseudo-inverse: a resized patch through the new kernel gives the old kernel's token), except for
+  the InternViT-class flavours (``augreg``, ``dinov2``, ``mae``: DINOv2 and MAE-H are patch 14),
+  which get the released code's plain bicubic resize (14 -> 16).
+- ``learned_cls`` branches keep the checkpoint's class position in their (unused) slot 0; ``none``
+  branches (BEiT) drop any absolute table; BEiT relative position tables are resized per window.
 - layer scale: ``blocks.i.ls1.gamma`` / ``ls2.gamma`` (timm) or ``gamma_1`` / ``gamma_2`` (original
   DeiT III release) -> ``gamma_1`` / ``gamma_2``. A checkpoint without layer scale loaded into a
   branch with layer scale sets the gammas to 1 (identity); a checkpoint with layer scale loaded into
@@ -28,9 +37,11 @@ from torch import Tensor, nn
 from ..branches.clip import CLIPBranch
 from ..branches.convnext import ConvNeXtBranch
 from ..branches.vit import ViTBranch, resize_pos_embed
+from ..layers.attention import relative_position_index
 from .clip import clip_to_timm
 from .convnext import convert_convnext
 from .io import read_state_dict, strict_load, unwrap_state_dict
+from .vit_layouts import guess_flavour, normalise_vit_state_dict, resize_patch_kernel_bicubic, resize_rel_pos_table
 
 Entry = Union[None, str, os.PathLike, dict, nn.Module]
 
@@ -95,9 +106,8 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
     """timm ViT state dict -> (branch state dict, head state dict, notes). Pure function of its inputs."""
     if cls_pos not in ("fold", "drop"):
         raise ValueError(f"cls_pos must be 'fold' or 'drop', got {cls_pos!r}")
-    sd = dict(sd)
-    notes: list[str] = []
-    for k in ("dist_token", "reg_token"):
+    sd, notes = normalise_vit_state_dict(sd)
+    for k in ("dist_token", "reg_token", "register_tokens"):
         if k in sd:
             raise ValueError(f"{source}: has {k!r}; distillation/register tokens have no place in a PIIP branch")
     out: dict[str, Tensor] = {}
@@ -107,7 +117,10 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
     if w is None:
         raise ValueError(f"{source}: no 'patch_embed.proj.weight'; is this a timm ViT checkpoint?")
     p = branch.patch_size
-    if tuple(w.shape[-2:]) != (p, p):
+    if tuple(w.shape[-2:]) != (p, p) and branch.cfg.flavour in ("augreg", "dinov2", "mae"):
+        notes.append(f"patch kernel resized {tuple(w.shape[-2:])} -> ({p}, {p}) (bicubic, as the released code)")
+        w = resize_patch_kernel_bicubic(w, p)
+    elif tuple(w.shape[-2:]) != (p, p):
         from timm.layers import resample_patch_embed
         notes.append(f"patch kernel resampled {tuple(w.shape[-2:])} -> ({p}, {p}) (FlexiViT pseudo-inverse)")
         w = resample_patch_embed(w.float(), [p, p]).to(w.dtype)
@@ -116,12 +129,24 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
         out["patch_embed.proj.bias"] = sd.pop("patch_embed.proj.bias")
     # position embedding and class token
     cls_token = sd.pop("cls_token", None)
-    if "pos_embed" not in sd:
-        raise ValueError(f"{source}: no 'pos_embed' (only learned absolute position embeddings are supported)")
-    cls_p, pos, g = _split_pos_embed(sd.pop("pos_embed"), cls_token is not None, source)
-    if (g, g) != branch.pos_grid:
-        notes.append(f"pos_embed resized {g}x{g} -> {branch.pos_grid[0]}x{branch.pos_grid[1]} (bicubic)")
-    out["pos_embed"] = resize_pos_embed(pos, (g, g), branch.pos_grid)
+    cls_p = None
+    if branch.pos_embed is None:
+        if sd.pop("pos_embed", None) is not None:
+            notes.append("absolute position table dropped (the branch has none)")
+    elif "pos_embed" not in sd:
+        raise ValueError(f"{source}: no 'pos_embed' but the {branch.cfg.flavour} branch needs an absolute "
+                         f"position table (the file looks like: {guess_flavour(sd) or 'unknown'})")
+    else:
+        cls_p, pos, g = _split_pos_embed(sd.pop("pos_embed"), cls_token is not None, source)
+        if (g, g) != branch.pos_grid:
+            notes.append(f"pos_embed resized {g}x{g} -> {branch.pos_grid[0]}x{branch.pos_grid[1]} (bicubic)")
+        pos = resize_pos_embed(pos, (g, g), branch.pos_grid)
+        if branch.pos_slot:  # the released layout's unused class slot: keep the checkpoint's value
+            pos = torch.cat([cls_p if cls_p is not None else pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+        out["pos_embed"] = pos
+    for k in ("temporal_pos_embed", "embed_norm.weight", "embed_norm.bias"):  # Uni-Perceiver embedding
+        if k in sd:
+            out[k] = sd.pop(k)
     if branch.cls_token is not None:
         if cls_token is None:
             raise ValueError(f"{source}: the branch has a class token but the checkpoint has no 'cls_token'")
@@ -140,7 +165,17 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
             continue
         new = k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
         gammas_in_ckpt |= new.endswith((".gamma_1", ".gamma_2"))
+        if new.endswith(".attn.relative_position_bias_table"):
+            i = int(new.split(".")[1])
+            ws = branch.blocks[i].attn.window_size if i < len(branch.blocks) else 0
+            if ws > 0 and branch.blocks[i].attn.relative_position_bias_table is not None:
+                v, note = resize_rel_pos_table(v, ws)
+                if note and note not in notes:
+                    notes.append(note)
         out[new] = v
+    for i, blk in enumerate(branch.blocks):  # index buffers are regenerated, never read from files
+        if blk.attn.relative_position_bias_table is not None:
+            out[f"blocks.{i}.attn.relative_position_index"] = relative_position_index(blk.attn.window_size)
     has_ls = branch.blocks[0].gamma_1 is not None if len(branch.blocks) else False
     if has_ls and not gammas_in_ckpt:
         for i, blk in enumerate(branch.blocks):
@@ -219,7 +254,13 @@ def load_pretrained_branches(model: nn.Module, entries: Sequence[Entry], heads: 
         bsd, hsd, notes = convert_timm_vit(sd, branch, head, cls_pos, f"pretrained_branches[{i}] ({source})")
         bsd.update(extra)
         notes = pre_notes + notes
-        strict_load(branch, bsd, f"pretrained_branches[{i}] ({source})")
+        try:
+            strict_load(branch, bsd, f"pretrained_branches[{i}] ({source})")
+        except ValueError as e:
+            looks = guess_flavour(sd)
+            what = "CLIP" if isinstance(branch, CLIPBranch) else repr(branch.cfg.flavour)
+            raise ValueError(f"{e}. The branch is a {what} ViT"
+                             + (f"; the file looks like {looks}" if looks else "")) from None
         if head is not None:
             strict_load(head, hsd, f"pretrained_branches[{i}] ({source}) head")
         reports.append(BranchLoadReport(i, source, notes))

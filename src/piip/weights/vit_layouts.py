@@ -1,0 +1,212 @@
+"""Key layouts of the ViT flavours, mapped at load time (in the style of timm's ``checkpoint_filter_fn``).
+
+Our branch keeps one naming (DeiT / timm: ``patch_embed.proj``, ``pos_embed``, ``blocks.i.{norm1,
+attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,gamma_1,gamma_2}``, BEiT's ``attn.q_bias/v_bias/
+relative_position_bias_table``). Foreign layouts (vision_spec §B.5):
+
+- InternViT6B-class branches of the released code (AugReg, DINOv2, MAE) and timm: ``ls1.gamma`` /
+  ``ls2.gamma`` for the layer scale;
+- Uni-Perceiver: ``visual_embed.{patch_embed.proj, patch_embed.spatial_pos_embed.weight (N, C),
+  patch_embed.temporal_pos_embed.weight, embeddings_norm}``, ``layers.i.{self_attn.in_proj,
+  self_attn.out_proj, linear1, linear2, norm1, norm2, gamma_1, gamma_2}``;
+- BEiT: a table per block (or one shared ``rel_pos_bias`` table), with 3 class-token rows in the
+  pretraining files, at the pretraining window; resized here to the branch's window.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config import BranchConfig
+
+_UNIPERCEIVER = [  # (ours, official) sub-key pairs, most specific first
+    ("patch_embed.proj.", "visual_embed.patch_embed.proj."),
+    ("temporal_pos_embed", "visual_embed.patch_embed.temporal_pos_embed.weight"),
+    ("pos_embed", "visual_embed.patch_embed.spatial_pos_embed.weight"),
+    ("embed_norm.", "visual_embed.embeddings_norm."),
+]
+_UNIPERCEIVER_BLOCK = [("attn.qkv.", "self_attn.in_proj."), ("attn.proj.", "self_attn.out_proj."),
+                       ("mlp.fc1.", "linear1."), ("mlp.fc2.", "linear2.")]
+_INTERNVIT_FLAVOURS = ("augreg", "dinov2", "mae")
+_BLOCK = re.compile(r"^(blocks|layers)\.(\d+)\.(.+)$")
+
+
+# ---------------------------------------------------------------- official PIIP layout, per branch
+def to_official_branch_key(rest: str, cfg: BranchConfig) -> str:
+    """Our branch-internal key -> the released code's name for that branch's flavour."""
+    if cfg.flavour in _INTERNVIT_FLAVOURS:
+        return rest.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
+    if cfg.flavour == "uniperceiver":
+        return _uniperceiver_name(rest)
+    return rest
+
+
+def _uniperceiver_name(rest: str) -> str:
+    m = _BLOCK.match(rest)
+    if m:
+        sub = m.group(3)
+        for ours, theirs in _UNIPERCEIVER_BLOCK:
+            if sub.startswith(ours):
+                sub = theirs + sub[len(ours):]
+                break
+        return f"layers.{m.group(2)}.{sub}"
+    for ours, theirs in _UNIPERCEIVER:
+        if rest.startswith(ours):
+            return theirs + rest[len(ours):]
+    return rest
+
+
+def official_tensor(rest: str, t: Tensor, cfg: BranchConfig) -> Tensor:
+    """Our tensor -> its official shape (Uni-Perceiver stores the spatial table as an (N, C) embedding)."""
+    if cfg.flavour == "uniperceiver" and rest == "pos_embed":
+        return t.reshape(t.shape[-2], t.shape[-1])
+    return t
+
+
+def from_official_tensor(rest: str, t: Tensor, cfg: BranchConfig) -> Tensor:
+    if cfg.flavour == "uniperceiver" and rest == "pos_embed" and t.dim() == 2:
+        return t.reshape(1, *t.shape)
+    return t
+
+
+# ---------------------------------------------------------------- pretraining files -> timm-like keys
+def _strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop a wrapper prefix (``backbone.``, ``encoder.`` ...) in front of the patch embedding."""
+    for anchor in ("visual_embed.patch_embed.proj.weight", "patch_embed.proj.weight"):
+        hits = [k for k in sd if k.endswith(anchor)]
+        if hits:
+            prefix = min(hits, key=len)[:-len(anchor)]
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} if prefix else sd
+    return sd
+
+
+def normalise_vit_state_dict(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Any supported flavour's file -> timm-like keys with our block names; returns notes."""
+    sd, notes = _strip_prefix(dict(sd)), []
+    if any(k.startswith("visual_embed.") for k in sd):
+        out = {}
+        for k, v in sd.items():
+            m = _BLOCK.match(k)
+            if m and m.group(1) == "layers":
+                sub = m.group(3)
+                for ours, theirs in _UNIPERCEIVER_BLOCK:
+                    if sub.startswith(theirs):
+                        sub = ours + sub[len(theirs):]
+                        break
+                out[f"blocks.{m.group(2)}.{sub}"] = v
+                continue
+            for ours, theirs in _UNIPERCEIVER:
+                if k.startswith(theirs):
+                    k = ours + k[len(theirs):]
+                    break
+            out[k] = v.reshape(1, *v.shape) if k == "pos_embed" else v
+        sd = out
+        notes.append("Uni-Perceiver layout mapped (visual_embed / layers)")
+    for k in [k for k in sd if k.endswith((".relative_position_index", ".k_bias")) or k == "mask_token"]:
+        del sd[k]  # buffers regenerated by the branch / DINOv2 & BEiT masking token (pretraining only)
+    shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)
+    if shared is not None:
+        depth = 1 + max((int(m.group(2)) for m in map(_BLOCK.match, sd) if m), default=-1)
+        for i in range(depth):
+            sd[f"blocks.{i}.attn.relative_position_bias_table"] = shared
+        sd.pop("rel_pos_bias.relative_position_index", None)
+        notes.append("shared relative position bias copied into every block")
+    return sd, notes
+
+
+_GROUP_TEXT = {
+    "uniperceiver": "uniperceiver",
+    "beit": "beitv2",
+    "ls": "a ViT with ls1/ls2 layer scale (timm DeiT III / DINOv2, or the released AugReg/DINOv2/MAE layout)",
+    "gamma": "deit (DeiT III layout, gamma_1/gamma_2 layer scale)",
+    "plain": "a ViT without layer scale (DeiT / AugReg classifier layout)",
+}
+
+
+def layout_group(keys) -> Optional[str]:
+    """Which family of key layouts a branch's keys belong to (uniperceiver | beit | ls | gamma | plain)."""
+    keys = list(keys)
+    if any("visual_embed." in k or ".self_attn.in_proj" in k for k in keys):
+        return "uniperceiver"
+    if any(k.endswith((".q_bias", ".relative_position_bias_table")) for k in keys):
+        return "beit"
+    if any(".ls1.gamma" in k for k in keys):
+        return "ls"
+    if any(k.endswith(".gamma_1") for k in keys):
+        return "gamma"
+    if any(k.endswith("patch_embed.proj.weight") for k in keys):
+        return "plain"
+    return None
+
+
+def config_group(cfg: BranchConfig) -> str:
+    """The layout group a branch of ours writes in the official layout (see :func:`layout_group`)."""
+    if cfg.flavour == "uniperceiver":
+        return "uniperceiver"
+    if cfg.flavour == "beitv2":
+        return "beit"
+    if cfg.layer_scale is None:
+        return "plain"
+    return "ls" if cfg.flavour in _INTERNVIT_FLAVOURS else "gamma"
+
+
+def guess_flavour(keys) -> Optional[str]:
+    """A readable name of the flavour a (branch-level) key set looks like, when the keys reveal it."""
+    group = layout_group(keys)
+    return _GROUP_TEXT[group] if group else None
+
+
+# ---------------------------------------------------------------- tensor resizing
+def resize_patch_kernel_bicubic(w: Tensor, size: int) -> Tensor:
+    """Patch kernel -> ``size`` x ``size`` by plain bicubic interpolation, as the released code does
+    for DINOv2 (14 -> 16); not FlexiViT's pseudo-inverse."""
+    return torch.nn.functional.interpolate(w.float(), size=(size, size), mode="bicubic",
+                                           align_corners=False).to(w.dtype)
+
+
+def resize_rel_pos_table(table: Tensor, window: int) -> tuple[Tensor, Optional[str]]:
+    """BEiT (rows, heads) table -> ((2w-1)^2, heads): class-token rows dropped, the (2s-1)^2 grid resized
+    on BEiT's geometric-progression coordinates by cubic splines (scipy's interp2d of the released code)."""
+    rows, heads = table.shape
+    side = math.isqrt(rows)
+    notes = []
+    if side * side != rows:
+        side = math.isqrt(rows - 3)
+        if side * side != rows - 3:
+            raise ValueError(f"relative position table with {rows} rows is neither (2w-1)^2 nor (2w-1)^2 + 3")
+        table = table[:side * side]
+        notes.append("class-token rows dropped")
+    dst = 2 * window - 1
+    if side != dst:
+        table = _geometric_resize(table, side, dst)
+        notes.append(f"{side}x{side} -> {dst}x{dst} (BEiT geometric cubic)")
+    return table, ("relative position table: " + ", ".join(notes)) if notes else None
+
+
+def _geometric_resize(table: Tensor, src: int, dst: int) -> Tensor:
+    from scipy.interpolate import RectBivariateSpline
+    # BEiT: source offsets spread on a geometric progression so the centre keeps unit spacing
+    lo, hi = 1.01, 1.5
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            hi = q
+        else:
+            lo = q
+    dis, cur = [], 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    coords = [-d for d in reversed(dis)] + [0.0] + dis
+    t = dst // 2
+    target = [float(v) for v in range(-t, t + 1)]
+    out = []
+    for h in range(table.shape[1]):
+        z = table[:, h].reshape(src, src).double().cpu().numpy()
+        spline = RectBivariateSpline(coords, coords, z, kx=3, ky=3, s=0)  # = interp2d(kind='cubic') on a grid
+        out.append(torch.from_numpy(spline(target, target)).reshape(-1))
+    return torch.stack(out, dim=1).to(table.dtype)
