@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from piip.backbone import PIIPBackbone
+from piip.branches.flavours import flavour_settings
 from piip.config import BranchConfig, PIIPConfig
 from piip.weights import load_pretrained_branches
 
@@ -23,8 +24,8 @@ def hf_clip() -> torch.nn.Module:
 
 
 def clip_backbone(patch: int = 14) -> PIIPBackbone:
-    branch = BranchConfig(img_size=56, kind="clip", embed_dim=64, depth=2, num_heads=2, patch_size=patch,
-                          pos_grid=4, cls_token=True, layer_scale=None)
+    branch = BranchConfig(img_size=56, embed_dim=64, depth=2, num_heads=2, patch_size=patch, pos_grid=4,
+                          **flavour_settings("clip"))
     return PIIPBackbone(PIIPConfig(branches=[branch], merge=None, pyramid=None)).eval()
 
 

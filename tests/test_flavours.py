@@ -189,7 +189,7 @@ def test_drop_path_schedule_and_interaction_options():
     deit = piip.get_config("piip_sbl_1568_1120_672").branches[1]
     assert deit.drop_path_schedule == "constant" and deit.flavour == "deit"
     with pytest.raises(ValueError, match="unknown ViT flavour"):
-        flavour_settings("clip")
+        flavour_settings("swin")
 
 
 def test_uniperceiver_embedding_is_layer_zero_for_layer_decay():

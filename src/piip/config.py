@@ -49,7 +49,9 @@ class BranchConfig:
     # branches) | 'none' (BEiT) | 'uniperceiver' (spatial table + temporal row 0, LayerNorm after the add)
     pos_layout: str = "learned"
     rel_pos_bias: bool = False             # BEiT: a relative position bias table per attention window
-    mlp_act: str = "gelu"                  # 'gelu' | 'gelu_tanh' (flash-attn FusedMLP)
+    mlp_act: str = "gelu"                  # 'gelu' | 'gelu_tanh' (flash-attn FusedMLP) | 'quick_gelu' (CLIP)
+    patch_bias: bool = True                # CLIP's patch convolution has no bias
+    pre_norm: bool = False                 # CLIP's ``ln_pre``: LayerNorm on every token after the position add
     drop_path_schedule: str = "constant"   # 'constant' | 'linear' (linspace(0, drop_path, depth))
 
     def __post_init__(self) -> None:

@@ -1,11 +1,10 @@
 """Branches: pretrained networks cut into groups of blocks."""
 from ..config import BranchConfig
 from .base import Branch, Tokens
-from .clip import CLIPBranch
 from .convnext import ConvNeXtBranch
 from .vit import Block, ViTBranch
 
-_BRANCH_KINDS = {"vit": ViTBranch, "convnext": ConvNeXtBranch, "clip": CLIPBranch}
+_BRANCH_KINDS = {"vit": ViTBranch, "convnext": ConvNeXtBranch}
 
 
 def build_branch(cfg: BranchConfig, name: str = "branch") -> Branch:
@@ -14,4 +13,4 @@ def build_branch(cfg: BranchConfig, name: str = "branch") -> Branch:
     return _BRANCH_KINDS[cfg.kind](cfg, name=name)
 
 
-__all__ = ["Branch", "Tokens", "Block", "ViTBranch", "ConvNeXtBranch", "CLIPBranch", "build_branch"]
+__all__ = ["Branch", "Tokens", "Block", "ViTBranch", "ConvNeXtBranch", "build_branch"]

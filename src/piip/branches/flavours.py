@@ -19,6 +19,11 @@ FLAVOURS: dict[str, dict[str, Any]] = {
     "beitv2": {"qkv_bias": "qv", "pos_layout": "none", "rel_pos_bias": True, "drop_path_schedule": "linear"},
     # Uni-Perceiver: LayerNorm eps 1e-5, embedding LayerNorm after the position add, own key layout
     "uniperceiver": {"norm_eps": 1e-5, "pos_layout": "uniperceiver", "drop_path_schedule": "linear"},
+    # CLIP (OpenAI / open_clip / Hugging Face towers, PIIP-LLaVA): bias-free patch conv, class position
+    # folded into the class token, ln_pre after the position add, quick-GELU, eps 1e-5, no layer scale.
+    # Its layouts are read by piip.weights.clip.
+    "clip": {"norm_eps": 1e-5, "mlp_act": "quick_gelu", "patch_bias": False, "pre_norm": True,
+             "layer_scale": None, "cls_token": True},
 }
 
 POS_LAYOUTS = ("learned", "learned_cls", "none", "uniperceiver")

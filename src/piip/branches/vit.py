@@ -46,9 +46,9 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, dim: int, in_chans: int = 3) -> None:
+    def __init__(self, patch_size: int, dim: int, in_chans: int = 3, bias: bool = True) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size, bias=bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         x = self.proj(x)
@@ -101,7 +101,7 @@ class ViTBranch(Branch):
         if cfg.rel_pos_bias and any(w <= 0 for w in cfg.window_sizes):
             raise ValueError(f"{name}: rel_pos_bias (BEiT) needs windowed attention in every block")
         self.groups = _check_groups(cfg.interaction_groups, cfg.depth, name)
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim, bias=cfg.patch_bias)
         grid = cfg.pos_grid or max(1, int(cfg.img_size) // cfg.patch_size)
         self.pos_grid = (grid, grid)
         self.pos_slot = int(cfg.pos_layout == "learned_cls")
@@ -113,6 +113,8 @@ class ViTBranch(Branch):
         else:
             self.temporal_pos_embed = self.embed_norm = None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.cls_token else None
+        # CLIP: the class embedding carries its own position (folded in at load time), then ln_pre
+        self.ln_pre = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.pre_norm else None
         dpr = drop_path_rates(cfg.drop_path, cfg.depth, cfg.drop_path_schedule)
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale, dp, ws,
@@ -159,6 +161,8 @@ class ViTBranch(Branch):
         if self.temporal_pos_embed is not None:
             x = self.embed_norm(x + self.temporal_pos_embed[:1].to(x.dtype))
         cls = self.cls_token.expand(x.shape[0], -1, -1) if self.cls_token is not None else None
+        if self.ln_pre is not None:
+            x, cls = self.ln_pre(x), (self.ln_pre(cls) if cls is not None else None)
         return Tokens(x, hw, cls)
 
     def forward_group(self, tokens: Tokens, group: int) -> Tokens:

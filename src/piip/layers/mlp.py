@@ -1,19 +1,31 @@
 """Feed-forward layers: the ViT MLP and the interaction unit's ConvFFN."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's activation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+_ACTS = ("gelu", "gelu_tanh", "quick_gelu")
 
 
 class Mlp(nn.Module):
     """Linear -> GELU -> Linear (timm key layout: fc1, fc2). ``act='gelu_tanh'`` is the tanh
-    approximation flash-attn's FusedMLP computes (the released '_speedup' / InternViT configs)."""
+    approximation flash-attn's FusedMLP computes (the released '_speedup' / InternViT configs);
+    ``act='quick_gelu'`` is OpenAI CLIP's."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, act: str = "gelu") -> None:
         super().__init__()
-        if act not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"Mlp: act must be 'gelu' or 'gelu_tanh', got {act!r}")
+        if act not in _ACTS:
+            raise ValueError(f"Mlp: act must be one of {_ACTS}, got {act!r}")
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
+        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 

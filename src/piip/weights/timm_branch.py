@@ -2,7 +2,7 @@
 ``vit_*_dinov2``, ``vit_*_mae``, ``beitv2_*``) and the original files the released configs name
 (``dinov2_vit*14_pretrain.pth``, ``mae_pretrain_vit_*.pth``, ``beitv2_*_pt1k_ft21k.pth``, Uni-Perceiver
 ``*_converted.pth``); foreign key layouts are mapped first (``vit_layouts.normalise_vit_state_dict``).
-CLIP branches read OpenAI / open_clip / Hugging Face CLIP layouts (converted to timm names by
+CLIP-flavour branches read OpenAI / open_clip / Hugging Face CLIP layouts (converted to timm names by
 ``weights.clip.clip_to_timm``) and ConvNeXt branches the layouts of ``weights.convnext``.
 
 timm -> branch differences handled here:
@@ -34,7 +34,6 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..branches.clip import CLIPBranch
 from ..branches.convnext import ConvNeXtBranch
 from ..branches.vit import ViTBranch, resize_pos_embed
 from ..layers.attention import relative_position_index
@@ -249,7 +248,7 @@ def load_pretrained_branches(model: nn.Module, entries: Sequence[Entry], heads: 
             raise ValueError(f"branch {i} is a {type(branch).__name__}; it cannot load pretrained branch weights")
         head = cls_heads[i] if (cls_heads is not None and heads) else None
         extra, pre_notes = {}, []
-        if isinstance(branch, CLIPBranch):  # CLIP layouts -> timm names (+ ln_pre)
+        if branch.cfg.flavour == "clip":  # CLIP layouts -> timm names (+ ln_pre)
             sd, extra, pre_notes = clip_to_timm(sd, f"pretrained_branches[{i}] ({source})")
         bsd, hsd, notes = convert_timm_vit(sd, branch, head, cls_pos, f"pretrained_branches[{i}] ({source})")
         bsd.update(extra)
@@ -258,7 +257,7 @@ def load_pretrained_branches(model: nn.Module, entries: Sequence[Entry], heads: 
             strict_load(branch, bsd, f"pretrained_branches[{i}] ({source})")
         except ValueError as e:
             looks = guess_flavour(sd)
-            what = "CLIP" if isinstance(branch, CLIPBranch) else repr(branch.cfg.flavour)
+            what = repr(branch.cfg.flavour)
             raise ValueError(f"{e}. The branch is a {what} ViT"
                              + (f"; the file looks like {looks}" if looks else "")) from None
         if head is not None:
