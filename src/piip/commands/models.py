@@ -16,9 +16,10 @@ def run(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
     if not names:
         raise ValueError(f"no registered model matches {args.pattern!r}")
-    print(f"{'name':32s} {'resolutions':22s} description")
+    width = max(len(n) for n in names)
+    print(f"{'name':{width}s}  {'resolutions':18s} description")
     for name in names:
         cfg = get_config(name)
         res = "/".join(str(round(b.img_size)) for b in cfg.branches)
-        print(f"{name:32s} {res:22s} {describe_model(name)}")
+        print(f"{name:{width}s}  {res:18s} {describe_model(name)}")
     return 0
