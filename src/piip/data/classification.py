@@ -36,10 +36,13 @@ class ImageClassification(Dataset):
         transform: applied to the PIL RGB image (e.g. :func:`build_transforms`'s output).
         class_names: the label order to use (e.g. the training set's, for a validation set); a
             class of ``source`` outside it is an error.
+        seed: when set, the random augmentation of a sample is a function of (seed, epoch, index)
+            only (see :meth:`set_epoch`), so a resumed run sees the same augmented images in any
+            number of loader workers; the caller's random state is left untouched.
     """
 
     def __init__(self, source: str, transform: Optional[Callable] = None,
-                 class_names: Optional[Sequence[str]] = None) -> None:
+                 class_names: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> None:
         if not os.path.exists(source):
             raise FileNotFoundError(f"data {source!r} does not exist (give a folder with one sub-folder per class, "
                                     "or a .csv/.json list of path,label)")
@@ -60,6 +63,10 @@ class ImageClassification(Dataset):
             raise ValueError(f"{source}: no images found (extensions {', '.join(IMG_EXTENSIONS)})")
         self.samples, self.class_names = samples, list(names)
         self.skipped: set[str] = set()
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     @property
     def num_classes(self) -> int:
@@ -89,8 +96,29 @@ class ImageClassification(Dataset):
         if img is None:
             return None
         if self.transform is not None:
-            img = self.transform(img)
+            if self.seed is None:
+                img = self.transform(img)
+            else:
+                img = _seeded(self.transform, img, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
         return img, self.samples[index][1]
+
+
+def _seeded(fn: Callable, img, seed: int):  # noqa: ANN001, ANN202
+    """``fn(img)`` with Python's, numpy's and torch's RNGs seeded by ``seed``, restored afterwards
+    (timm's RandAugment draws from numpy and Python, its crops and erasing from Python and torch)."""
+    import random
+
+    import numpy as np
+    py, npst = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed % 2**63)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            return fn(img)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npst)
 
 
 def _scan_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:

@@ -65,13 +65,15 @@ def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: Optional[float] = None,
                  num_layers: Optional[int] = None, skip_strides: Optional[Sequence[int]] = None,
-                 lr_scales: Optional[dict[str, float]] = None, decay_all: bool = False) -> list[dict]:
+                 lr_scales: Optional[dict[str, float]] = None, decay_all: bool = False,
+                 no_decay: Sequence[str] = ()) -> list[dict]:
     """Optimizer groups: (layer id, lr multiplier, decay / no decay), each with its ``lr`` and ``lr_scale``.
 
     ``lr_scales`` maps regular expressions to lr multipliers: a parameter whose name matches one
     (``re.search``, first match wins) has its lr multiplied by it (e.g. 10x for newly added modules
     when fine-tuning). ``decay_all`` applies weight decay to biases and 1-D parameters too (the
-    released classification fine-tuning recipe); by default they get none."""
+    released classification fine-tuning recipe); by default they get none. Names matching a regex of
+    ``no_decay`` (e.g. position tables, class tokens) get none either way."""
     if layer_decay is not None and not 0 < layer_decay <= 1:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if layer_decay is not None and layer_decay < 1:
@@ -79,18 +81,20 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
     else:
         ids, nl = {}, 0
     rules = [(re.compile(pat), float(mult)) for pat, mult in (lr_scales or {}).items()]
+    no_decay_rx = [re.compile(pat) for pat in no_decay]
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = not decay_all and (p.ndim <= 1 or name.endswith(".bias"))
+        skip_wd = (not decay_all and (p.ndim <= 1 or name.endswith(".bias"))) or any(
+            rx.search(name) for rx in no_decay_rx)
         lid = ids.get(name, nl + 1)
         scale = layer_decay ** (nl + 1 - lid) if ids else 1.0
         mult = next((m for rx, m in rules if rx.search(name)), 1.0)
         scale *= mult
-        key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}" + (f"_x{mult:g}" if mult != 1.0 else "")
+        key = f"layer_{lid}_{'no_decay' if skip_wd else 'decay'}" + (f"_x{mult:g}" if mult != 1.0 else "")
         g = groups.setdefault(key, {"params": [], "param_names": [], "lr": lr * scale, "lr_scale": scale,
-                                    "weight_decay": 0.0 if no_decay else weight_decay, "group_name": key})
+                                    "weight_decay": 0.0 if skip_wd else weight_decay, "group_name": key})
         g["params"].append(p)
         g["param_names"].append(name)
     return list(groups.values())

@@ -59,6 +59,7 @@ class TrainConfig:
     min_lr: float = 0.0                      # cosine floor, absolute for every group (0 = anneal to 0)
     lr_scales: dict[str, float] = field(default_factory=dict)  # name regex -> lr multiplier
     decay_all: bool = False                  # weight decay on biases / norms / 1-D params too
+    no_decay: list[str] = field(default_factory=list)  # name regexes without weight decay
     ema_decay: Optional[float] = None        # keep an EMA of the weights (saved as 'model_ema')
     accum_steps: int = 1                     # split every batch into this many micro-batches
 
@@ -88,7 +89,7 @@ class Trainer:
             raise ValueError(f"accum_steps {cfg.accum_steps} must be >= 1 and divide the batch size {cfg.batch_size}")
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.layer_decay,
                                          num_layers=cfg.num_layers, lr_scales=cfg.lr_scales,
-                                         decay_all=cfg.decay_all)
+                                         decay_all=cfg.decay_all, no_decay=cfg.no_decay)
         warmup = (round(cfg.warmup_epochs * self.iters_per_epoch) if cfg.warmup_epochs is not None
                   else cfg.warmup_iters)
         self.schedule = WarmupSchedule(self.total_iters, warmup, cfg.warmup_ratio,
