@@ -47,7 +47,8 @@ def make_loss(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, smoothi
 
     With mixup / cutmix on, a batch is mixed (timm ``Mixup``: prob 1, switch 0.5, per batch, label
     smoothing inside) and the loss is soft-target cross-entropy; otherwise label-smoothed cross-entropy.
-    An odd batch (after unreadable images were dropped) loses its last image, as mixing pairs images."""
+    An odd batch (after unreadable images were dropped) loses its last image, as mixing pairs images;
+    a batch of one image is not mixed (mixing it with itself would give the image back)."""
     mixer = None
     if mixup > 0 or cutmix > 0:
         from timm.data import Mixup
@@ -58,11 +59,13 @@ def make_loss(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, smoothi
         x, y = batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if mixer is not None:
-            if len(x) % 2:
-                x, y = x[:-1], y[:-1]
-            if len(x) == 0:
-                raise ValueError("mixup / cutmix need at least 2 readable images per batch (micro-batch)")
-            x, target = mixer(x, y)
+            if len(x) == 1:   # mixing an image with itself: the image and its smoothed one-hot label
+                target = torch.full((1, num_classes), smoothing / num_classes, device=device)
+                target[0, y[0]] += 1.0 - smoothing
+            else:
+                if len(x) % 2:
+                    x, y = x[:-1], y[:-1]
+                x, target = mixer(x, y)
             logits = model(x)
             loss = torch.sum(-target * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
