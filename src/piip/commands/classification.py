@@ -62,6 +62,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--min-lr", type=non_negative_float, default=None, help="cosine floor (absolute)")
     g.add_argument("--auto-augment", default=None, help="timm auto-augment policy, or 'none'")
     g.add_argument("--reprob", type=unit_float, default=None, help="random erasing probability")
+    g.add_argument("--crop-scale", type=_crop_ratio, default=0.08,
+                   help="smallest area fraction of the random resized crop (released: 0.08)")
     g.add_argument("--mixup", type=non_negative_float, default=None, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=non_negative_float, default=None, help="cutmix alpha (0 = off)")
     g.add_argument("--smoothing", type=unit_float, default=None, help="label smoothing")
@@ -176,7 +178,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model} is a {model.cfg.task} model; use a *_cls model (see `piip models`)")
     check_img_size(model.cfg)
     size = int(model.cfg.img_size)
-    dataset = ImageClassification(train_src, build_transforms(size, True, rc["auto_augment"], rc["reprob"]),
+    dataset = ImageClassification(train_src, build_transforms(size, True, rc["auto_augment"], rc["reprob"],
+                                                                   crop_scale=args.crop_scale),
                                   class_names=probe.class_names, seed=args.seed)
     val_set = None
     if val_src and args.eval_every:

@@ -191,15 +191,16 @@ def classification_collate(batch: list) -> tuple[Tensor, Tensor]:
 
 def build_transforms(input_size: int, train: bool, auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
                      re_prob: float = 0.0, color_jitter: float = 0.3, crop_ratio: float = 1.0,
+                     crop_scale: float = 0.08,
                      interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD) -> Callable:
     """Training: timm's ``create_transform`` (RandomResizedCrop 0.08-1, flip, RandAugment, random
-    erasing) at ``input_size`` (the finest branch's resolution). Evaluation: resize the short side
+    erasing) at ``input_size`` (the finest branch's resolution); ``crop_scale`` is the smallest crop area (released 0.08). Evaluation: resize the short side
     to ``int(input_size / crop_ratio)`` and centre-crop ``input_size`` (released ratio 1.0)."""
     from torchvision import transforms as T
     if train:
         from timm.data import create_transform
-        return create_transform(input_size, is_training=True, auto_augment=auto_augment or None,
+        return create_transform(input_size, is_training=True, auto_augment=auto_augment or None, scale=(crop_scale, 1.0),
                                 color_jitter=color_jitter, re_prob=re_prob, re_mode="pixel", re_count=1,
                                 interpolation=interpolation, mean=tuple(mean), std=tuple(std))
     if not 0 < crop_ratio <= 1:
