@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Any, Optional
 
-from ._model_args import (add_model_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
+from ._model_args import (add_model_args, add_run_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
 
 _RECIPE_FLAGS = ["epochs", "batch_size", "lr", "new_lr_scale", "weight_decay", "decay_all", "warmup_epochs",
@@ -73,16 +73,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--clip-grad", type=positive_float, default=None, help="max gradient norm")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for GPU, off for CPU)")
-    r = p.add_argument_group("run")
-    r.add_argument("--output-dir", default="runs/classification")
-    r.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (output-dir/checkpoint.pt)")
-    r.add_argument("--workers", type=non_negative_int, default=2)
-    r.add_argument("--seed", type=non_negative_int, default=0)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--eval-every", type=non_negative_int, default=1, help="evaluate on the val set every N epochs (0 = never)")
-    r.add_argument("--save-every-steps", type=non_negative_int, default=0, help="extra mid-epoch checkpoints")
-    r.add_argument("--max-steps", type=positive_int, default=None, help="stop (and save) at this global step")
-    r.add_argument("--log-every", type=positive_int, default=20)
+    add_run_args(p, "runs/classification")
     p.set_defaults(func=run_train)
 
 
@@ -158,11 +149,11 @@ def run_train(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--resume {args.resume!r} does not exist (give a checkpoint.pt, or 'auto')")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
-    probe = ImageClassification(train_src)    # class list (and data errors) before the model is built
+    dataset = ImageClassification(train_src, seed=args.seed)   # classes (and data errors) before the model
     device, _, world = init_distributed(args.device)
     seed_everything(args.seed)
     overrides = parse_overrides(args.override, args.img_size)
-    overrides["num_classes"] = probe.num_classes
+    overrides["num_classes"] = dataset.num_classes
     if rc["drop_path"] is not None:
         br = overrides.setdefault("branches", {})
         if isinstance(br, list):
@@ -178,9 +169,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model} is a {model.cfg.task} model; use a *_cls model (see `piip models`)")
     check_img_size(model.cfg)
     size = int(model.cfg.img_size)
-    dataset = ImageClassification(train_src, build_transforms(size, True, rc["auto_augment"], rc["reprob"],
-                                                                   crop_scale=args.crop_scale),
-                                  class_names=probe.class_names, seed=args.seed)
+    dataset.transform = build_transforms(size, True, rc["auto_augment"], rc["reprob"], crop_scale=args.crop_scale)
     val_set = None
     if val_src and args.eval_every:
         val_set = ImageClassification(val_src, build_transforms(size, False, crop_ratio=args.crop_ratio),
@@ -221,10 +210,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"training {args.model} ({n / 1e6:.1f}M params, {size} px) with the {args.recipe} recipe on "
               f"{len(dataset)} images, {dataset.num_classes} classes, {world} process(es) on {device}; "
               f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    if args.resume:
-        path = trainer.checkpoint_path if args.resume == "auto" else args.resume
-        if args.resume != "auto" or os.path.exists(path):
-            trainer.resume(path)
+    trainer.resume_from(args.resume)
     trainer.fit()
     if dataset.skipped and is_main():
         print(f"skipped {len(dataset.skipped)} unreadable training image(s)")

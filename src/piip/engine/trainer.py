@@ -152,6 +152,15 @@ class Trainer:
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step} "
                   f"({self.epoch_step}/{self.iters_per_epoch} into the epoch)")
 
+    def resume_from(self, arg: Optional[str]) -> None:
+        """``--resume`` of the train commands: a checkpoint path, 'auto' (this run's checkpoint if
+        it exists, else start fresh), or None (start fresh)."""
+        if not arg:
+            return
+        path = self.checkpoint_path if arg == "auto" else arg
+        if arg != "auto" or os.path.exists(path):
+            self.resume(path)
+
     def _check_same_model(self, ck: dict[str, Any], path: str) -> None:
         mine, theirs = self.extra_state.get("model_config"), ck.get("model_config")
         if mine is None or theirs is None or mine == theirs:
