@@ -296,6 +296,10 @@ def test_cli_train_eval_predict(data, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and sorted(line.split()[1] for line in lines) == CLASSES
     assert sum(float(line.split()[0]) for line in lines) == pytest.approx(1.0, abs=1e-3)
+    # a classification checkpoint as the starting point of another run (weights only)
+    assert main(["train", "classification", *TINY_ARGS, "--data", data, "--epochs", "1", "--batch-size", "6",
+                 "--workers", "0", "--output-dir", str(tmp_path / "again"), "--eval-every", "0", "--max-steps", "1",
+                 "--checkpoint", os.path.join(out, "checkpoint.pt")]) == 0
 
 
 def test_cli_resume_and_scratch_recipe_with_a_csv(data, tmp_path, capsys):
