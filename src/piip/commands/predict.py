@@ -14,7 +14,8 @@ _WRITERS = {".png": "write_png", ".jpg": "write_jpeg", ".jpeg": "write_jpeg"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="run a trained detector on an image and save a picture of the results")
+    p = sub.add_parser("predict", help="run a trained detector on an image and save a picture of the results, "
+                       "or print a classifier's top-k classes")
     p.add_argument("image", help="input image file")
     p.add_argument("--checkpoint", required=True, help="training checkpoint (or a plain state dict + --model)")
     add_model_args(p)
