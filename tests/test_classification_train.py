@@ -342,3 +342,18 @@ def test_eval_of_a_detection_or_foreign_file_is_one_line(tmp_path, capsys):
     torch.save({"model_config": {"task": "detection"}, "model": {}}, path)
     assert main(["eval", "classification", "--checkpoint", str(path), "--data", str(tmp_path)]) == 2
     assert "holds a detection model" in capsys.readouterr().err
+
+
+def test_fp16_autocast_with_a_loss_scaler_trains_and_resumes(data, tmp_path):
+    a = _trainer(data, tmp_path / "a", epochs=1, amp=True, amp_dtype="float16", max_steps=2)
+    assert a.scaler is not None and a.scaler.is_enabled()
+    a.fit()
+    saved = torch.load(a.checkpoint_path, weights_only=True)
+    assert saved["grad_scaler"]["scale"] > 0
+    assert all(torch.isfinite(p).all() for p in a.model.parameters())
+    b = _trainer(data, tmp_path / "b", epochs=1, amp=True, amp_dtype="float16")
+    b.resume(a.checkpoint_path)
+    assert b.scaler.state_dict() == a.scaler.state_dict()
+    assert _trainer(data, tmp_path / "c").scaler is None          # bf16 / off: no scaler
+    with pytest.raises(ValueError, match="amp_dtype"):
+        _trainer(data, tmp_path / "d", amp_dtype="half")

@@ -72,7 +72,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                                                                        "the model config's for finetune)")
     g.add_argument("--clip-grad", type=positive_float, default=None, help="max gradient norm")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for GPU, off for CPU)")
+                   help="autocast (default: on for GPU, off for CPU)")
+    g.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                   help="autocast type; float16 adds a dynamic loss scaler (the released fork's fp16 AMP)")
     add_run_args(p, "runs/classification")
     p.set_defaults(func=run_train)
 
@@ -199,7 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
                       max_steps=args.max_steps, log_every=args.log_every,
                       lr_scales={NEW_MODULES: rc["new_lr_scale"]} if rc["new_lr_scale"] != 1 else {},
                       decay_all=rc["decay_all"], no_decay=[] if rc["decay_all"] else list(NO_DECAY_NAMES),
-                      ema_decay=rc["ema_decay"], accum_steps=args.accum_steps)
+                      ema_decay=rc["ema_decay"], accum_steps=args.accum_steps, amp_dtype=args.amp_dtype)
     trainer = Trainer(model, dataset, cfg, make_loss(dataset.num_classes, rc["mixup"], rc["cutmix"], rc["smoothing"]),
                       classification_collate,
                       extra_state={"model_config": classifier_config_dict(model), "model_name": args.model,

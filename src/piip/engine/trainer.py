@@ -47,6 +47,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     clip_grad: Optional[float] = None
     amp: Optional[bool] = None               # None = bf16 autocast on GPU only
+    amp_dtype: str = "bfloat16"              # 'bfloat16' | 'float16' (float16 adds a dynamic loss scaler)
     workers: int = 2
     seed: int = 0
     device: str = "auto"
@@ -98,6 +99,11 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.schedule, cfg.min_lr)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
+        if cfg.amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {cfg.amp_dtype!r}")
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if self.amp and cfg.amp_dtype == "float16" else None)
         self.epoch, self.epoch_step, self.step = 0, 0, 0
         self.history: list[dict[str, Any]] = []
         self._stop: Optional[str] = None   # name of the signal asking to stop, once one arrived
@@ -117,7 +123,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "epoch_step": self.epoch_step,
                 "step": self.step, "rng": ckpt_io.rng_state(), "train_config": self.cfg.to_dict(),
                 "world_size": self.world, "history": self.history, **self.extra_state,
-                **({"model_ema": self.ema.state_dict()} if self.ema is not None else {})}
+                **({"model_ema": self.ema.state_dict()} if self.ema is not None else {}),
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def save(self, path: Optional[str] = None) -> None:
         if is_main():
@@ -136,6 +143,8 @@ class Trainer:
             raise ValueError(f"--resume {path}: its weights do not fit this model: {str(e).splitlines()[0]} ...") from None
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
+        if self.scaler is not None and "grad_scaler" in ck:
+            self.scaler.load_state_dict(ck["grad_scaler"])
         if self.ema is not None:
             if "model_ema" in ck:
                 self.ema.load_state_dict(ck["model_ema"])
@@ -194,19 +203,26 @@ class Trainer:
             # DDP: synchronise gradients on the last micro-batch only
             sync = contextlib.nullcontext() if (self.ddp is None or i == len(parts) - 1) else self.ddp.no_sync()
             with sync:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                     losses = self.forward_fn(net, part, self.device)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {self.step} "
                                              f"({ {k: v.item() for k, v in losses.items()} }); lower --lr or enable "
                                              "--clip-grad")
-                (loss / len(parts)).backward()
+                part_loss = loss / len(parts)
+                (self.scaler.scale(part_loss) if self.scaler is not None else part_loss).backward()
             for k, v in {"loss": loss, **losses}.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / len(parts)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)   # clip (and skip inf / nan steps) on true gradients
         if self.cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(unwrap(self.model))
