@@ -12,7 +12,8 @@ Recipes (``RECIPES``; every value can be overridden on the command line):
   tokens, 5 warm-up epochs, cosine to 1e-5, random erasing 0.25, drop path 0.1, same mixup and EMA.
 
 Differences from the released DeiT fork: the lr changes every iteration (the fork steps it once per
-epoch), and AMP is bf16 autocast without a loss scaler (the fork: fp16 + scaler).
+epoch), and AMP defaults to bf16 autocast without a loss scaler (the fork: fp16 + scaler, available
+with ``--amp-dtype float16``).
 """
 from __future__ import annotations
 
