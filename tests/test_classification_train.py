@@ -357,3 +357,17 @@ def test_fp16_autocast_with_a_loss_scaler_trains_and_resumes(data, tmp_path):
     assert _trainer(data, tmp_path / "c").scaler is None          # bf16 / off: no scaler
     with pytest.raises(ValueError, match="amp_dtype"):
         _trainer(data, tmp_path / "d", amp_dtype="half")
+
+
+def test_eval_of_plain_weights_needs_the_model(data, tmp_path, capsys):
+    path = str(tmp_path / "weights.pt")
+    torch.save(tiny().state_dict(), path)
+    assert main(["eval", "classification", "--checkpoint", path, "--data", data, "--workers", "0"]) == 2
+    assert "pass the model name (--model)" in capsys.readouterr().err
+    assert main(["eval", "classification", "--checkpoint", path, "--data", data, "--workers", "0", *TINY_ARGS,
+                 "--override", "num_classes=3", "--out-dir", str(tmp_path / "ev")]) == 0
+    assert "model: top-1" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "ev" / "metrics.json") and not os.path.exists(tmp_path / "ev" / "metrics_ema.json")
+    assert main(["eval", "classification", "--checkpoint", path, "--data", data, "--workers", "0", *TINY_ARGS,
+                 "--override", "num_classes=3", "--val", os.path.join(data, "train", "circle")]) == 2
+    assert "no class sub-folders" in capsys.readouterr().err
