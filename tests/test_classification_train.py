@@ -308,13 +308,13 @@ def test_cli_resume_and_scratch_recipe_with_a_csv(data, tmp_path, capsys):
     out = str(tmp_path / "run")
     base = ["train", "classification", *TINY_ARGS, "--recipe", "scratch", "--train", str(tmp_path / "train.csv"),
             "--epochs", "3", "--batch-size", "6", "--workers", "0", "--output-dir", out, "--eval-every", "0",
-            "--accum-steps", "2"]
+            "--accum-steps", "2", "--repeated-aug", "3"]
     assert main(base + ["--max-steps", "2"]) == 0
     assert main(base + ["--resume", "auto"]) == 0
     ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ck["step"] == 3 and ck["recipe"]["name"] == "scratch"
     assert ck["model_config"]["backbone"]["branches"][0]["drop_path"] == 0.1
-    assert ck["train_config"]["lr"] == pytest.approx(5e-4 * 6 / 512)
+    assert ck["train_config"]["lr"] == pytest.approx(5e-4 * 6 / 512) and ck["train_config"]["repeated_aug"] == 3
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -371,3 +371,16 @@ def test_eval_of_plain_weights_needs_the_model(data, tmp_path, capsys):
     assert main(["eval", "classification", "--checkpoint", path, "--data", data, "--workers", "0", *TINY_ARGS,
                  "--override", "num_classes=3", "--val", os.path.join(data, "train", "circle")]) == 2
     assert "no class sub-folders" in capsys.readouterr().err
+
+
+def test_repeated_augmentation_sampler_and_copies(data):
+    from piip.engine import ResumableSampler
+    assert list(ResumableSampler(5, False)) == [0, 1, 2, 3, 4]                     # default order unchanged
+    s = ResumableSampler(4, False, repeats=3)
+    assert list(s) == [0, 4, 8, 1]                                               # copies of 0, then 1; 4 per epoch
+    r0, r1 = ResumableSampler(4, False, rank=0, world_size=2, repeats=2), ResumableSampler(4, False, rank=1,
+                                                                                         world_size=2, repeats=2)
+    assert list(r0) == [0, 1] and list(r1) == [4, 5]                               # the copies go to other ranks
+    ds = ImageClassification(os.path.join(data, "train"), build_transforms(64, True), seed=0)
+    a, b = ds[0], ds[len(ds)]
+    assert a[1] == b[1] and not torch.equal(a[0], b[0])                           # same image, own augmentation

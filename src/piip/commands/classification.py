@@ -48,6 +48,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--recipe", choices=sorted(RECIPES), default="finetune")
     g.add_argument("--epochs", type=positive_int, default=None)
     g.add_argument("--batch-size", type=positive_int, default=None, help="images per process and step")
+    g.add_argument("--repeated-aug", type=positive_int, default=1,
+                   help="DeiT repeated augmentation: copies of each image per epoch, each augmented anew "
+                        "(DeiT from scratch: 3; 1 = off, the released fine-tuning)")
     g.add_argument("--accum-steps", type=positive_int, default=1,
                    help="split each batch into this many micro-batches (same result, less memory)")
     g.add_argument("--lr", type=positive_float, default=None,
@@ -201,7 +204,8 @@ def run_train(args: argparse.Namespace) -> int:
                       max_steps=args.max_steps, log_every=args.log_every,
                       lr_scales={NEW_MODULES: rc["new_lr_scale"]} if rc["new_lr_scale"] != 1 else {},
                       decay_all=rc["decay_all"], no_decay=[] if rc["decay_all"] else list(NO_DECAY_NAMES),
-                      ema_decay=rc["ema_decay"], accum_steps=args.accum_steps, amp_dtype=args.amp_dtype)
+                      ema_decay=rc["ema_decay"], accum_steps=args.accum_steps, amp_dtype=args.amp_dtype,
+                      repeated_aug=args.repeated_aug)
     trainer = Trainer(model, dataset, cfg, make_loss(dataset.num_classes, rc["mixup"], rc["cutmix"], rc["smoothing"]),
                       classification_collate,
                       extra_state={"model_config": classifier_config_dict(model), "model_name": args.model,

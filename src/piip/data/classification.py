@@ -92,6 +92,8 @@ class ImageClassification(Dataset):
         return Image.fromarray(arr.permute(1, 2, 0).numpy())
 
     def __getitem__(self, index: int) -> Optional[tuple[Tensor, int]]:
+        # index >= len: copy index // len of sample index % len (repeated augmentation), own augmentation
+        aug_index, index = index, index % len(self.samples)
         img = self.load(index)
         if img is None:
             return None
@@ -99,7 +101,7 @@ class ImageClassification(Dataset):
             if self.seed is None:
                 img = self.transform(img)
             else:
-                img = _seeded(self.transform, img, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                img = _seeded(self.transform, img, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + aug_index)
         return img, self.samples[index][1]
 
 

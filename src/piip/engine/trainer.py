@@ -63,6 +63,7 @@ class TrainConfig:
     no_decay: list[str] = field(default_factory=list)  # name regexes without weight decay
     ema_decay: Optional[float] = None        # keep an EMA of the weights (saved as 'model_ema')
     accum_steps: int = 1                     # split every batch into this many micro-batches
+    repeated_aug: int = 1                    # DeiT repeated augmentation: copies of every image (1 = off)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,7 +84,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.dataset, self.forward_fn, self.collate_fn = dataset, forward_fn, collate_fn
         self.extra_state, self.epoch_end = extra_state or {}, epoch_end
-        self.sampler = ResumableSampler(len(dataset), True, cfg.seed, self.rank, self.world)
+        self.sampler = ResumableSampler(len(dataset), True, cfg.seed, self.rank, self.world, cfg.repeated_aug)
         self.iters_per_epoch = math.ceil(self.sampler.per_rank / cfg.batch_size)
         self.total_iters = self.iters_per_epoch * cfg.epochs
         if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
