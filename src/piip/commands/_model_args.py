@@ -15,6 +15,21 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = None)
                         "JSON object such as '{\"branches\": {\"depth\": 2}}'")
 
 
+def add_run_args(p: argparse.ArgumentParser, output_dir: str) -> argparse._ArgumentGroup:
+    """The 'run' options every ``piip train TASK`` shares (output, resume, workers, seed, ...)."""
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", default=output_dir)
+    r.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (output-dir/checkpoint.pt)")
+    r.add_argument("--workers", type=non_negative_int, default=2)
+    r.add_argument("--seed", type=non_negative_int, default=0)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--eval-every", type=non_negative_int, default=1, help="evaluate on the val set every N epochs (0 = never)")
+    r.add_argument("--save-every-steps", type=non_negative_int, default=0, help="extra mid-epoch checkpoints")
+    r.add_argument("--max-steps", type=positive_int, default=None, help="stop (and save) at this global step")
+    r.add_argument("--log-every", type=positive_int, default=20)
+    return r
+
+
 def _parse_value(v: str) -> Any:
     try:
         return json.loads(v)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._model_args import (add_model_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
+from ._model_args import (add_model_args, add_run_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
 
 
@@ -68,16 +68,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--clip-grad", type=positive_float, default=None, help="max gradient norm (released: none)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for GPU, off for CPU)")
-    r = p.add_argument_group("run")
-    r.add_argument("--output-dir", default="runs/detection")
-    r.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (output-dir/checkpoint.pt)")
-    r.add_argument("--workers", type=non_negative_int, default=2)
-    r.add_argument("--seed", type=non_negative_int, default=0)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--eval-every", type=non_negative_int, default=1, help="evaluate on the val set every N epochs (0 = never)")
-    r.add_argument("--save-every-steps", type=non_negative_int, default=0, help="extra mid-epoch checkpoints")
-    r.add_argument("--max-steps", type=positive_int, default=None, help="stop (and save) at this global step")
-    r.add_argument("--log-every", type=positive_int, default=20)
+    r = add_run_args(p, "runs/detection")
     r.add_argument("--no-flip", action="store_true", help="disable random horizontal flip")
     p.set_defaults(func=run_train)
 
@@ -181,10 +172,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"training {args.kind} on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
               f"{dataset.num_classes} classes, {world} process(es) on {device}; "
               f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    if args.resume:
-        path = trainer.checkpoint_path if args.resume == "auto" else args.resume
-        if args.resume != "auto" or os.path.exists(path):
-            trainer.resume(path)
+    trainer.resume_from(args.resume)
     trainer.fit()
     cleanup()
     return 0

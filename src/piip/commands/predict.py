@@ -1,4 +1,5 @@
-"""``piip predict IMAGE``: draw a detector's boxes, class names, scores and masks on an image."""
+"""``piip predict IMAGE``: draw a detector's boxes, class names, scores and masks on an image, or
+print a classifier's top-k classes (classification checkpoints are recognised automatically)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,8 @@ _WRITERS = {".png": "write_png", ".jpg": "write_jpeg", ".jpeg": "write_jpeg"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="run a trained detector on an image and save a picture of the results")
+    p = sub.add_parser("predict", help="run a trained detector on an image and save a picture of the results, "
+                       "or print a classifier's top-k classes")
     p.add_argument("image", help="input image file")
     p.add_argument("--checkpoint", required=True, help="training checkpoint (or a plain state dict + --model)")
     add_model_args(p)
@@ -25,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-thresh", type=unit_float, default=0.5, help="draw detections scoring at least this")
     p.add_argument("--mask-thresh", type=unit_float, default=0.5)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--topk", type=positive_int, default=5, help="classifiers: how many classes to print")
     p.set_defaults(func=run)
 
 
@@ -54,7 +57,14 @@ def run(args: argparse.Namespace) -> int:
     from ..data.coco import COCO_CLASSES
     from ..data.images import read_rgb
     from ..engine import init_distributed
+    from ..tasks.classification_train import is_classification_checkpoint
     from ..tasks.detection import load_detector
+    if os.path.isfile(args.checkpoint) and is_classification_checkpoint(args.checkpoint):
+        from .classification import predict_topk
+        device, _, _ = init_distributed(args.device)
+        for name, p in predict_topk(args.image, args.checkpoint, args.topk, str(device)):
+            print(f"{p:8.4f}  {name}")
+        return 0
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in _WRITERS:
         raise ValueError(f"--out {args.out!r}: unknown picture format {ext or '(no extension)'!r}; use "

@@ -1,6 +1,7 @@
 """Datasets, transforms and collate functions."""
+from .classification import ImageClassification, build_transforms, classification_collate
 from .coco import COCO_CLASSES, CocoDetection
 from .transforms import Compose, RandomHorizontalFlip, Resize, detection_collate, detection_train_transforms
 
-__all__ = ["COCO_CLASSES", "CocoDetection", "Compose", "RandomHorizontalFlip", "Resize", "detection_collate",
+__all__ = ["ImageClassification", "build_transforms", "classification_collate", "COCO_CLASSES", "CocoDetection", "Compose", "RandomHorizontalFlip", "Resize", "detection_collate",
            "detection_train_transforms"]

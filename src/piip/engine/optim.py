@@ -65,24 +65,37 @@ def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: Optional[float] = None,
-                 num_layers: Optional[int] = None, skip_strides: Optional[Sequence[int]] = None) -> list[dict]:
-    """Optimizer groups: (layer id, decay / no decay), each with its ``lr`` and ``lr_scale``."""
+                 num_layers: Optional[int] = None, skip_strides: Optional[Sequence[int]] = None,
+                 lr_scales: Optional[dict[str, float]] = None, decay_all: bool = False,
+                 no_decay: Sequence[str] = ()) -> list[dict]:
+    """Optimizer groups: (layer id, lr multiplier, decay / no decay), each with its ``lr`` and ``lr_scale``.
+
+    ``lr_scales`` maps regular expressions to lr multipliers: a parameter whose name matches one
+    (``re.search``, first match wins) has its lr multiplied by it (e.g. 10x for newly added modules
+    when fine-tuning). ``decay_all`` applies weight decay to biases and 1-D parameters too (the
+    released classification fine-tuning recipe); by default they get none. Names matching a regex of
+    ``no_decay`` (e.g. position tables, class tokens) get none either way."""
     if layer_decay is not None and not 0 < layer_decay <= 1:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if layer_decay is not None and layer_decay < 1:
         ids, nl = layer_ids(model, num_layers, skip_strides)
     else:
         ids, nl = {}, 0
+    rules = [(re.compile(pat), float(mult)) for pat, mult in (lr_scales or {}).items()]
+    no_decay_rx = [re.compile(pat) for pat in no_decay]
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        skip_wd = (not decay_all and (p.ndim <= 1 or name.endswith(".bias"))) or any(
+            rx.search(name) for rx in no_decay_rx)
         lid = ids.get(name, nl + 1)
         scale = layer_decay ** (nl + 1 - lid) if ids else 1.0
-        key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
+        mult = next((m for rx, m in rules if rx.search(name)), 1.0)
+        scale *= mult
+        key = f"layer_{lid}_{'no_decay' if skip_wd else 'decay'}" + (f"_x{mult:g}" if mult != 1.0 else "")
         g = groups.setdefault(key, {"params": [], "param_names": [], "lr": lr * scale, "lr_scale": scale,
-                                    "weight_decay": 0.0 if no_decay else weight_decay, "group_name": key})
+                                    "weight_decay": 0.0 if skip_wd else weight_decay, "group_name": key})
         g["params"].append(p)
         g["param_names"].append(name)
     return list(groups.values())
@@ -119,5 +132,15 @@ class WarmupSchedule:
         return base
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule,
+                    min_lr: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """``min_lr`` > 0 (cosine only): every group anneals to this absolute lr (timm's ``lr_min``),
+    whatever its own peak lr."""
+    if not min_lr or schedule.kind != "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    lambdas = []
+    for g in optimizer.param_groups:
+        peak = g.get("initial_lr", g["lr"])
+        lambdas.append(WarmupSchedule(schedule.total, schedule.warmup, schedule.ratio, schedule.milestones,
+                                      schedule.gamma, "cosine", min(1.0, min_lr / peak) if peak > 0 else 0.0))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

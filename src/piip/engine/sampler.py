@@ -10,11 +10,22 @@ from torch.utils.data import Sampler
 
 class ResumableSampler(Sampler[int]):
     """Order = f(seed, epoch), like DistributedSampler (padded so every rank gets as many
-    samples); ``set_epoch(epoch, skip)`` drops this rank's first ``skip`` samples."""
+    samples); ``set_epoch(epoch, skip)`` drops this rank's first ``skip`` samples.
 
-    def __init__(self, length: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    ``repeats`` > 1 is DeiT's repeated augmentation (``RASampler``): every index of the shuffled
+    order appears ``repeats`` times in a row, consecutive copies go to consecutive ranks (each copy
+    gets its own random augmentation), and an epoch still has ``ceil(length / world_size)`` samples
+    per rank, i.e. about 1/repeats of the distinct images. Copy ``k`` of index ``i`` is yielded as
+    ``i + k * length``: the dataset must map it back (``index % length``), and can use it to give
+    each copy its own augmentation (as :class:`piip.data.ImageClassification` does)."""
+
+    def __init__(self, length: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 repeats: int = 1) -> None:
         if length < 1:
             raise ValueError("cannot sample from an empty dataset")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.repeats = repeats
         self.length, self.shuffle, self.seed, self.rank, self.world = length, shuffle, seed, rank, world_size
         self.per_rank = math.ceil(length / world_size)
         self.epoch, self.skip = 0, 0
@@ -28,8 +39,10 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.length, generator=g).tolist()
         else:
             order = list(range(self.length))
+        if self.repeats > 1:
+            order = [i + k * self.length for i in order for k in range(self.repeats)]
         total = self.per_rank * self.world
-        order = (order * math.ceil(total / self.length))[:total]
+        order = (order * math.ceil(total / len(order)))[:total]
         return iter(order[self.rank::self.world][self.skip:])
 
     def __len__(self) -> int:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import TrainingInterrupted
 from . import checkpoint as ckpt_io
 from .distributed import init_distributed, is_main, unwrap
+from .ema import ModelEMA
 from .optim import WarmupSchedule, build_optimizer, build_scheduler
 from .progress import Progress, RunningMeans
 from .sampler import ResumableSampler
@@ -46,6 +47,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     clip_grad: Optional[float] = None
     amp: Optional[bool] = None               # None = bf16 autocast on GPU only
+    amp_dtype: str = "bfloat16"              # 'bfloat16' | 'float16' (float16 adds a dynamic loss scaler)
     workers: int = 2
     seed: int = 0
     device: str = "auto"
@@ -53,6 +55,15 @@ class TrainConfig:
     max_steps: Optional[int] = None          # stop (after saving) at this global step
     log_every: int = 10
     find_unused_parameters: bool = False
+    # --- additions for classification recipes (defaults keep the detection behaviour) ---
+    warmup_epochs: Optional[float] = None    # overrides warmup_iters when set
+    min_lr: float = 0.0                      # cosine floor, absolute for every group (0 = anneal to 0)
+    lr_scales: dict[str, float] = field(default_factory=dict)  # name regex -> lr multiplier
+    decay_all: bool = False                  # weight decay on biases / norms / 1-D params too
+    no_decay: list[str] = field(default_factory=list)  # name regexes without weight decay
+    ema_decay: Optional[float] = None        # keep an EMA of the weights (saved as 'model_ema')
+    accum_steps: int = 1                     # split every batch into this many micro-batches
+    repeated_aug: int = 1                    # DeiT repeated augmentation: copies of every image (1 = off)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,16 +84,27 @@ class Trainer:
         self.model = model.to(self.device)
         self.dataset, self.forward_fn, self.collate_fn = dataset, forward_fn, collate_fn
         self.extra_state, self.epoch_end = extra_state or {}, epoch_end
-        self.sampler = ResumableSampler(len(dataset), True, cfg.seed, self.rank, self.world)
+        self.sampler = ResumableSampler(len(dataset), True, cfg.seed, self.rank, self.world, cfg.repeated_aug)
         self.iters_per_epoch = math.ceil(self.sampler.per_rank / cfg.batch_size)
         self.total_iters = self.iters_per_epoch * cfg.epochs
+        if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
+            raise ValueError(f"accum_steps {cfg.accum_steps} must be >= 1 and divide the batch size {cfg.batch_size}")
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.layer_decay,
-                                         num_layers=cfg.num_layers)
-        self.schedule = WarmupSchedule(self.total_iters, cfg.warmup_iters, cfg.warmup_ratio,
+                                         num_layers=cfg.num_layers, lr_scales=cfg.lr_scales,
+                                         decay_all=cfg.decay_all, no_decay=cfg.no_decay)
+        warmup = (round(cfg.warmup_epochs * self.iters_per_epoch) if cfg.warmup_epochs is not None
+                  else cfg.warmup_iters)
+        self.schedule = WarmupSchedule(self.total_iters, warmup, cfg.warmup_ratio,
                                        [e * self.iters_per_epoch for e in cfg.lr_steps], cfg.lr_gamma,
                                        cfg.schedule)
-        self.scheduler = build_scheduler(self.optimizer, self.schedule)
+        self.scheduler = build_scheduler(self.optimizer, self.schedule, cfg.min_lr)
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
+        if cfg.amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {cfg.amp_dtype!r}")
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if self.amp and cfg.amp_dtype == "float16" else None)
         self.epoch, self.epoch_step, self.step = 0, 0, 0
         self.history: list[dict[str, Any]] = []
         self._stop: Optional[str] = None   # name of the signal asking to stop, once one arrived
@@ -101,7 +123,9 @@ class Trainer:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "epoch_step": self.epoch_step,
                 "step": self.step, "rng": ckpt_io.rng_state(), "train_config": self.cfg.to_dict(),
-                "world_size": self.world, "history": self.history, **self.extra_state}
+                "world_size": self.world, "history": self.history, **self.extra_state,
+                **({"model_ema": self.ema.state_dict()} if self.ema is not None else {}),
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def save(self, path: Optional[str] = None) -> None:
         if is_main():
@@ -120,6 +144,13 @@ class Trainer:
             raise ValueError(f"--resume {path}: its weights do not fit this model: {str(e).splitlines()[0]} ...") from None
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
+        if self.scaler is not None and "grad_scaler" in ck:
+            self.scaler.load_state_dict(ck["grad_scaler"])
+        if self.ema is not None:
+            if "model_ema" in ck:
+                self.ema.load_state_dict(ck["model_ema"])
+            elif is_main():
+                print(f"note: {path} has no EMA weights; the EMA restarts from the resumed weights")
         self.epoch, self.epoch_step, self.step = ck["epoch"], ck["epoch_step"], ck["step"]
         self.history = ck.get("history", [])
         if ck.get("world_size", 1) == self.world:
@@ -130,6 +161,15 @@ class Trainer:
         if is_main():
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step} "
                   f"({self.epoch_step}/{self.iters_per_epoch} into the epoch)")
+
+    def resume_from(self, arg: Optional[str]) -> None:
+        """``--resume`` of the train commands: a checkpoint path, 'auto' (this run's checkpoint if
+        it exists, else start fresh), or None (start fresh)."""
+        if not arg:
+            return
+        path = self.checkpoint_path if arg == "auto" else arg
+        if arg != "auto" or os.path.exists(path):
+            self.resume(path)
 
     def _check_same_model(self, ck: dict[str, Any], path: str) -> None:
         mine, theirs = self.extra_state.get("model_config"), ck.get("model_config")
@@ -156,19 +196,38 @@ class Trainer:
     def train_step(self, batch: Any) -> dict[str, float]:
         net = self.ddp or self.model
         net.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            losses = self.forward_fn(net, batch, self.device)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step} "
-                                     f"({ {k: v.item() for k, v in losses.items()} }); lower --lr or enable --clip-grad")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        n = self.cfg.accum_steps
+        parts = split_batch(batch, n) if n > 1 else [batch]
+        totals: dict[str, float] = {}
+        for i, part in enumerate(parts):
+            # DDP: synchronise gradients on the last micro-batch only
+            sync = contextlib.nullcontext() if (self.ddp is None or i == len(parts) - 1) else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                    losses = self.forward_fn(net, part, self.device)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {self.step} "
+                                             f"({ {k: v.item() for k, v in losses.items()} }); lower --lr or enable "
+                                             "--clip-grad")
+                part_loss = loss / len(parts)
+                (self.scaler.scale(part_loss) if self.scaler is not None else part_loss).backward()
+            for k, v in {"loss": loss, **losses}.items():
+                totals[k] = totals.get(k, 0.0) + v.item() / len(parts)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)   # clip (and skip inf / nan steps) on true gradients
         if self.cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model))
+        return totals
 
     @contextlib.contextmanager
     def _stop_on_signals(self):  # noqa: ANN202
@@ -245,6 +304,24 @@ class Trainer:
                     record["eval"] = result
                     self.save()
         return self.history
+
+
+def split_batch(batch: Any, n: int) -> list[Any]:
+    """``batch`` (tensors / lists, possibly nested in tuples, lists or dicts) cut into ``n``
+    consecutive micro-batches along the first dimension (gradient accumulation)."""
+    if torch.is_tensor(batch) or isinstance(batch, list):
+        size = len(batch)
+        if size < n:
+            raise ValueError(f"cannot split a batch of {size} into {n} micro-batches (accum_steps)")
+        bounds = [size * i // n for i in range(n + 1)]
+        return [batch[bounds[i]:bounds[i + 1]] for i in range(n)]
+    if isinstance(batch, tuple):
+        cols = [split_batch(x, n) for x in batch]
+        return [tuple(c[i] for c in cols) for i in range(n)]
+    if isinstance(batch, dict):
+        cols = {k: split_batch(v, n) for k, v in batch.items()}
+        return [{k: c[i] for k, c in cols.items()} for i in range(n)]
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__} for gradient accumulation")
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

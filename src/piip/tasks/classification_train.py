@@ -1,0 +1,175 @@
+"""Training recipes, loss, evaluation and checkpoint loading for PIIP classifiers.
+
+Recipes (``RECIPES``; every value can be overridden on the command line):
+
+* ``finetune`` - the released PIIP fine-tuning recipe (vision_spec §F.1): AdamW lr 3e-5 (no batch
+  scaling) with 10x for the modules PIIP adds (everything outside the branches and their heads),
+  weight decay 0.1 on *every* parameter, 20 epochs, 5 warm-up epochs from 1e-6, cosine to 1e-5
+  (absolute, every group), RandAugment rand-m9-mstd0.5-inc1, no random erasing, mixup 0.8 /
+  cutmix 1.0 / label smoothing 0.1 with soft-target cross-entropy, EMA 0.99996, AMP.
+* ``scratch`` - the DeiT recipe (inferred for the from-scratch PIIP-B of Table X, §F.5): 300 epochs,
+  lr 5e-4 x global batch / 512, weight decay 0.05 except norms / biases / position tables / class
+  tokens, 5 warm-up epochs, cosine to 1e-5, random erasing 0.25, drop path 0.1, same mixup and EMA.
+
+Differences from the released DeiT fork: the lr changes every iteration (the fork steps it once per
+epoch), and AMP defaults to bf16 autocast without a loss scaler (the fork: fp16 + scaler, available
+with ``--amp-dtype float16``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "finetune": dict(epochs=20, batch_size=128, lr=3e-5, scale_lr=False, new_lr_scale=10.0, weight_decay=0.1,
+                     decay_all=True, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, auto_augment="rand-m9-mstd0.5-inc1",
+                     reprob=0.0, mixup=0.8, cutmix=1.0, smoothing=0.1, ema_decay=0.99996, drop_path=None,
+                     clip_grad=None),
+    "scratch": dict(epochs=300, batch_size=128, lr=5e-4, scale_lr=True, new_lr_scale=1.0, weight_decay=0.05,
+                    decay_all=False, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, auto_augment="rand-m9-mstd0.5-inc1",
+                    reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1, ema_decay=0.99996, drop_path=0.1,
+                    clip_grad=None),
+}
+
+# parameters that come from the pretrained branches (released: names starting with branchN./blocks/
+# patch_embed/pos_embed/cls_token, including each branch's norm and head); everything else is new
+PRETRAINED_PARAMS = r"^(backbone\.branches\.|heads\.)"
+NEW_MODULES = r"^(?!backbone\.branches\.|heads\.)"
+# DeiT: no weight decay on position tables and class tokens (and, as usual, on norms and biases)
+NO_DECAY_NAMES = [r"pos_embed", r"cls_token", r"\.cls_pos"]
+
+
+def make_loss(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, smoothing: float = 0.0):  # noqa: ANN201
+    """``forward_fn(model, (images, labels), device) -> {'loss_cls': ...}`` for the Trainer.
+
+    With mixup / cutmix on, a batch is mixed (timm ``Mixup``: prob 1, switch 0.5, per batch, label
+    smoothing inside) and the loss is soft-target cross-entropy; otherwise label-smoothed cross-entropy.
+    An odd batch (after unreadable images were dropped) loses its last image, as mixing pairs images;
+    a batch of one image is not mixed (mixing it with itself would give the image back)."""
+    mixer = None
+    if mixup > 0 or cutmix > 0:
+        from timm.data import Mixup
+        mixer = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                      label_smoothing=smoothing, num_classes=num_classes)
+
+    def forward(model: nn.Module, batch: Any, device: torch.device) -> dict[str, Tensor]:
+        x, y = batch
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixer is not None:
+            if len(x) == 1:   # mixing an image with itself: the image and its smoothed one-hot label
+                target = torch.full((1, num_classes), smoothing / num_classes, device=device)
+                target[0, y[0]] += 1.0 - smoothing
+            else:
+                if len(x) % 2:
+                    x, y = x[:-1], y[:-1]
+                x, target = mixer(x, y)
+            logits = model(x)
+            loss = torch.sum(-target * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        return {"loss_cls": loss}
+
+    return forward
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """Number of samples whose label is among the ``k`` highest logits, for every k (k capped at
+    the number of classes)."""
+    out = {}
+    maxk = min(max(ks), logits.shape[-1])
+    top = logits.topk(maxk, dim=-1).indices
+    hit = top == labels[:, None]
+    for k in ks:
+        out[k] = int(hit[:, :min(k, maxk)].any(dim=1).sum())
+    return out
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, dataset, device: torch.device, batch_size: int = 64, workers: int = 2,
+                        amp: Optional[bool] = None, out_path: Optional[str] = None) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy (%), per-class accuracy and the confusion matrix (rows = true class)
+    on ``dataset`` (skipped unreadable images are counted, not scored); written as JSON to ``out_path``."""
+    from torch.utils.data import DataLoader
+
+    from ..data.classification import classification_collate
+    amp = device.type == "cuda" if amp is None else amp
+    model.eval()
+    n_cls = len(dataset.class_names)
+    confusion = torch.zeros(n_cls, n_cls, dtype=torch.long)
+    correct = {1: 0, 5: 0}
+    total = 0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=classification_collate)
+    for x, y in loader:
+        if len(y) == 0:
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x.to(device)).float().cpu()
+        for k, v in topk_correct(logits, y).items():
+            correct[k] += v
+        confusion += torch.bincount(y * n_cls + logits.argmax(-1), minlength=n_cls * n_cls).view(n_cls, n_cls)
+        total += len(y)
+    per_class = {}
+    for i, name in enumerate(dataset.class_names):
+        n = int(confusion[i].sum())
+        per_class[name] = round(100.0 * int(confusion[i, i]) / n, 4) if n else None
+    result = {"top1": 100.0 * correct[1] / max(total, 1), "top5": 100.0 * correct[5] / max(total, 1),
+              "images": total, "skipped": len(getattr(dataset, "skipped", ())),
+              "per_class": per_class, "confusion": confusion.tolist(), "class_names": list(dataset.class_names)}
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def classifier_config_dict(model: nn.Module) -> dict[str, Any]:
+    """What :func:`load_classifier` needs to rebuild ``model`` (stored in checkpoints)."""
+    return {"task": "classification", "backbone": model.cfg.to_dict()}
+
+
+def load_classifier(path: str, model: Optional[str] = None, overrides: Optional[dict[str, Any]] = None,
+                    use_ema: bool = False, map_location: str = "cpu") -> tuple[nn.Module, Optional[list[str]]]:
+    """``(classifier, class names or None)`` from a piip classification training checkpoint (rebuilt
+    from the config inside it; ``use_ema`` takes its EMA weights) or, with ``model``, from an
+    official / piip weights file (``create_model(model, checkpoint=path)``)."""
+    from ..config import PIIPConfig
+    from ..registry import build_from_config, create_model
+    from ..weights.io import check_state_dict, read_checkpoint
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    ckpt: Any = read_checkpoint(path, weights_only=True, map_location=map_location)
+    if isinstance(ckpt, dict) and "model_config" in ckpt:
+        task = ckpt["model_config"].get("task")
+        if task != "classification":
+            raise ValueError(f"{path} holds a {task} model, not a classifier")
+        net = build_from_config(PIIPConfig.from_dict(ckpt["model_config"]["backbone"]))
+        key = "model"
+        if use_ema:
+            if "model_ema" not in ckpt:
+                raise ValueError(f"{path} has no EMA weights (trained without EMA)")
+            key = "model_ema"
+        check_state_dict(net, ckpt[key], path)
+        net.load_state_dict(ckpt[key])
+        return net, ckpt.get("class_names")
+    if model is None:
+        raise ValueError(f"{path} holds no model config; pass the model name (--model) it belongs to")
+    if use_ema:
+        raise ValueError("--ema needs a piip classification training checkpoint")
+    return create_model(model, checkpoint=path, **(overrides or {})), None
+
+
+def is_classification_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a piip training checkpoint of a classifier (for ``piip predict``)."""
+    from ..weights.io import read_checkpoint
+    try:
+        ckpt = read_checkpoint(path, weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - anything unreadable is left to the detector loader's errors
+        return False
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict) and \
+        ckpt["model_config"].get("task") == "classification"
