@@ -172,7 +172,8 @@ def _init_head(m: nn.Module) -> None:
 # ---------------------------------------------------------------------- segmentor
 class PIIPSegmentor(nn.Module):
     """PIIP backbone + UperNet (+ FCN aux). ``forward(images)`` -> logits (B, K, H, W) at the input
-    size; ``loss(images, masks)`` -> ``{'loss_decode', 'loss_aux'}`` (cross entropy, ignore 255)."""
+    size; ``loss(images, masks)`` = ``forward(images, masks)`` -> ``{'loss_decode', 'loss_aux'}``
+    (cross entropy, ignore 255)."""
 
     def __init__(self, backbone: PIIPBackbone, seg_cfg: SegmentorConfig) -> None:
         super().__init__()
@@ -235,8 +236,11 @@ class PIIPSegmentor(nn.Module):
                                 align_corners=False)[..., :h, :w]
         return out, aux
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Logits (B, K, H, W) at the input size (whole-image inference)."""
+    def forward(self, images: Tensor, masks: Optional[Tensor] = None) -> Union[Tensor, dict[str, Tensor]]:
+        """Logits (B, K, H, W) at the input size (whole-image inference); with ``masks``, the loss
+        dict of :meth:`loss` (the training entry point, so DDP wraps one call)."""
+        if masks is not None:
+            return self.loss(images, masks)
         return self._logits(images, False)[0]
 
     def loss(self, images: Tensor, masks: Tensor) -> dict[str, Tensor]:

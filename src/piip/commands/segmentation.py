@@ -1,0 +1,207 @@
+"""``piip train segmentation`` and ``piip eval segmentation``."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+
+from ._model_args import (add_model_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
+                          positive_float, positive_int, unit_float)
+
+
+def _add_data_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
+    g = p.add_argument_group("data: --data-root (ADE20K layout) or image + mask folders with --classes")
+    g.add_argument("--data-root", default=None,
+                   help="ADE20K-layout folder: images/{training,validation}/, annotations/{training,validation}/")
+    for split in splits:
+        g.add_argument(f"--{split}-images", default=None, help=f"{split} image folder (generic layout)")
+        g.add_argument(f"--{split}-masks", default=None, help=f"{split} mask folder: STEM.png per image, class ids, "
+                                                               "255 = ignore")
+    g.add_argument("--classes", default=None,
+                   help="class list: a text file with one name per line, or 'a,b,c' (default with --data-root: "
+                        "the 150 ADE20K classes)")
+    g.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="mask 0 -> ignore, v -> v-1 (default: on with --data-root, as ADE20K; off otherwise)")
+
+
+def _dataset(args: argparse.Namespace, split: str, transforms: Any, **kw: Any):
+    """The split's dataset, or None when no data was given for it."""
+    from ..data.segmentation import ade20k, SegmentationDataset
+    images, masks = getattr(args, f"{split}_images", None), getattr(args, f"{split}_masks", None)
+    if images or masks:
+        if not (images and masks):
+            raise ValueError(f"give both --{split}-images and --{split}-masks")
+        if not args.classes:
+            raise ValueError("the generic layout needs --classes (a file with one class name per line, or 'a,b,c')")
+        return SegmentationDataset(images, masks, args.classes, bool(args.reduce_zero_label), transforms, **kw)
+    if args.data_root:
+        extra = {"class_names": args.classes} if args.classes else {}
+        if args.reduce_zero_label is not None:
+            extra["reduce_zero_label"] = args.reduce_zero_label
+        return ade20k(args.data_root, split, transforms, **extra, **kw)
+    return None
+
+
+def _add_head_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("segmentor (defaults: UperNet of the ViT-Adapter B recipe the released code derives from)")
+    g.add_argument("--channels", type=positive_int, default=512, help="UperNet width (recipes: 512 / 1024 / 1536)")
+    g.add_argument("--aux-channels", type=positive_int, default=256, help="FCN auxiliary head width")
+    g.add_argument("--no-aux", action="store_true", help="no auxiliary head")
+    g.add_argument("--aux-weight", type=non_negative_float, default=0.4)
+    g.add_argument("--dropout", type=unit_float, default=0.1)
+    g.add_argument("--crop-size", type=positive_int, default=None,
+                   help="training crop and sliding window (default: the finest branch's resolution)")
+    g.add_argument("--slide-stride", type=positive_int, default=None, help="sliding-window stride (default 2/3 crop)")
+    g.add_argument("--test-size", type=positive_int, default=None,
+                   help="short side of test images before sliding (default: the crop size)")
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segmentation", help="train a PIIP UperNet segmentor on ADE20K-style data",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p, "piip_tsb_1120_896_448")
+    p.add_argument("--pretrained-branches", nargs="+", default=None,
+                   help="per-branch weights (files or timm names, finest first; 'none' to skip one)")
+    _add_data_args(p, ("train", "val"))
+    _add_head_args(p)
+    g = p.add_argument_group("optimisation (defaults: ViT-Adapter-B UperNet recipe, vision_spec E.3)")
+    g.add_argument("--epochs", type=positive_int, default=127,
+                   help="released: 160k iterations at batch 16, i.e. ~127 epochs of ADE20K's 20,210 images")
+    g.add_argument("--batch-size", type=positive_int, default=2, help="images per process (released: 8 x 2)")
+    g.add_argument("--lr", type=positive_float, default=6e-5, help="peak learning rate (ViT-Adapter L: 2e-5)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="(ViT-Adapter L: 0.05)")
+    g.add_argument("--layer-decay", type=unit_float, default=0.95, help="layer-wise lr decay (L: 0.9; 1 = off)")
+    g.add_argument("--warmup-iters", type=non_negative_int, default=1500)
+    g.add_argument("--clip-grad", type=positive_float, default=None)
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for GPU, off for CPU)")
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", default="runs/segmentation")
+    r.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (output-dir/checkpoint.pt)")
+    r.add_argument("--workers", type=non_negative_int, default=2)
+    r.add_argument("--seed", type=non_negative_int, default=0)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--eval-every", type=non_negative_int, default=1, help="evaluate on the val set every N epochs (0 = never)")
+    r.add_argument("--eval-mode", default="slide", choices=["slide", "whole"])
+    r.add_argument("--save-every-steps", type=non_negative_int, default=0, help="extra mid-epoch checkpoints")
+    r.add_argument("--max-steps", type=positive_int, default=None, help="stop (and save) at this global step")
+    r.add_argument("--log-every", type=positive_int, default=20)
+    p.set_defaults(func=run_train)
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segmentation", help="mIoU / mAcc / aAcc of a segmentation checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `piip train segmentation`")
+    _add_data_args(p, ("val",))
+    p.add_argument("--mode", default="slide", choices=["slide", "whole"], help="sliding windows or one pass")
+    p.add_argument("--workers", type=non_negative_int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--out-dir", default=None, help="where to write metrics.json (default: next to the checkpoint)")
+    p.set_defaults(func=run_eval)
+
+
+def segmentation_forward(model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Loss dict of a segmentor on one collated (images, masks) batch (``forward(images, masks)`` is the
+    loss, so DDP sees the call)."""
+    images, masks = batch
+    images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+    return model(images, masks)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..data.segmentation import SegTestTransform, SegTrainTransform, segmentation_collate
+    from ..engine import TrainConfig, Trainer, init_distributed, is_main
+    from ..engine.checkpoint import check_writable, seed_everything
+    from ..engine.distributed import cleanup
+    from ..evaluation.segmentation import evaluate_segmentor
+    from ..registry import create_model
+    from ..tasks.segmentation import SegmentorConfig, build_segmentor, segmentor_config_dict
+
+    if not (args.data_root or args.train_images or args.train_masks):
+        raise ValueError("give --data-root (ADE20K layout) or --train-images, --train-masks and --classes")
+    check_writable(args.output_dir)
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r} does not exist (give a checkpoint.pt, or 'auto')")
+    device, _, world = init_distributed(args.device)
+    seed_everything(args.seed)
+    overrides = parse_overrides(args.override, args.img_size)
+    pretrained = None
+    if args.pretrained_branches:
+        pretrained = [None if p.lower() == "none" else p for p in args.pretrained_branches]
+    backbone = create_model(args.model, pretrained_branches=pretrained, **overrides)
+    if backbone.cfg.task != "dense":
+        raise ValueError(f"--model {args.model} is a {backbone.cfg.task} model; segmentation needs a dense backbone")
+    check_img_size(backbone.cfg)
+    crop = args.crop_size or int(backbone.cfg.branches[0].img_size)
+    stride = int(backbone.cfg.branches[0].max_stride)
+    if crop % stride:
+        raise ValueError(f"--crop-size {crop} is not a multiple of the finest branch's input stride {stride}")
+    dataset = _dataset(args, "train", SegTrainTransform(crop), seed=args.seed)
+    seg_cfg = SegmentorConfig(num_classes=dataset.num_classes, channels=args.channels,
+                              aux_channels=None if args.no_aux else args.aux_channels, aux_weight=args.aux_weight,
+                              dropout=args.dropout, crop_size=args.crop_size, stride=args.slide_stride,
+                              test_size=args.test_size, class_names=list(dataset.class_names))
+    model = build_segmentor(backbone, dataset.num_classes, seg_cfg)
+    val_set = _dataset(args, "val", SegTestTransform(model.test_size), on_error="none") if args.eval_every else None
+    if val_set is not None and val_set.class_names != dataset.class_names:
+        raise ValueError(f"val classes {val_set.class_names[:5]}... differ from train classes {dataset.class_names[:5]}...")
+
+    def epoch_end(m: torch.nn.Module, epoch: int):
+        if val_set is None or (epoch % args.eval_every and epoch != args.epochs):
+            return None
+        return evaluate_segmentor(m, val_set, device, args.eval_mode, args.amp, args.workers,
+                                  out_dir=os.path.join(args.output_dir, f"eval_epoch{epoch}"))
+
+    cfg = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, layer_decay=args.layer_decay, warmup_iters=args.warmup_iters,
+                      warmup_ratio=1e-6, schedule="poly", lr_steps=[], clip_grad=args.clip_grad, amp=args.amp,
+                      workers=args.workers, seed=args.seed, device=str(device),
+                      save_every_steps=args.save_every_steps, max_steps=args.max_steps, log_every=args.log_every,
+                      find_unused_parameters=False)
+    trainer = Trainer(model, dataset, cfg, segmentation_forward, segmentation_collate,
+                      extra_state={"model_config": segmentor_config_dict(model), "model_name": args.model},
+                      epoch_end=epoch_end)
+    if is_main():
+        n = sum(p.numel() for p in model.parameters())
+        print(f"training UperNet on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
+              f"{dataset.num_classes} classes, crop {crop}, {world} process(es) on {device}; "
+              f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
+    if args.resume:
+        path = trainer.checkpoint_path if args.resume == "auto" else args.resume
+        if args.resume != "auto" or os.path.exists(path):
+            trainer.resume(path)
+    trainer.fit()
+    cleanup()
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..data.segmentation import SegTestTransform
+    from ..engine import init_distributed
+    from ..engine.distributed import cleanup
+    from ..evaluation.segmentation import evaluate_segmentor
+    from ..tasks.segmentation import load_segmentor
+
+    if not (args.data_root or args.val_images or args.val_masks):
+        raise ValueError("give --data-root (ADE20K layout) or --val-images, --val-masks and --classes")
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    device, _, _ = init_distributed(args.device)
+    model = load_segmentor(args.checkpoint).to(device)
+    if args.data_root and not args.classes and model.seg_cfg.class_names:
+        args.classes = model.seg_cfg.class_names
+    dataset = _dataset(args, "val", SegTestTransform(model.test_size), on_error="none")
+    names = model.seg_cfg.class_names
+    if names and list(names) != list(dataset.class_names):
+        raise ValueError(f"the checkpoint's classes {names[:5]}... differ from the dataset's {dataset.class_names[:5]}...")
+    if dataset.num_classes != model.seg_cfg.num_classes:
+        raise ValueError(f"model has {model.seg_cfg.num_classes} classes, dataset {dataset.num_classes}")
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    evaluate_segmentor(model, dataset, device, args.mode, args.amp, args.workers, out_dir=out_dir)
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
+    cleanup()
+    return 0
