@@ -273,6 +273,15 @@ def test_cli_train_eval_ade20k(data, tmp_path, capsys):
         m = json.load(f)
     assert set(m) >= {"mIoU", "mAcc", "aAcc", "per_class"} and m["mode"] == "whole"
     assert "mIoU" in capsys.readouterr().out
+    img = os.path.join(data["ade"], "images", "validation", "val_000000.jpg")
+    rc = main(["predict", img, "--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "p" / "pred.png")])
+    assert rc == 0, capsys.readouterr().err
+    from PIL import Image
+    with Image.open(tmp_path / "p" / "pred.png") as pic:
+        assert pic.height == 96 and pic.width > 128                             # image + legend column
+    assert "classes present" in capsys.readouterr().out
+    assert main(["predict", img, "--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "p.gif")]) == 2
+    assert "unknown picture format" in capsys.readouterr().err
 
 
 def test_cli_train_folder_layout(data, tmp_path, capsys):

@@ -13,7 +13,8 @@ _WRITERS = {".png": "write_png", ".jpg": "write_jpeg", ".jpeg": "write_jpeg"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="run a trained detector on an image and save a picture of the results")
+    p = sub.add_parser("predict", help="run a trained detector or segmentor on an image and save a picture of the "
+                                       "results")
     p.add_argument("image", help="input image file")
     p.add_argument("--checkpoint", required=True, help="training checkpoint (or a plain state dict + --model)")
     add_model_args(p)
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from ..data.images import read_rgb
     from ..engine import init_distributed
     from ..tasks.detection import load_detector
+    from .segmentation import is_segmentation_checkpoint, run_predict
+    if os.path.isfile(args.checkpoint) and is_segmentation_checkpoint(args.checkpoint):
+        return run_predict(args)   # colour-coded classes + legend (detection-only options are unused)
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in _WRITERS:
         raise ValueError(f"--out {args.out!r}: unknown picture format {ext or '(no extension)'!r}; use "
