@@ -17,7 +17,7 @@ from piip.tasks.segmentation import SegmentorConfig, build_segmentor, slide_infe
 
 # 96 px: the coarsest branch (0.4x) still gets a 2x2 grid, which GroupNorm(32) over 32 channels needs
 TINY = dict(img_size=96, branches={"embed_dim": 32, "num_heads": 2, "depth": 1}, deform_num_heads=2)
-TINY_ARGS = ["--img-size", "96", "--override", "branches.embed_dim=32", "--override", "branches.num_heads=2",
+TINY_ARGS = ["--model", "piip_tsb_1120_896_448", "--img-size", "96", "--override", "branches.embed_dim=32", "--override", "branches.num_heads=2",
              "--override", '{"branches": {"depth": 1}, "deform_num_heads": 2}', "--channels", "32",
              "--aux-channels", "16"]
 
@@ -318,3 +318,20 @@ def test_cli_rejects_bad_values(capsys):
     from piip.cli import main
     assert main(["train", "segmentation", "--channels", "0"]) == 2
     assert "an integer >= 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- registry / FLOPs
+@pytest.mark.parametrize("name, paper", [("piip_tsb_896_448_336_seg", 118e9), ("piip_sbl_1120_448_336_seg", 456e9),
+                                         ("vit_b_640_seg", 159e9), ("vit_l_640_seg", 545e9)])
+def test_segmentation_models_reproduce_the_paper_flops(name, paper):
+    from piip.complexity import count
+    from piip.zoo_segmentation import SEG_RECIPES
+    assert abs(count(name).flops / paper - 1) < 0.02
+    assert SEG_RECIPES[name]["channels"] == (1024 if "sbl" in name or "vit_l" in name else 512)
+
+
+def test_registered_segmentation_model_builds_tiny():
+    m = build_segmentor("piip_tsb_896_448_336_seg", 3, SegmentorConfig(channels=32, aux_channels=16),
+                        img_size=128, branches={"embed_dim": 32, "num_heads": 2, "depth": 1}, deform_num_heads=2).eval()
+    with torch.no_grad():
+        assert m(torch.rand(1, 3, 128, 128)).shape == (1, 3, 128, 128)

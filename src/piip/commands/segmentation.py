@@ -45,9 +45,10 @@ def _dataset(args: argparse.Namespace, split: str, transforms: Any, **kw: Any):
 
 
 def _add_head_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("segmentor (defaults: UperNet of the ViT-Adapter B recipe the released code derives from)")
-    g.add_argument("--channels", type=positive_int, default=512, help="UperNet width (recipes: 512 / 1024 / 1536)")
-    g.add_argument("--aux-channels", type=positive_int, default=256, help="FCN auxiliary head width")
+    g = p.add_argument_group("segmentor (defaults: the model's recipe, see piip.zoo_segmentation)")
+    g.add_argument("--channels", type=positive_int, default=None,
+                   help="UperNet width (default: the model's recipe, 512 for B-sized, 1024 for L-sized models)")
+    g.add_argument("--aux-channels", type=positive_int, default=None, help="FCN auxiliary head width (recipes: 256)")
     g.add_argument("--no-aux", action="store_true", help="no auxiliary head")
     g.add_argument("--aux-weight", type=non_negative_float, default=0.4)
     g.add_argument("--dropout", type=unit_float, default=0.1)
@@ -61,18 +62,20 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segmentation", help="train a PIIP UperNet segmentor on ADE20K-style data",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, "piip_tsb_1120_896_448")
+    add_model_args(p, "piip_tsb_896_448_336_seg")
     p.add_argument("--pretrained-branches", nargs="+", default=None,
                    help="per-branch weights (files or timm names, finest first; 'none' to skip one)")
     _add_data_args(p, ("train", "val"))
     _add_head_args(p)
-    g = p.add_argument_group("optimisation (defaults: ViT-Adapter-B UperNet recipe, vision_spec E.3)")
+    g = p.add_argument_group("optimisation (defaults: the model's recipe, piip.zoo_segmentation.SEG_RECIPES: "
+                                 "ViT-Adapter B / L UperNet, vision_spec E.3)")
     g.add_argument("--epochs", type=positive_int, default=127,
                    help="released: 160k iterations at batch 16, i.e. ~127 epochs of ADE20K's 20,210 images")
     g.add_argument("--batch-size", type=positive_int, default=2, help="images per process (released: 8 x 2)")
-    g.add_argument("--lr", type=positive_float, default=6e-5, help="peak learning rate (ViT-Adapter L: 2e-5)")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="(ViT-Adapter L: 0.05)")
-    g.add_argument("--layer-decay", type=unit_float, default=0.95, help="layer-wise lr decay (L: 0.9; 1 = off)")
+    g.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (recipes: B 6e-5, L 2e-5)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=None, help="(recipes: B 0.01, L 0.05)")
+    g.add_argument("--layer-decay", type=unit_float, default=None,
+                   help="layer-wise lr decay on ViT blocks (recipes: B 0.95, L 0.9; 1 = off)")
     g.add_argument("--warmup-iters", type=non_negative_int, default=1500)
     g.add_argument("--clip-grad", type=positive_float, default=None)
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -141,6 +144,11 @@ def run_train(args: argparse.Namespace) -> int:
     if crop % stride:
         raise ValueError(f"--crop-size {crop} is not a multiple of the finest branch's input stride {stride}")
     dataset = _dataset(args, "train", SegTrainTransform(crop), seed=args.seed)
+    from ..zoo_segmentation import segmentation_recipe
+    recipe = segmentation_recipe(args.model)
+    for key in ("channels", "aux_channels", "lr", "weight_decay", "layer_decay"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key])
     seg_cfg = SegmentorConfig(num_classes=dataset.num_classes, channels=args.channels,
                               aux_channels=None if args.no_aux else args.aux_channels, aux_weight=args.aux_weight,
                               dropout=args.dropout, crop_size=args.crop_size, stride=args.slide_stride,
