@@ -154,6 +154,8 @@ def run_train(args: argparse.Namespace) -> int:
                               dropout=args.dropout, crop_size=args.crop_size, stride=args.slide_stride,
                               test_size=args.test_size, class_names=list(dataset.class_names))
     model = build_segmentor(backbone, dataset.num_classes, seg_cfg)
+    if world > 1 and device.type == "cuda":      # released: SyncBN in the heads (same parameter names)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     val_set = _dataset(args, "val", SegTestTransform(model.test_size), on_error="none") if args.eval_every else None
     if val_set is not None and val_set.class_names != dataset.class_names:
         raise ValueError(f"val classes {val_set.class_names[:5]}... differ from train classes {dataset.class_names[:5]}...")
