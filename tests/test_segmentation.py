@@ -335,3 +335,29 @@ def test_registered_segmentation_model_builds_tiny():
                         img_size=128, branches={"embed_dim": 32, "num_heads": 2, "depth": 1}, deform_num_heads=2).eval()
     with torch.no_grad():
         assert m(torch.rand(1, 3, 128, 128)).shape == (1, 3, 128, 128)
+
+
+# ---------------------------------------------------------------------- Hugging Face AutoBackbone adapter
+def test_transformers_upernet_runs_on_a_piip_autobackbone():
+    pytest.importorskip("transformers", minversion="5.0", reason="piip[seg]: PIIP as a transformers AutoBackbone")
+    from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
+
+    from piip.backbone import PIIPBackbone
+    from piip.config import PIIPConfig
+    from piip.integrations.transformers import PIIPHFBackbone, piip_backbone_config
+    bc = piip_backbone_config("piip_tsb_1120_896_448", **TINY)
+    assert isinstance(AutoBackbone.from_config(bc), PIIPHFBackbone)
+    torch.manual_seed(0)
+    model = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=bc, num_labels=4, hidden_size=32,
+                                                         auxiliary_channels=16))
+    assert model.backbone.channels == [32, 32, 32, 32]
+    out = model(pixel_values=torch.randn(2, 3, 96, 96), labels=torch.randint(0, 4, (2, 96, 96)))
+    assert out.logits.shape == (2, 4, 96, 96) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.backbone.piip.branches[0].patch_embed.proj.weight.grad is not None
+    # transformers' post_init leaves PIIP's own initialisation alone
+    torch.manual_seed(0)
+    ref = PIIPBackbone(PIIPConfig.from_dict(bc.piip_config)).state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.backbone.piip.state_dict().items())
+    with pytest.raises(ValueError, match="dense"):
+        piip_backbone_config("deit_b_224_cls")
