@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ._model_args import (add_model_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
-                          positive_float, positive_int, unit_float)
+from ._model_args import add_model_args, non_negative_float, non_negative_int, positive_float, positive_int, unit_float
+from ._train_common import check_resume, dense_backbone, resume_and_fit
 
 
 def _add_data_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
@@ -119,26 +119,16 @@ def run_train(args: argparse.Namespace) -> int:
     from ..data.segmentation import SegTestTransform, SegTrainTransform, segmentation_collate
     from ..engine import TrainConfig, Trainer, init_distributed, is_main
     from ..engine.checkpoint import check_writable, seed_everything
-    from ..engine.distributed import cleanup
     from ..evaluation.segmentation import evaluate_segmentor
-    from ..registry import create_model
     from ..tasks.segmentation import SegmentorConfig, build_segmentor, segmentor_config_dict
 
     if not (args.data_root or args.train_images or args.train_masks):
         raise ValueError("give --data-root (ADE20K layout) or --train-images, --train-masks and --classes")
     check_writable(args.output_dir)
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r} does not exist (give a checkpoint.pt, or 'auto')")
+    check_resume(args)
     device, _, world = init_distributed(args.device)
     seed_everything(args.seed)
-    overrides = parse_overrides(args.override, args.img_size)
-    pretrained = None
-    if args.pretrained_branches:
-        pretrained = [None if p.lower() == "none" else p for p in args.pretrained_branches]
-    backbone = create_model(args.model, pretrained_branches=pretrained, **overrides)
-    if backbone.cfg.task != "dense":
-        raise ValueError(f"--model {args.model} is a {backbone.cfg.task} model; segmentation needs a dense backbone")
-    check_img_size(backbone.cfg)
+    backbone = dense_backbone(args, "segmentation")
     crop = args.crop_size or int(backbone.cfg.branches[0].img_size)
     stride = int(backbone.cfg.branches[0].max_stride)
     if crop % stride:
@@ -180,12 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"training UperNet on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
               f"{dataset.num_classes} classes, crop {crop}, {world} process(es) on {device}; "
               f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    if args.resume:
-        path = trainer.checkpoint_path if args.resume == "auto" else args.resume
-        if args.resume != "auto" or os.path.exists(path):
-            trainer.resume(path)
-    trainer.fit()
-    cleanup()
+    resume_and_fit(trainer, args)
     return 0
 
 
@@ -243,7 +228,6 @@ def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
 def draw_segmentation(image: torch.Tensor, pred: torch.Tensor, class_names: list[str], alpha: float = 0.5):
     """PIL picture: the colour-coded prediction blended over ``image`` (uint8 (3, H, W)), with a
     legend of the classes present (most pixels first) on the right."""
-    import numpy as np
     from PIL import Image, ImageDraw
     k = len(class_names)
     colours = torch.tensor(class_colours(k), dtype=torch.float32)

@@ -18,7 +18,6 @@ neither a class id nor 255 is an error naming the file and the value.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import warnings

@@ -32,10 +32,9 @@ from torch import Tensor, nn
 
 from ..backbone import PIIPBackbone
 from ..config import PIIPConfig
+from .detection import IMAGE_NORMS, _as_backbone
 
 IGNORE_INDEX = 255
-IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-               "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
 @dataclass
@@ -301,24 +300,6 @@ def slide_inference(model: nn.Module, images: Tensor, crop: int, stride: int) ->
 
 
 # ---------------------------------------------------------------------- building / loading
-def _as_backbone(backbone: Union[PIIPBackbone, str, PIIPConfig], overrides: dict[str, Any]) -> PIIPBackbone:
-    if isinstance(backbone, PIIPBackbone):
-        if overrides:
-            raise ValueError("config overrides apply to a model name or config, not to a built backbone")
-        return backbone
-    if isinstance(backbone, str):
-        from ..registry import get_config
-        backbone = get_config(backbone, **overrides)
-    elif isinstance(backbone, PIIPConfig):
-        backbone = backbone.replace(**overrides) if overrides else backbone
-    else:
-        raise ValueError(f"backbone must be a PIIPBackbone, a registered model name or a PIIPConfig, "
-                         f"got {type(backbone).__name__}")
-    if backbone.task != "dense":
-        raise ValueError(f"segmentation needs a dense backbone config (task='dense'), got task={backbone.task!r}")
-    return PIIPBackbone(backbone)
-
-
 def build_segmentor(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: int = 150,
                     seg_cfg: Optional[SegmentorConfig] = None, **overrides: Any) -> PIIPSegmentor:
     """A PIIP UperNet segmentor.
@@ -332,7 +313,7 @@ def build_segmentor(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     cfg = dataclasses.replace(seg_cfg or SegmentorConfig(), num_classes=num_classes)
-    return PIIPSegmentor(_as_backbone(backbone, overrides), cfg)
+    return PIIPSegmentor(_as_backbone(backbone, overrides, "segmentation"), cfg)
 
 
 def segmentor_config_dict(model: PIIPSegmentor) -> dict[str, Any]:
