@@ -68,6 +68,14 @@ def test_forward_shape_and_loss_with_ignore():
     assert m(x, masks).keys() == losses.keys()        # forward(images, masks) is the loss entry
 
 
+def test_a_training_batch_of_one_image_works():
+    """The 1x1 pyramid pooling of a single image has one value per channel: BatchNorm falls back to
+    its running statistics there instead of failing (an epoch's last partial batch)."""
+    m = tiny_segmentor(3).train()
+    losses = m.loss(torch.rand(1, 3, 96, 96), torch.randint(0, 3, (1, 96, 96)))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 def test_gradients_reach_every_parameter():
     m = tiny_segmentor(3)
     with torch.no_grad():   # the released init zeroes gammas and deformable projections: move them off zero
@@ -361,3 +369,21 @@ def test_transformers_upernet_runs_on_a_piip_autobackbone():
     assert all(torch.equal(v, ref[k]) for k, v in model.backbone.piip.state_dict().items())
     with pytest.raises(ValueError, match="dense"):
         piip_backbone_config("deit_b_224_cls")
+
+
+def test_torchrun_two_cpu_processes_train_and_evaluate(data, tmp_path):
+    """DDP (gloo) with an uneven split: 6 images over 2 ranks at batch 2, eval of 2 images summed over ranks."""
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "piip.cli", "train", "segmentation", "--data-root", data["ade"], "--classes",
+                        os.path.join(data["ade"], "classes.txt"), *TINY_ARGS, "--epochs", "1", "--workers", "0",
+                        "--warmup-iters", "1", "--output-dir", str(out)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout and "segmentation (2 images, slide)" in r.stdout
+    assert (out / "checkpoint.pt").exists()

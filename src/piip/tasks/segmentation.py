@@ -100,7 +100,15 @@ class ConvModule(nn.Module):
         self.activation = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.activation(self.batch_norm(self.conv(x)))
+        x = self.conv(x)
+        bn = self.batch_norm
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1 and type(bn) is nn.BatchNorm2d:
+            # one value per channel (the 1x1 pyramid pooling of a batch of one, e.g. an epoch's
+            # last partial batch): batch statistics are undefined, normalise with the running ones
+            x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        else:
+            x = bn(x)
+        return self.activation(x)
 
 
 class PoolingBlock(nn.Sequential):
