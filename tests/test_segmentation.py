@@ -387,3 +387,11 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout and "segmentation (2 images, slide)" in r.stdout
     assert (out / "checkpoint.pt").exists()
+
+
+def test_poly_schedule_with_linear_warmup():
+    from piip.engine import WarmupSchedule
+    s = WarmupSchedule(100, warmup_iters=10, warmup_ratio=1e-6, kind="poly")
+    assert s(0) == pytest.approx(1e-6) and s(5) == pytest.approx((1e-6 + (1 - 1e-6) * 0.5) * 0.95)
+    assert s(10) == pytest.approx(0.9) and s(50) == pytest.approx(0.5) and s(100) == 0.0
+    assert WarmupSchedule(100, 0, kind="poly", power=2.0)(50) == pytest.approx(0.25)
