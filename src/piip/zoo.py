@@ -205,3 +205,6 @@ def detection_recipe(name: str, cfg: PIIPConfig) -> dict[str, float]:
     if any(b.kind == "convnext" for b in cfg.branches):
         return {"lr": 2e-4, "layer_decay": 0.8}
     return {"lr": 1e-4, "layer_decay": 0.85 if len(cfg.branches) > 1 else 0.95}
+
+
+from . import zoo_segmentation as _zoo_segmentation  # noqa: E402,F401  (registers the ADE20K UperNet models)

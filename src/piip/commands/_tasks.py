@@ -5,7 +5,7 @@ import argparse
 import importlib
 
 # task modules; each provides add_train_parser(subparsers) and add_eval_parser(subparsers)
-TASKS = ["piip.commands.detection", "piip.commands.classification"]
+TASKS = ["piip.commands.detection", "piip.commands.classification", "piip.commands.segmentation"]
 
 
 def add_task_command(sub: argparse._SubParsersAction, name: str, help: str, hook: str) -> None:

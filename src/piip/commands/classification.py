@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from ._model_args import (add_model_args, add_run_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
+from ._train_common import resume_and_fit
 
 _RECIPE_FLAGS = ["epochs", "batch_size", "lr", "new_lr_scale", "weight_decay", "decay_all", "warmup_epochs",
                  "warmup_lr", "min_lr", "auto_augment", "reprob", "mixup", "cutmix", "smoothing", "ema_decay",
@@ -139,7 +140,6 @@ def run_train(args: argparse.Namespace) -> int:
     from ..data.classification import ImageClassification, build_transforms, classification_collate
     from ..engine import TrainConfig, Trainer, init_distributed, is_main
     from ..engine.checkpoint import check_writable, seed_everything
-    from ..engine.distributed import cleanup
     from ..registry import create_model
     from ..tasks.classification_train import (NEW_MODULES, NO_DECAY_NAMES, classifier_config_dict,
                                               evaluate_classifier, make_loss)
@@ -216,11 +216,9 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"training {args.model} ({n / 1e6:.1f}M params, {size} px) with the {args.recipe} recipe on "
               f"{len(dataset)} images, {dataset.num_classes} classes, {world} process(es) on {device}; "
               f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    trainer.resume_from(args.resume)
-    trainer.fit()
+    resume_and_fit(trainer, args)
     if dataset.skipped and is_main():
         print(f"skipped {len(dataset.skipped)} unreadable training image(s)")
-    cleanup()
     return 0
 
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from ._model_args import (add_model_args, add_run_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
+from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
+from ._train_common import check_resume, dense_backbone, resume_and_fit
 
 
 def _add_data_args(p: argparse.ArgumentParser, split: str, required: bool) -> None:
@@ -115,9 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..data import CocoDetection, detection_collate, detection_train_transforms
     from ..engine import TrainConfig, Trainer, init_distributed, is_main
     from ..engine.checkpoint import check_writable, seed_everything
-    from ..engine.distributed import cleanup
     from ..evaluation import evaluate_detector
-    from ..registry import create_model
     from ..tasks.detection import build_detector, detector_config_dict, resolve_sizes
 
     train_ann, train_img = _coco_paths(args, "train")
@@ -125,18 +124,10 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError("give --train-ann and --train-images (or --coco-root)")
     val_ann, val_img = _coco_paths(args, "val")
     check_writable(args.output_dir)            # before anything slow: fail now, not after an epoch
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r} does not exist (give a checkpoint.pt, or 'auto')")
+    check_resume(args)
     device, _, world = init_distributed(args.device)
     seed_everything(args.seed)                 # the seed fixes the initial weights too
-    overrides = parse_overrides(args.override, args.img_size)
-    pretrained = None
-    if args.pretrained_branches:
-        pretrained = [None if p.lower() == "none" else p for p in args.pretrained_branches]
-    backbone = create_model(args.model, pretrained_branches=pretrained, **overrides)
-    if backbone.cfg.task != "dense":
-        raise ValueError(f"--model {args.model} is a {backbone.cfg.task} model; detection needs a dense backbone")
-    check_img_size(backbone.cfg)
+    backbone = dense_backbone(args, "detection")
     probe = CocoDetection(train_ann, train_img, with_masks=False)  # class list before the real dataset
     det_cfg = _det_cfg(args, probe.class_names)
     min_size, max_size, _ = resolve_sizes(backbone.cfg, det_cfg)
@@ -172,9 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"training {args.kind} on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
               f"{dataset.num_classes} classes, {world} process(es) on {device}; "
               f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    trainer.resume_from(args.resume)
-    trainer.fit()
-    cleanup()
+    resume_and_fit(trainer, args)
     return 0
 
 

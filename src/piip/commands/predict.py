@@ -14,8 +14,8 @@ _WRITERS = {".png": "write_png", ".jpg": "write_jpeg", ".jpeg": "write_jpeg"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="run a trained detector on an image and save a picture of the results, "
-                       "or print a classifier's top-k classes")
+    p = sub.add_parser("predict", help="run a trained detector or segmentor on an image and save a picture of the "
+                                       "results, or print a classifier's top-k classes")
     p.add_argument("image", help="input image file")
     p.add_argument("--checkpoint", required=True, help="training checkpoint (or a plain state dict + --model)")
     add_model_args(p)
@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import init_distributed
     from ..tasks.classification_train import is_classification_checkpoint
     from ..tasks.detection import load_detector
+    from .segmentation import is_segmentation_checkpoint, run_predict
+    if os.path.isfile(args.checkpoint) and is_segmentation_checkpoint(args.checkpoint):
+        return run_predict(args)   # colour-coded classes + legend (detection-only options are unused)
     if os.path.isfile(args.checkpoint) and is_classification_checkpoint(args.checkpoint):
         from .classification import predict_topk
         device, _, _ = init_distributed(args.device)

@@ -112,18 +112,24 @@ def build_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.
 
 class WarmupSchedule:
     """LR factor at iteration ``it``: linear warm-up from ``warmup_ratio`` (mmdet 'linear'), then
-    step decay by ``gamma`` at each milestone (iterations) or cosine to ``min_ratio``."""
+    step decay by ``gamma`` at each milestone (iterations), cosine to ``min_ratio``, or 'poly'
+    ``(1 - it / total) ** power`` down to ``min_ratio`` (mmseg, power 1.0)."""
 
     def __init__(self, total_iters: int, warmup_iters: int = 500, warmup_ratio: float = 1e-3,
-                 milestones: Sequence[int] = (), gamma: float = 0.1, kind: str = "step", min_ratio: float = 0.0) -> None:
-        if kind not in ("step", "cosine"):
-            raise ValueError(f"schedule kind must be 'step' or 'cosine', got {kind!r}")
+                 milestones: Sequence[int] = (), gamma: float = 0.1, kind: str = "step", min_ratio: float = 0.0,
+                 power: float = 1.0) -> None:
+        if kind not in ("step", "cosine", "poly"):
+            raise ValueError(f"schedule kind must be 'step', 'cosine' or 'poly', got {kind!r}")
+        self.power = power
         self.total, self.warmup, self.ratio = total_iters, warmup_iters, warmup_ratio
         self.milestones, self.gamma, self.kind, self.min_ratio = sorted(milestones), gamma, kind, min_ratio
 
     def __call__(self, it: int) -> float:
         if self.kind == "step":
             base = self.gamma ** sum(it >= m for m in self.milestones)
+        elif self.kind == "poly":
+            t = min(1.0, it / max(1, self.total))
+            base = self.min_ratio + (1 - self.min_ratio) * (1 - t) ** self.power
         else:
             t = min(1.0, it / max(1, self.total))
             base = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))

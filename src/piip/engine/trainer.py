@@ -42,7 +42,7 @@ class TrainConfig:
     num_layers: Optional[int] = None         # layer decay depth (default: deepest branch)
     warmup_iters: int = 500
     warmup_ratio: float = 1e-3
-    schedule: str = "step"                   # 'step' | 'cosine'
+    schedule: str = "step"                   # 'step' | 'cosine' | 'poly'
     lr_steps: list[int] = field(default_factory=lambda: [8, 11])  # epochs
     lr_gamma: float = 0.1
     clip_grad: Optional[float] = None

@@ -185,7 +185,9 @@ class PIIPDetectionTransform(GeneralizedRCNNTransform):
                          size_divisible=size_divisible)
 
 
-def _as_backbone(backbone: Union[PIIPBackbone, str, PIIPConfig], overrides: dict[str, Any]) -> PIIPBackbone:
+def _as_backbone(backbone: Union[PIIPBackbone, str, PIIPConfig], overrides: dict[str, Any],
+                 task: str = "detection") -> PIIPBackbone:
+    """A built dense backbone from a backbone, a registered name or a config (+ overrides)."""
     if isinstance(backbone, PIIPBackbone):
         if overrides:
             raise ValueError("model overrides can only be given with a model name or config, not a built backbone")
@@ -199,7 +201,7 @@ def _as_backbone(backbone: Union[PIIPBackbone, str, PIIPConfig], overrides: dict
         raise ValueError(f"backbone must be a PIIPBackbone, a registered model name or a PIIPConfig, "
                          f"got {type(backbone).__name__}")
     if backbone.task != "dense":
-        raise ValueError(f"detection needs a dense backbone config (task='dense'), got task={backbone.task!r}")
+        raise ValueError(f"{task} needs a dense backbone config (task='dense'), got task={backbone.task!r}")
     return PIIPBackbone(backbone)
 
 

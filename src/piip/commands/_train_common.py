@@ -1,0 +1,36 @@
+"""Steps every ``piip train TASK`` shares: the dense backbone from the model arguments, and
+resuming then fitting."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r} does not exist (give a checkpoint.pt, or 'auto')")
+
+
+def dense_backbone(args: argparse.Namespace, task: str) -> Any:
+    """The ``--model`` backbone with ``--override``/``--img-size``/``--pretrained-branches``; it must
+    be a dense model whose finest resolution is a multiple of its input stride."""
+    from ..registry import create_model
+    from ._model_args import check_img_size, parse_overrides
+    overrides = parse_overrides(args.override, args.img_size)
+    pretrained = None
+    if args.pretrained_branches:
+        pretrained = [None if p.lower() == "none" else p for p in args.pretrained_branches]
+    backbone = create_model(args.model, pretrained_branches=pretrained, **overrides)
+    if backbone.cfg.task != "dense":
+        raise ValueError(f"--model {args.model} is a {backbone.cfg.task} model; {task} needs a dense backbone")
+    check_img_size(backbone.cfg)
+    return backbone
+
+
+def resume_and_fit(trainer: Any, args: argparse.Namespace) -> None:
+    """``--resume PATH`` or ``auto`` (output-dir/checkpoint.pt when it exists), then train."""
+    from ..engine.distributed import cleanup
+    trainer.resume_from(args.resume)
+    trainer.fit()
+    cleanup()

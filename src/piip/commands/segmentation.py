@@ -1,0 +1,278 @@
+"""``piip train segmentation`` and ``piip eval segmentation``."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+
+from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, positive_float, positive_int,
+                          unit_float)
+from ._train_common import check_resume, dense_backbone, resume_and_fit
+
+
+def _add_data_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
+    g = p.add_argument_group("data: --data-root (ADE20K layout) or image + mask folders with --classes")
+    g.add_argument("--data-root", default=None,
+                   help="ADE20K-layout folder: images/{training,validation}/, annotations/{training,validation}/")
+    for split in splits:
+        g.add_argument(f"--{split}-images", default=None, help=f"{split} image folder (generic layout)")
+        g.add_argument(f"--{split}-masks", default=None, help=f"{split} mask folder: STEM.png per image, class ids, "
+                                                               "255 = ignore")
+    g.add_argument("--classes", default=None,
+                   help="class list: a text file with one name per line, or 'a,b,c' (default with --data-root: "
+                        "the 150 ADE20K classes)")
+    g.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="mask 0 -> ignore, v -> v-1 (default: on with --data-root, as ADE20K; off otherwise)")
+
+
+def _dataset(args: argparse.Namespace, split: str, transforms: Any, **kw: Any):
+    """The split's dataset, or None when no data was given for it."""
+    from ..data.segmentation import ade20k, SegmentationDataset
+    images, masks = getattr(args, f"{split}_images", None), getattr(args, f"{split}_masks", None)
+    if images or masks:
+        if not (images and masks):
+            raise ValueError(f"give both --{split}-images and --{split}-masks")
+        if not args.classes:
+            raise ValueError("the generic layout needs --classes (a file with one class name per line, or 'a,b,c')")
+        return SegmentationDataset(images, masks, args.classes, bool(args.reduce_zero_label), transforms, **kw)
+    if args.data_root:
+        extra = {"class_names": args.classes} if args.classes else {}
+        if args.reduce_zero_label is not None:
+            extra["reduce_zero_label"] = args.reduce_zero_label
+        return ade20k(args.data_root, split, transforms, **extra, **kw)
+    return None
+
+
+def _add_head_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("segmentor (defaults: the model's recipe, see piip.zoo_segmentation)")
+    g.add_argument("--channels", type=positive_int, default=None,
+                   help="UperNet width (default: the model's recipe, 512 for B-sized, 1024 for L-sized models)")
+    g.add_argument("--aux-channels", type=positive_int, default=None, help="FCN auxiliary head width (recipes: 256)")
+    g.add_argument("--no-aux", action="store_true", help="no auxiliary head")
+    g.add_argument("--aux-weight", type=non_negative_float, default=0.4)
+    g.add_argument("--dropout", type=unit_float, default=0.1)
+    g.add_argument("--crop-size", type=positive_int, default=None,
+                   help="training crop and sliding window (default: the finest branch's resolution)")
+    g.add_argument("--slide-stride", type=positive_int, default=None, help="sliding-window stride (default 2/3 crop)")
+    g.add_argument("--test-size", type=positive_int, default=None,
+                   help="short side of test images before sliding (default: the crop size)")
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segmentation", help="train a PIIP UperNet segmentor on ADE20K-style data",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p, "piip_tsb_896_448_336_seg")
+    p.add_argument("--pretrained-branches", nargs="+", default=None,
+                   help="per-branch weights (files or timm names, finest first; 'none' to skip one)")
+    _add_data_args(p, ("train", "val"))
+    _add_head_args(p)
+    g = p.add_argument_group("optimisation (defaults: the model's recipe, piip.zoo_segmentation.SEG_RECIPES: "
+                                 "ViT-Adapter B / L UperNet, vision_spec E.3)")
+    g.add_argument("--epochs", type=positive_int, default=127,
+                   help="released: 160k iterations at batch 16, i.e. ~127 epochs of ADE20K's 20,210 images")
+    g.add_argument("--batch-size", type=positive_int, default=2, help="images per process (released: 8 x 2)")
+    g.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (recipes: B 6e-5, L 2e-5)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=None, help="(recipes: B 0.01, L 0.05)")
+    g.add_argument("--layer-decay", type=unit_float, default=None,
+                   help="layer-wise lr decay on ViT blocks (recipes: B 0.95, L 0.9; 1 = off)")
+    g.add_argument("--warmup-iters", type=non_negative_int, default=1500)
+    g.add_argument("--clip-grad", type=positive_float, default=None)
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for GPU, off for CPU)")
+    r = add_run_args(p, "runs/segmentation")
+    r.add_argument("--eval-mode", default="slide", choices=["slide", "whole"])
+    p.set_defaults(func=run_train)
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segmentation", help="mIoU / mAcc / aAcc of a segmentation checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `piip train segmentation`")
+    _add_data_args(p, ("val",))
+    p.add_argument("--mode", default="slide", choices=["slide", "whole"], help="sliding windows or one pass")
+    p.add_argument("--workers", type=non_negative_int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--out-dir", default=None, help="where to write metrics.json (default: next to the checkpoint)")
+    p.set_defaults(func=run_eval)
+
+
+def segmentation_forward(model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Loss dict of a segmentor on one collated (images, masks) batch (``forward(images, masks)`` is the
+    loss, so DDP sees the call)."""
+    images, masks = batch
+    images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+    return model(images, masks)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..data.segmentation import SegTestTransform, SegTrainTransform, segmentation_collate
+    from ..engine import TrainConfig, Trainer, init_distributed, is_main
+    from ..engine.checkpoint import check_writable, seed_everything
+    from ..evaluation.segmentation import evaluate_segmentor
+    from ..tasks.segmentation import SegmentorConfig, build_segmentor, segmentor_config_dict
+
+    if not (args.data_root or args.train_images or args.train_masks):
+        raise ValueError("give --data-root (ADE20K layout) or --train-images, --train-masks and --classes")
+    check_writable(args.output_dir)
+    check_resume(args)
+    device, _, world = init_distributed(args.device)
+    seed_everything(args.seed)
+    backbone = dense_backbone(args, "segmentation")
+    crop = args.crop_size or int(backbone.cfg.branches[0].img_size)
+    stride = int(backbone.cfg.branches[0].max_stride)
+    if crop % stride:
+        raise ValueError(f"--crop-size {crop} is not a multiple of the finest branch's input stride {stride}")
+    dataset = _dataset(args, "train", SegTrainTransform(crop), seed=args.seed)
+    from ..zoo_segmentation import segmentation_recipe
+    recipe = segmentation_recipe(args.model)
+    for key in ("channels", "aux_channels", "lr", "weight_decay", "layer_decay"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key])
+    seg_cfg = SegmentorConfig(num_classes=dataset.num_classes, channels=args.channels,
+                              aux_channels=None if args.no_aux else args.aux_channels, aux_weight=args.aux_weight,
+                              dropout=args.dropout, crop_size=args.crop_size, stride=args.slide_stride,
+                              test_size=args.test_size, class_names=list(dataset.class_names))
+    model = build_segmentor(backbone, dataset.num_classes, seg_cfg)
+    if world > 1 and device.type == "cuda":      # released: SyncBN in the heads (same parameter names)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    val_set = _dataset(args, "val", SegTestTransform(model.test_size), on_error="none") if args.eval_every else None
+    if val_set is not None and val_set.class_names != dataset.class_names:
+        raise ValueError(f"val classes {val_set.class_names[:5]}... differ from train classes {dataset.class_names[:5]}...")
+
+    def epoch_end(m: torch.nn.Module, epoch: int):
+        if val_set is None or (epoch % args.eval_every and epoch != args.epochs):
+            return None
+        return evaluate_segmentor(m, val_set, device, args.eval_mode, args.amp, args.workers,
+                                  out_dir=os.path.join(args.output_dir, f"eval_epoch{epoch}"))
+
+    cfg = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, layer_decay=args.layer_decay, warmup_iters=args.warmup_iters,
+                      warmup_ratio=1e-6, schedule="poly", lr_steps=[], clip_grad=args.clip_grad, amp=args.amp,
+                      workers=args.workers, seed=args.seed, device=str(device),
+                      save_every_steps=args.save_every_steps, max_steps=args.max_steps, log_every=args.log_every,
+                      find_unused_parameters=False)
+    trainer = Trainer(model, dataset, cfg, segmentation_forward, segmentation_collate,
+                      extra_state={"model_config": segmentor_config_dict(model), "model_name": args.model},
+                      epoch_end=epoch_end)
+    if is_main():
+        n = sum(p.numel() for p in model.parameters())
+        print(f"training UperNet on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
+              f"{dataset.num_classes} classes, crop {crop}, {world} process(es) on {device}; "
+              f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
+    resume_and_fit(trainer, args)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..data.segmentation import SegTestTransform
+    from ..engine import init_distributed
+    from ..engine.distributed import cleanup
+    from ..evaluation.segmentation import evaluate_segmentor
+    from ..tasks.segmentation import load_segmentor
+
+    if not (args.data_root or args.val_images or args.val_masks):
+        raise ValueError("give --data-root (ADE20K layout) or --val-images, --val-masks and --classes")
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    device, _, _ = init_distributed(args.device)
+    model = load_segmentor(args.checkpoint).to(device)
+    if args.data_root and not args.classes and model.seg_cfg.class_names:
+        args.classes = model.seg_cfg.class_names
+    dataset = _dataset(args, "val", SegTestTransform(model.test_size), on_error="none")
+    names = model.seg_cfg.class_names
+    if names and list(names) != list(dataset.class_names):
+        raise ValueError(f"the checkpoint's classes {names[:5]}... differ from the dataset's {dataset.class_names[:5]}...")
+    if dataset.num_classes != model.seg_cfg.num_classes:
+        raise ValueError(f"model has {model.seg_cfg.num_classes} classes, dataset {dataset.num_classes}")
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    evaluate_segmentor(model, dataset, device, args.mode, args.amp, args.workers, out_dir=out_dir)
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
+    cleanup()
+    return 0
+
+
+# ---------------------------------------------------------------------- piip predict (segmentation checkpoints)
+def is_segmentation_checkpoint(path: str) -> bool:
+    """True for a checkpoint written by ``piip train segmentation``; False for anything else,
+    unreadable files included (the detection path then reports them)."""
+    try:
+        from ..weights.io import read_checkpoint
+        ck = read_checkpoint(path, weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - not ours to report
+        return False
+    return isinstance(ck, dict) and isinstance(ck.get("model_config"), dict) \
+        and ck["model_config"].get("task") == "segmentation"
+
+
+def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
+    """A fixed, well-spread colour per class (golden-ratio hues, alternating brightness)."""
+    import colorsys
+    out = []
+    for k in range(num_classes):
+        r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 0.95 if k % 2 == 0 else 0.7)
+        out.append((int(r * 255), int(g * 255), int(b * 255)))
+    return out
+
+
+def draw_segmentation(image: torch.Tensor, pred: torch.Tensor, class_names: list[str], alpha: float = 0.5):
+    """PIL picture: the colour-coded prediction blended over ``image`` (uint8 (3, H, W)), with a
+    legend of the classes present (most pixels first) on the right."""
+    from PIL import Image, ImageDraw
+    k = len(class_names)
+    colours = torch.tensor(class_colours(k), dtype=torch.float32)
+    pred = pred.cpu().long()
+    blend = image.permute(1, 2, 0).float() * (1 - alpha) + colours[pred] * alpha
+    pic = Image.fromarray(blend.round().clamp(0, 255).to(torch.uint8).numpy())
+    counts = torch.bincount(pred.flatten(), minlength=k)
+    present = [int(c) for c in counts.argsort(descending=True) if counts[c] > 0]
+    row, pad = 14, 4
+    names = [f"{class_names[c]} {100 * counts[c].item() / pred.numel():.1f}%" for c in present]
+    width = pad * 3 + 12 + max(6 * len(n) for n in names)
+    canvas = Image.new("RGB", (pic.width + width, max(pic.height, pad + row * len(present))), (255, 255, 255))
+    canvas.paste(pic, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (c, name) in enumerate(zip(present, names)):
+        y = pad + i * row
+        draw.rectangle([pic.width + pad, y, pic.width + pad + 10, y + 10], fill=class_colours(k)[c], outline=(0, 0, 0))
+        draw.text((pic.width + 2 * pad + 12, y - 1), name, fill=(0, 0, 0))
+    return canvas, [(class_names[c], counts[c].item() / pred.numel()) for c in present]
+
+
+_PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``piip predict IMAGE --checkpoint SEG_CKPT``: overlay picture + legend (and ``--mask-out``)."""
+    import torch.nn.functional as F
+
+    from ..data.images import read_rgb
+    from ..engine import init_distributed
+    from ..tasks.segmentation import load_segmentor
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in _PIL_FORMATS:
+        raise ValueError(f"--out {args.out!r}: unknown picture format {ext or '(no extension)'!r}; use "
+                         f"{', '.join(_PIL_FORMATS)}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {args.out!r}: {out_dir!r} is a file, not a folder")
+    img = read_rgb(args.image)
+    device, _, _ = init_distributed(args.device)
+    model = load_segmentor(args.checkpoint).eval().to(device)
+    h, w = img.shape[-2:]
+    s = model.test_size / min(h, w)
+    x = F.interpolate(img[None].float().div(255), size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))),
+                      mode="bilinear", align_corners=False).clamp(0, 1).to(device)
+    with torch.no_grad():
+        logits = model.predict(x, "slide")
+    pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+    names = list(model.seg_cfg.class_names) or [str(i) for i in range(model.seg_cfg.num_classes)]
+    pic, present = draw_segmentation(img, pred, names)
+    os.makedirs(out_dir, exist_ok=True)
+    pic.save(args.out, _PIL_FORMATS[ext])
+    print(f"segmentation of {args.image} ({w}x{h}) drawn on {args.out}; classes present:")
+    for name, frac in present:
+        print(f"  {name:24s} {100 * frac:5.1f}%")
+    return 0

@@ -1,0 +1,64 @@
+"""ADE20K UperNet configurations of the paper's segmentation table (``vision_spec`` §E.3).
+
+No config of these models was released: the settings are inferred so that ``piip flops``
+reproduces the paper's backbone FLOPs (PIIP-TSB 118G, PIIP-SBL 456G, ViT-B 159G, ViT-L 545G):
+window 28 attention where a branch's grid exceeds 28 tokens (the 448 px branch's 28x28 grid is one
+window, i.e. global) and global attention in the 21x21 coarsest branch; the ViT baselines use
+window 28 in all blocks. The UperNet widths and optimiser settings are those of the ViT-Adapter
+B / L UperNet recipes the released code derives from.
+
+Each name registers a backbone config (as every model) plus a :data:`SEG_RECIPES` entry holding the
+segmentor and optimiser defaults ``piip train segmentation`` uses for it; a new family (e.g. the
+released InternViT-6B configs) drops in with one :func:`register_segmentation_model` call.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .config import PIIPConfig
+from .registry import register_model
+from .zoo import DET_DROP_PATH, vit
+
+# name -> segmentor / optimiser defaults (SegmentorConfig fields + lr / weight_decay / layer_decay)
+SEG_RECIPES: dict[str, dict[str, Any]] = {}
+
+# ViT-Adapter UperNet recipes (ADE20K, 160k iterations, batch 16)
+RECIPE_B = {"channels": 512, "aux_channels": 256, "lr": 6e-5, "weight_decay": 0.01, "layer_decay": 0.95}
+RECIPE_L = {"channels": 1024, "aux_channels": 256, "lr": 2e-5, "weight_decay": 0.05, "layer_decay": 0.9}
+
+
+def register_segmentation_model(name: str, description: str, make: Callable[[], PIIPConfig],
+                                recipe: dict[str, Any]) -> None:
+    """Register a segmentation backbone ``make()`` and its :data:`SEG_RECIPES` entry."""
+    register_model(name, description)(make)
+    SEG_RECIPES[name] = dict(recipe)
+
+
+def segmentation_recipe(name: str) -> dict[str, Any]:
+    """Defaults for ``name``: its registered recipe, else the ViT-B one (UperNet 512, lr 6e-5)."""
+    return dict(SEG_RECIPES.get(name, RECIPE_B))
+
+
+def _piip(sizes: str, resolutions: tuple[int, int, int]) -> PIIPConfig:
+    branches = [vit(s, r, window=28 if r / 16 > 28 else 0, drop_path=DET_DROP_PATH[s])
+                for s, r in zip(sizes, resolutions)]
+    return PIIPConfig(branches=branches, merge="conv", pyramid="gn")
+
+
+def _vit(size: str, res: int) -> PIIPConfig:
+    return PIIPConfig(branches=[vit(size, res, groups=1, window=28, drop_path=DET_DROP_PATH[size])],
+                      merge=None, pyramid="ln")
+
+
+register_segmentation_model(
+    "piip_tsb_896_448_336_seg", "PIIP-TSB 896/448/336 UperNet ADE20K backbone (paper 118G; settings inferred)",
+    lambda: _piip("TSB", (896, 448, 336)), RECIPE_B)
+register_segmentation_model(
+    "piip_sbl_1120_448_336_seg", "PIIP-SBL 1120/448/336 UperNet ADE20K backbone (paper 456G; settings inferred)",
+    lambda: _piip("SBL", (1120, 448, 336)), RECIPE_L)
+register_segmentation_model(
+    "vit_b_640_seg", "ViT-B 640 UperNet ADE20K baseline (paper 159G; window 28, settings inferred)",
+    lambda: _vit("B", 640), RECIPE_B)
+register_segmentation_model(
+    "vit_l_640_seg", "ViT-L 640 UperNet ADE20K baseline (paper 545G; window 28, settings inferred)",
+    lambda: _vit("L", 640), RECIPE_L)
