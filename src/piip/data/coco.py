@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .robust import check_on_error, load_or_substitute
+
 
 class CocoDetection(Dataset):
     """Yields ``(image, target)``: image float (3, H, W) RGB in [0, 1]; target has ``boxes`` (xyxy,
@@ -32,8 +34,7 @@ class CocoDetection(Dataset):
             raise FileNotFoundError(f"annotation file not found: {ann_file}")
         if not os.path.isdir(img_dir):
             raise FileNotFoundError(f"image folder not found: {img_dir}")
-        if on_error not in ("substitute", "none", "raise"):
-            raise ValueError(f"on_error must be 'substitute', 'none' or 'raise', got {on_error!r}")
+        check_on_error(on_error)
         with _quiet():
             self.coco = COCO()
             self.coco.dataset = read_coco_json(ann_file)
@@ -54,7 +55,7 @@ class CocoDetection(Dataset):
             raise ValueError(f"{ann_file}: no images to use")
         self.ids = ids
         self.seed, self.epoch = seed, 0
-        self._bad: set[int] = set()
+        self._bad: set[int] = set()   # indices of unreadable images (reported once)
 
     def _existing(self, ids: list[int], ann_file: str) -> list[int]:
         """Image ids whose file exists; the missing ones are dropped with one warning (all missing: error)."""
@@ -119,29 +120,17 @@ class CocoDetection(Dataset):
         return t
 
     def __getitem__(self, index: int):
-        for attempt in range(min(len(self.ids), 20)):
-            i = (index + attempt) % len(self.ids)
-            img_id = self.ids[i]
-            if img_id in self._bad:
-                continue
-            try:
-                img = self.load_image(img_id)
-            except Exception as e:  # unreadable / truncated / missing file
-                self._bad.add(img_id)
-                name = self.coco.imgs[img_id].get("file_name")
-                warnings.warn(f"skipping unreadable image {name!r} (id {img_id}): {type(e).__name__}: {e}",
-                              stacklevel=2)
-                if self.on_error == "raise":
-                    raise
-                if self.on_error == "none":
-                    return None
-                continue
-            target = self.target(img_id, img.shape[1], img.shape[2])
-            if self.transforms is not None:
-                rng = random.Random(hash((self.seed, self.epoch, i)))
-                img, target = self.transforms(img, target, rng)
-            return img, target
-        raise RuntimeError(f"no readable image found near index {index}; check the image folder {self.img_dir}")
+        found = load_or_substitute(
+            index, len(self.ids), lambda i: self.load_image(self.ids[i]),
+            lambda i: f"image {self.coco.imgs[self.ids[i]].get('file_name')!r} (id {self.ids[i]})",
+            self._bad, self.on_error, f"the image folder {self.img_dir}")
+        if found is None:
+            return None
+        i, img = found
+        target = self.target(self.ids[i], img.shape[1], img.shape[2])
+        if self.transforms is not None:
+            img, target = self.transforms(img, target, random.Random(hash((self.seed, self.epoch, i))))
+        return img, target
 
 
 def read_coco_json(path: str) -> dict[str, Any]:

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .robust import check_on_error, load_or_substitute
+
 IGNORE_INDEX = 255
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ADE20K_SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
@@ -106,8 +108,7 @@ class SegmentationDataset(Dataset):
             raise FileNotFoundError(f"image folder not found: {img_dir}")
         if not os.path.isdir(ann_dir):
             raise FileNotFoundError(f"mask folder not found: {ann_dir}")
-        if on_error not in ("substitute", "none", "raise"):
-            raise ValueError(f"on_error must be 'substitute', 'none' or 'raise', got {on_error!r}")
+        check_on_error(on_error)
         self.class_names = read_class_names(class_names)
         self.num_classes = len(self.class_names)
         self.img_dir, self.ann_dir, self.reduce_zero_label = img_dir, ann_dir, reduce_zero_label
@@ -157,28 +158,16 @@ class SegmentationDataset(Dataset):
         return img, torch.from_numpy(m)
 
     def __getitem__(self, index: int):
-        for attempt in range(min(len(self.samples), 20)):
-            i = (index + attempt) % len(self.samples)
-            if i in self._bad:
-                continue
-            try:
-                img, mask = self.load(i)
-            except MaskValueError:
-                raise
-            except (ValueError, FileNotFoundError) as e:
-                self._bad.add(i)
-                warnings.warn(f"skipping unreadable sample {os.path.basename(self.samples[i][0])!r}: {e}",
-                              stacklevel=2)
-                if self.on_error == "raise":
-                    raise
-                if self.on_error == "none":
-                    return None
-                continue
-            img = img.float().div_(255)
-            if self.transforms is not None:
-                img, mask = self.transforms(img, mask, random.Random(hash((self.seed, self.epoch, i))))
-            return img, mask
-        raise RuntimeError(f"no readable sample found near index {index}; check {self.img_dir} and {self.ann_dir}")
+        found = load_or_substitute(index, len(self.samples), self.load,
+                                   lambda i: f"sample {os.path.basename(self.samples[i][0])!r}", self._bad,
+                                   self.on_error, f"{self.img_dir} and {self.ann_dir}", fatal=(MaskValueError,))
+        if found is None:
+            return None
+        i, (img, mask) = found
+        img = img.float().div_(255)
+        if self.transforms is not None:
+            img, mask = self.transforms(img, mask, random.Random(hash((self.seed, self.epoch, i))))
+        return img, mask
 
 
 def ade20k(root: str, split: str = "train", transforms: Optional[Callable] = None, **kw) -> SegmentationDataset:
