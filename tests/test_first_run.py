@@ -258,3 +258,14 @@ def test_too_small_input_names_a_size_that_works():
     side = int(str(e.value).split("smallest input it takes is ")[1].split("x")[0])
     with torch.no_grad():
         model(torch.randn(1, 3, side, side))
+
+
+def test_progress_lines_show_the_rate_of_this_run_and_an_eta(capsys, monkeypatch):
+    from piip.engine import progress
+    clock = iter([100.0, 104.0])                       # start, then 4 s for 2 steps
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    bar = progress.Progress(10, "epoch 1/1", log_every=2, initial=4)   # resumed at step 4
+    bar.update("loss 1")
+    bar.update("loss 1")
+    line = capsys.readouterr().out.strip()
+    assert line == "epoch 1/1 [6/10] 2.00s/it eta 0:08 loss 1"

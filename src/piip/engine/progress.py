@@ -27,7 +27,7 @@ class RunningMeans:
 class Progress:
     def __init__(self, total: int, desc: str, enabled: bool = True, log_every: int = 10, initial: int = 0) -> None:
         self.total, self.desc, self.enabled, self.log_every = total, desc, enabled, log_every
-        self.n, self.t0 = initial, time.time()
+        self.n, self.start, self.t0 = initial, initial, time.time()
         self.bar: Optional[object] = None
         if enabled and sys.stderr.isatty():
             try:
@@ -44,8 +44,10 @@ class Progress:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
         elif self.n % self.log_every == 0 or self.n == self.total:
-            rate = (time.time() - self.t0) / max(1, self.n)
-            print(f"{self.desc} [{self.n}/{self.total}] {rate:.2f}s/it {text}", flush=True)
+            rate = (time.time() - self.t0) / max(1, self.n - self.start)   # this run's steps only
+            eta = int(rate * max(0, self.total - self.n))
+            print(f"{self.desc} [{self.n}/{self.total}] {rate:.2f}s/it eta {eta // 60}:{eta % 60:02d} {text}",
+                  flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
