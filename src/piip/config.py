@@ -77,6 +77,15 @@ class BranchConfig:
         return 4 * 2 ** (len(self.stage_dims) - 1) if self.kind == "convnext" else self.patch_size
 
 
+def strict_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    """``cls(**d)`` for a dataclass, naming unknown keys (e.g. from a newer or foreign checkpoint)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {sorted(unknown)}; valid: {sorted(names)}")
+    return cls(**d)
+
+
 @dataclass
 class PIIPConfig:
     """A whole model. Branches are ordered from the finest resolution (smallest model) up."""

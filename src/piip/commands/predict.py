@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Iterable
 
 import torch
 
@@ -11,6 +12,18 @@ from ._model_args import add_model_args, parse_overrides, positive_int, unit_flo
 
 # output formats by file extension (torchvision.io writers)
 _WRITERS = {".png": "write_png", ".jpg": "write_jpeg", ".jpeg": "write_jpeg"}
+
+
+def check_picture_out(path: str, formats: Iterable[str]) -> str:
+    """The lower-case extension of ``--out`` if it is one of ``formats`` and its folder can exist."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in formats:
+        raise ValueError(f"--out {path!r}: unknown picture format {ext or '(no extension)'!r}; use "
+                         f"{', '.join(formats)}")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {path!r}: {out_dir!r} is a file, not a folder")
+    return ext
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,13 +81,8 @@ def run(args: argparse.Namespace) -> int:
         for name, p in predict_topk(args.image, args.checkpoint, args.topk, str(device)):
             print(f"{p:8.4f}  {name}")
         return 0
-    ext = os.path.splitext(args.out)[1].lower()
-    if ext not in _WRITERS:
-        raise ValueError(f"--out {args.out!r}: unknown picture format {ext or '(no extension)'!r}; use "
-                         f"{', '.join(_WRITERS)}")
+    ext = check_picture_out(args.out, _WRITERS)
     out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out {args.out!r}: {out_dir!r} is a file, not a folder")
     img = read_rgb(args.image)                  # before the (slower) model
     device, _, _ = init_distributed(args.device)
     overrides = parse_overrides(args.override, args.img_size)

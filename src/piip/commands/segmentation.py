@@ -251,13 +251,9 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..data.images import read_rgb
     from ..engine import init_distributed
     from ..tasks.segmentation import load_segmentor
-    ext = os.path.splitext(args.out)[1].lower()
-    if ext not in _PIL_FORMATS:
-        raise ValueError(f"--out {args.out!r}: unknown picture format {ext or '(no extension)'!r}; use "
-                         f"{', '.join(_PIL_FORMATS)}")
+    from .predict import check_picture_out
+    ext = check_picture_out(args.out, _PIL_FORMATS)
     out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out {args.out!r}: {out_dir!r} is a file, not a folder")
     img = read_rgb(args.image)
     device, _, _ = init_distributed(args.device)
     model = load_segmentor(args.checkpoint).eval().to(device)

@@ -29,7 +29,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..backbone import PIIPBackbone
-from ..config import PIIPConfig
+from ..config import PIIPConfig, strict_from_dict
 
 KINDS = ("mask_rcnn", "faster_rcnn", "retinanet")
 # pixel normalisations (mean, std) on [0, 1] RGB, selected by PIIPConfig.image_norm
@@ -73,11 +73,7 @@ class DetectorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown detector config keys {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "detector")
 
 
 def resolve_sizes(backbone_cfg: PIIPConfig, det: DetectorConfig) -> tuple[int, int, int]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbone import PIIPBackbone
-from ..config import PIIPConfig
+from ..config import PIIPConfig, strict_from_dict
 from .detection import IMAGE_NORMS, _as_backbone
 
 IGNORE_INDEX = 255
@@ -82,11 +82,7 @@ class SegmentorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SegmentorConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown segmentor config keys {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "segmentor")
 
 
 # ---------------------------------------------------------------------- heads (HF-compatible names)
