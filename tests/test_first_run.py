@@ -269,3 +269,15 @@ def test_progress_lines_show_the_rate_of_this_run_and_an_eta(capsys, monkeypatch
     bar.update("loss 1")
     line = capsys.readouterr().out.strip()
     assert line == "epoch 1/1 [6/10] 2.00s/it eta 0:08 loss 1"
+
+
+def test_install_hints_name_extras_that_exist():
+    import tomllib
+    from pathlib import Path
+
+    from piip.errors import EXTRAS, install_hint
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert set(EXTRAS.values()) <= set(extras)
+    assert install_hint("transformers.models") == "pip install 'piip[seg]'"
+    assert install_hint("scipy.interpolate") == "pip install scipy"

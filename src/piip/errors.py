@@ -9,9 +9,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# optional package -> the extra that installs it
-EXTRAS = {"pycocotools": "detection", "skimage": "demo", "PIL": "detection", "transformers": "hf",
-          "scipy": "detection"}
+# optional package -> the extra of pyproject.toml that installs it (others: plain pip install)
+EXTRAS = {"pycocotools": "detection", "skimage": "demo", "PIL": "detection", "transformers": "seg"}
 
 
 class TrainingInterrupted(Exception):
@@ -26,16 +25,19 @@ class MissingDependency(ImportError):
     """An optional package is not installed (the message says which extra installs it)."""
 
 
+def install_hint(module: str) -> str:
+    """How to install the package that provides ``module``."""
+    top = module.split(".")[0]
+    return f"pip install 'piip[{EXTRAS[top]}]'" if top in EXTRAS else f"pip install {top}"
+
+
 def require(module: str, what: str = "") -> ModuleType:
     """Import an optional package or raise one line naming the extra that installs it."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        top = module.split(".")[0]
-        extra = EXTRAS.get(top)
-        hint = f"pip install 'piip[{extra}]'" if extra else f"pip install {top}"
-        raise MissingDependency(f"{what or 'this'} needs the optional package {top!r} ({e}); install it with: "
-                                f"{hint}") from None
+        raise MissingDependency(f"{what or 'this'} needs the optional package {module.split('.')[0]!r} ({e}); "
+                                f"install it with: {install_hint(module)}") from None
 
 
 def user_message(exc: BaseException) -> tuple[int, str]:
@@ -43,10 +45,8 @@ def user_message(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, MissingDependency):
         return 2, str(exc)
     if isinstance(exc, ModuleNotFoundError) and exc.name:
-        top = exc.name.split(".")[0]
-        extra = EXTRAS.get(top)
-        hint = f"pip install 'piip[{extra}]'" if extra else f"pip install {top}"
-        return 2, f"the optional package {top!r} is not installed; install it with: {hint}"
+        return 2, (f"the optional package {exc.name.split('.')[0]!r} is not installed; install it with: "
+                   f"{install_hint(exc.name)}")
     if isinstance(exc, (ValueError, OSError)):
         msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
             f"{exc.filename}: {exc.strerror or exc}"
