@@ -1,7 +1,11 @@
 """``piip convert official SRC --model NAME --out DST.safetensors``: a checkpoint -> piip safetensors.
+``piip convert timm SRC --out DST.safetensors``: a single-branch piip classifier -> timm ViT weights.
 
-SRC is an official OpenGVLab/PIIP checkpoint (``--model`` names its config) or a piip training
-checkpoint (its own config is used; the backbone is written).
+``official``: SRC is an official OpenGVLab/PIIP checkpoint (``--model`` names its config) or a piip
+training checkpoint (its own config is used; the backbone is written).
+``timm``: SRC is a ``piip train classification`` checkpoint of a single-branch ViT (e.g. a
+``deit_b_224_cls`` variant); the file holds timm ``VisionTransformer`` keys, readable by timm and by
+``pretrained_branches`` like any DeiT file.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from ._model_args import parse_overrides, positive_int
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert checkpoints to piip safetensors")
-    p.add_argument("kind", choices=["official"],
-                   help="'official': an OpenGVLab/PIIP .pth, or a piip training checkpoint (backbone)")
+    p.add_argument("kind", choices=["official", "timm"],
+                   help="'official': an OpenGVLab/PIIP .pth, or a piip training checkpoint (backbone); "
+                        "'timm': a single-branch piip classifier checkpoint -> timm ViT weights")
     p.add_argument("src", help="checkpoint (.pth / .pt)")
     p.add_argument("--model", default=None,
                    help="registered piip model matching the checkpoint's config (not needed for piip training "
@@ -25,7 +30,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads-out", default=None,
                    help="also write the mmdet neck/heads converted to torchvision MaskRCNN names to this file")
     p.add_argument("--unsafe-pickle", action="store_true", help="allow arbitrary pickled objects (trusted files only)")
+    p.add_argument("--ema", action="store_true", help="timm: export the checkpoint's EMA weights")
     p.set_defaults(func=run)
+
+
+def run_timm(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from ..tasks.classification_train import load_classifier
+    from ..weights.timm_export import classifier_to_timm, timm_model_kwargs
+    model, classes = load_classifier(args.src, args.model, parse_overrides(args.override, args.img_size),
+                                     use_ema=args.ema)
+    sd = classifier_to_timm(model)
+    kwargs = timm_model_kwargs(model.backbone.branches[0], model.num_classes)
+    meta = {"format": "pt", "library": "timm", "timm_kwargs": json.dumps(kwargs),
+            "class_names": json.dumps(classes or [])}
+    save_file({k: v.contiguous() for k, v in sd.items()}, args.out, metadata=meta)
+    print(f"wrote {len(sd)} timm ViT tensors to {args.out}; build the model with "
+          f"timm.models.vision_transformer.VisionTransformer(**{kwargs})")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from ..weights.io import piip_backbone_part, read_checkpoint, unwrap_state_dict
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end with .safetensors, got {args.out!r}")
+    if args.kind == "timm":
+        return run_timm(args)
     raw = read_checkpoint(args.src, weights_only=not args.unsafe_pickle)
     sd = unwrap_state_dict(raw, args.src)
     stored = raw.get("model_config") if isinstance(raw, dict) else None
