@@ -43,7 +43,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": dict(per_class=100, val_per_class=20, cls_epochs={"T": 1, "S": 1, "B": 1}, scenes=(16, 8),
                   det_epochs=1),
     "full": dict(per_class=3000, val_per_class=1000, cls_epochs={"T": 4, "S": 4, "B": 4}, scenes=(400, 200),
-                 det_epochs=6),
+                 det_epochs=4),
 }
 DET_MODELS = {  # name: (branch sizes, resolutions, pretrained)
     "vitdet_b": ("B", (256,), True),

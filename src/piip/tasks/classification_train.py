@@ -93,35 +93,47 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
 def evaluate_classifier(model: nn.Module, dataset, device: torch.device, batch_size: int = 64, workers: int = 2,
                         amp: Optional[bool] = None, out_path: Optional[str] = None) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (%), per-class accuracy and the confusion matrix (rows = true class)
-    on ``dataset`` (skipped unreadable images are counted, not scored); written as JSON to ``out_path``."""
-    from torch.utils.data import DataLoader
+    on ``dataset`` (skipped unreadable images are counted, not scored); written as JSON to ``out_path``
+    (by rank 0). Under torchrun every process scores its own 1/world of the images and the counts
+    are summed, so the result equals a single process's."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, Subset
 
     from ..data.classification import classification_collate
+    from ..engine.distributed import is_main, rank, world_size
     amp = device.type == "cuda" if amp is None else amp
     model.eval()
     n_cls = len(dataset.class_names)
-    confusion = torch.zeros(n_cls, n_cls, dtype=torch.long)
-    correct = {1: 0, 5: 0}
-    total = 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+    confusion = torch.zeros(n_cls, n_cls, dtype=torch.long, device=device)
+    counts = torch.zeros(4, dtype=torch.long, device=device)  # top-1, top-5, scored, skipped
+    shard = Subset(dataset, list(range(rank(), len(dataset), world_size())))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=classification_collate)
     for x, y in loader:
         if len(y) == 0:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x.to(device)).float().cpu()
-        for k, v in topk_correct(logits, y).items():
-            correct[k] += v
+            logits = model(x.to(device)).float()
+        y = y.to(device)
+        hits = topk_correct(logits, y)
+        counts[0] += hits[1]
+        counts[1] += hits[5]
+        counts[2] += len(y)
         confusion += torch.bincount(y * n_cls + logits.argmax(-1), minlength=n_cls * n_cls).view(n_cls, n_cls)
-        total += len(y)
+    counts[3] = len(shard) - counts[2]  # unreadable images are dropped by the collate (workers keep own logs)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(confusion)
+        dist.all_reduce(counts)
+    confusion, counts = confusion.cpu(), counts.tolist()
+    correct, total = {1: counts[0], 5: counts[1]}, counts[2]
     per_class = {}
     for i, name in enumerate(dataset.class_names):
         n = int(confusion[i].sum())
         per_class[name] = round(100.0 * int(confusion[i, i]) / n, 4) if n else None
     result = {"top1": 100.0 * correct[1] / max(total, 1), "top5": 100.0 * correct[5] / max(total, 1),
-              "images": total, "skipped": len(getattr(dataset, "skipped", ())),
+              "images": total, "skipped": counts[3],
               "per_class": per_class, "confusion": confusion.tolist(), "class_names": list(dataset.class_names)}
-    if out_path:
+    if out_path and is_main():
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
