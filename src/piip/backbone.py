@@ -70,7 +70,7 @@ class PIIPBackbone(nn.Module):
             self.inter_merges = nn.ModuleDict({str(g): self._build_merge(g, w)
                                                for g, w in zip(self.out_groups, widths)}) if self.out_groups else None
         else:
-            if n > 1 and cfg.task != "classification":
+            if n > 1 and cfg.task not in ("classification", "features"):
                 raise ValueError("a multi-branch dense model needs merge='conv', 'linear', 'gn_linear' or "
                                  "'regular_fpn'")
             self.merge, self.inter_merges = None, None
