@@ -34,12 +34,9 @@ def register() -> None:
 register()
 
 
-def from_official(path: str, variant: str | None = None, dtype=None):  # noqa: ANN001, ANN201
-    """An official PIIP-LLaVA folder -> (model, processor); see :mod:`piip.llava.official`."""
-    from .official import from_official as _f
-    return _f(path, variant=variant, dtype=dtype)
+from .official import convert_official, detect_variant, from_official  # noqa: E402
 
 
 __all__ = ["IMAGE_TOKEN_ID", "PiipLlavaConfig", "PiipLlavaModel", "PiipLlavaPreTrainedModel",
            "PiipLlavaForConditionalGeneration", "TwoBranchProjector", "PiipLlavaImageProcessor",
-           "PiipLlavaProcessor", "TEMPLATES", "register", "from_official"]
+           "PiipLlavaProcessor", "TEMPLATES", "register", "from_official", "convert_official", "detect_variant"]
