@@ -109,7 +109,8 @@ def test_cli_convert_llava_writes_a_native_folder(tmp_path, capsys):
     src = tmp_path / "official"
     _official_folder(src, "clip")
     out = tmp_path / "native"
-    assert main(["convert", "llava", str(src), "--out", str(out), "--tiny-tower", "clip"]) == 0
+    (tmp_path / "tower.json").write_text(json.dumps(tiny_tower("clip").to_dict()))
+    assert main(["convert", "llava", str(src), "--out", str(out), "--tower-config", str(tmp_path / "tower.json")]) == 0
     assert "PIIP-LLaVA" in capsys.readouterr().out
     model = transformers.AutoModelForImageTextToText.from_pretrained(out)
     assert type(model).__name__ == "PiipLlavaForConditionalGeneration"
