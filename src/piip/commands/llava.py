@@ -103,7 +103,8 @@ def run_train(args: argparse.Namespace) -> int:
     history = trainer.fit()
     if is_main():
         path = save_stage(model, processor, args.stage, args.out)
-        print(f"{args.stage}: {history[-1] if history else {}}; saved {path}")
+        print(f"{args.stage}: trained to step {trainer.step}" + (f" ({history[-1]})" if history else "")
+              + f"; saved {path}")
     return 0
 
 

@@ -37,6 +37,11 @@ class LlavaJsonDataset(Dataset):
         for i, r in enumerate(self.rows[:1000]):
             if "conversations" not in r:
                 raise ValueError(f"{json_path}: sample {i} has no 'conversations'")
+        if template == "plain":
+            bad = [i for i, r in enumerate(self.rows) if r.get("image") is None]
+            if bad:
+                raise ValueError(f"{json_path}: sample {bad[0]} ({len(bad)} in all) has no image; stage 1 (the "
+                                 "'plain' template) trains on image-caption pairs only")
         self.folder, self.processor, self.template = image_folder, processor, template
         self.image_processor = type(processor.image_processor)(**{**processor.image_processor.to_dict(), "pad": pad})
 
@@ -104,7 +109,8 @@ def build_trainer(model: nn.Module, processor: PiipLlavaProcessor, a: LlavaTrain
     st = STAGES[a.stage]
     set_trainable(model, a.stage, a.unfreeze_vision)
     if a.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable()
+        lm = model.language_model   # transformers >= 5 renamed the method
+        (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
         if a.stage == "pretrain":  # frozen LLM: checkpointed blocks still need inputs that carry gradients
             model.enable_input_require_grads()
     ds = LlavaJsonDataset(a.data, a.image_folder, processor, st["template"], st["pad"])

@@ -1,0 +1,65 @@
+"""PIIP-LLaVA offline scorers on hand-computed fixtures (no transformers needed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from piip.evaluation.llava import (normalize_vqa_answer, parse_letter, pope_yes_no, score_gqa, score_letters,
+                                   score_pope, score_sqa, score_textvqa, textvqa_score)
+
+
+def _ans(pairs):
+    return [{"question_id": q, "text": t} for q, t in pairs]
+
+
+def test_vqa_normalisation():
+    assert normalize_vqa_answer("The Two dogs!") == "2 dogs"
+    assert normalize_vqa_answer("dont") == "don't"
+    assert normalize_vqa_answer("1,000") == "1000"
+    assert normalize_vqa_answer("Yes.") == "yes"
+    assert normalize_vqa_answer("an apple") == "apple"
+
+
+def test_textvqa_soft_accuracy_by_hand():
+    gt = ["coca cola"] * 3 + ["coke"] * 7
+    # leaving out one of the 3 'coca cola': 2 matches -> 2/3; leaving out a 'coke': 3 -> 1 => (3*2/3 + 7) / 10
+    assert textvqa_score("Coca Cola", gt) == pytest.approx(0.9)
+    assert textvqa_score("coke", gt) == pytest.approx(1.0)
+    assert textvqa_score("pepsi", gt) == 0.0
+    assert textvqa_score("coke", ["coke"] + ["x"] * 9) == pytest.approx(0.9 * 1 / 3)   # 9 subsets hold it once
+    r = score_textvqa(_ans([(1, "coke"), (2, "pepsi")]), {1: gt, 2: gt})
+    assert r["accuracy"] == pytest.approx(50.0) and r["n"] == 2
+    with pytest.raises(ValueError, match="no TextVQA annotation"):
+        score_textvqa(_ans([(3, "x")]), {1: gt})
+
+
+def test_gqa_exact_match_after_rstrip_and_lower():
+    r = score_gqa(_ans([("a", "Yes."), ("b", "left"), ("c", "red car")]), {"a": "yes", "b": "right", "c": "red car"})
+    assert r["accuracy"] == pytest.approx(200 / 3)
+
+
+def test_pope_f1_by_hand():
+    assert pope_yes_no("No, there is not.") == "no" and pope_yes_no("Yes. No.") == "yes"
+    assert pope_yes_no("There is a dog") == "yes" and pope_yes_no("I do not see one") == "no"
+    answers = _ans([(1, "Yes"), (2, "Yes"), (3, "No"), (4, "No"), (5, "Yes"), (6, "Yes")])
+    labels = {"random": {1: "yes", 2: "yes", 3: "yes", 4: "no"}, "popular": {5: "no", 6: "yes"}}
+    r = score_pope(answers, labels)
+    # random: TP 2, FN 1, TN 1 -> P 1, R 2/3, F1 0.8; popular: TP 1, FP 1 -> P 0.5, R 1, F1 2/3
+    assert r["random"]["f1"] == pytest.approx(0.8) and r["random"]["accuracy"] == pytest.approx(0.75)
+    assert r["popular"]["f1"] == pytest.approx(2 / 3)
+    assert r["f1"] == pytest.approx(100 * (0.8 + 2 / 3) / 2)
+
+
+def test_letter_parsing_seed_mmbench_and_sqa():
+    assert parse_letter("B") == "B" and parse_letter("C. a cat") == "C"
+    assert parse_letter("The answer is D.") == "D" and parse_letter("cat") is None
+    r = score_letters(_ans([(1, "A"), (2, "B. dog"), (3, "cat")]), {1: "A", 2: "C", 3: "B"})
+    assert r["accuracy"] == pytest.approx(100 / 3)
+    problems = {"p1": {"answer": 1, "choices": ["x", "y"], "image": "a.png"},
+                "p2": {"answer": 0, "choices": ["x", "y", "z"], "image": None},
+                "p3": {"answer": 2, "choices": ["x", "y", "z"], "image": "b.png"}}
+    r = score_sqa(_ans([("p1", "B"), ("p2", "The answer is A."), ("p3", "E")]), problems)
+    # p3's 'E' is not one of its 3 options: wrong (the official script would guess at random)
+    assert r["accuracy"] == pytest.approx(200 / 3) and r["img_accuracy"] == pytest.approx(50.0)
+    assert json.dumps(r)
