@@ -127,10 +127,12 @@ class PIIPBackbone(nn.Module):
         if h % stride or w % stride:
             raise ValueError(f"branch 0 ({_describe(self.cfg.branches[0])}) cannot take a {h}x{w} input: height and "
                              f"width must be multiples of {stride} (e.g. {_round_up(h, stride)}x{_round_up(w, stride)})")
-        x = x.to(next(self.branches[0].parameters()).dtype)
+        dtype = next(self.branches[0].parameters()).dtype
         views = []
         for br, bc, s in zip(self.branches, self.cfg.branches, self.scales):
-            v = x if s >= 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+            # resized in float32 at any precision (as the released code), then cast to the weights' dtype
+            v = x.to(dtype) if s >= 1 else F.interpolate(x.float(), scale_factor=s, mode="bilinear",
+                                                         align_corners=False).to(dtype)
             try:
                 br.check_input(*v.shape[-2:])
             except ValueError as e:  # a view needs one patch (ViT) / one token after the last downsampling

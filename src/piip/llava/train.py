@@ -108,6 +108,9 @@ def build_trainer(model: nn.Module, processor: PiipLlavaProcessor, a: LlavaTrain
     from ..engine import TrainConfig, Trainer
     st = STAGES[a.stage]
     set_trainable(model, a.stage, a.unfreeze_vision)
+    if a.stage == "pretrain" and _on_cuda(a.device):  # frozen LLM, tower and head held in bf16 (fp32 projector)
+        for m in (model.language_model, model.vision_tower, model.lm_head):
+            m.to(torch.bfloat16)
     if a.gradient_checkpointing:
         lm = model.language_model   # transformers >= 5 renamed the method
         (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
@@ -122,6 +125,10 @@ def build_trainer(model: nn.Module, processor: PiipLlavaProcessor, a: LlavaTrain
                             processor.ignore_index)
     return Trainer(model, ds, cfg, forward_loss, collate_fn=collate,
                    extra_state={"llava_stage": a.stage, "config": model.config.to_dict()})
+
+
+def _on_cuda(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def save_stage(model: nn.Module, processor: PiipLlavaProcessor, stage: str, out: str) -> str:
