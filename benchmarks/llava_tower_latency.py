@@ -32,7 +32,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(names: list[str], device: torch.device, dtype: torch.dtype, batch: int, repeats: int) -> list[dict]:
-    models = {n: piip.create_model(n).eval().to(device, dtype) for n in names}
+    models = {n: piip.create_model(n).eval().requires_grad_(False).to(device, dtype) for n in names}
     inputs = {n: torch.randn(batch, 3, int(m.cfg.img_size), int(m.cfg.img_size), device=device, dtype=dtype)
               for n, m in models.items()}
     flops, mem, times = {}, {}, {n: [] for n in names}

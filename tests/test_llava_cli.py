@@ -5,10 +5,10 @@ import base64
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,29 +20,15 @@ from PIL import Image  # noqa: E402
 from piip.cli import main  # noqa: E402
 from piip.evaluation.llava import score_pope  # noqa: E402
 from piip.llava import PiipLlavaForConditionalGeneration, PiipLlavaProcessor  # noqa: E402
-from piip.llava.tiny import _ungate, tiny_config, train_tiny_tokenizer  # noqa: E402
+from piip.llava.tiny import _ungate, make_tiny_llava_data, tiny_config, train_tiny_tokenizer  # noqa: E402
 from piip.llava.train import LlavaTrainArgs, build_trainer, load_projector, save_stage  # noqa: E402
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
-def _png(path, seed=0, size=(48, 32)):
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llava_data")
-    rows = []
-    for i in range(3):
-        _png(d / f"{i}.png", i)
-        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": "a dog runs"}]})
-    (d / "captions.json").write_text(json.dumps(rows))   # stage 1: image-caption pairs
-    rows.append({"id": "t", "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]})
-    (d / "data.json").write_text(json.dumps(rows))       # stage 2: a text-only sample mixed in
-    return d
+    return pathlib.Path(make_tiny_llava_data(str(tmp_path_factory.mktemp("llava_data")), n=3))
 
 
 def _parts(model):

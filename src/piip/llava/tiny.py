@@ -96,3 +96,28 @@ def _ungate(model: Any) -> None:
         for n, p in model.named_parameters():
             if n.endswith(("ca_gamma", "cffn_gamma")):
                 p.normal_(0, 0.1)
+
+
+def make_tiny_llava_data(path: str, n: int = 8, seed: int = 0) -> str:
+    """A synthetic LLaVA-format set in ``path``: ``n`` random PNGs, ``captions.json`` (stage 1:
+    image-caption pairs) and ``data.json`` (stage 2: the same as one-round conversations plus one
+    text-only sample). Returns ``path``."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    captions, convs = [], []
+    for i in range(n):
+        w, h = int(rng.integers(32, 96)), int(rng.integers(32, 96))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(path, f"{i}.png"))
+        text = SENTENCES[3 + i % 5]
+        captions.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": text}]})
+        convs.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": text}]})
+    convs.append({"id": "text", "conversations": [{"from": "human", "value": "Say yes."},
+                                                  {"from": "gpt", "value": "yes"}]})
+    for name, rows in (("captions.json", captions), ("data.json", convs)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(rows, f)
+    return path
