@@ -78,8 +78,9 @@ def main() -> None:
     print(f"{'tower':40} {'resolution':>10} {'s/batch':>8} {'ratio':>6} {'GMAC/img':>9} {'paper G':>8} {'peak MB':>8}")
     t0 = rows[0]["t"]
     for r in rows:
+        mem = f"{r['mem']:8.0f}" if r["mem"] == r["mem"] else f"{'-':>8}"   # measured on CUDA only
         print(f"{r['model']:40} {r['res']:>10} {r['t']:8.3f} {r['t'] / t0:6.2f} {r['gmac']:9.1f} {r['paper']:8.1f} "
-              f"{r['mem']:8.0f}")
+              f"{mem}")
 
 
 if __name__ == "__main__":
