@@ -84,6 +84,10 @@ def _build(args: argparse.Namespace):  # noqa: ANN202
     if args.vision_weights:
         from ..weights import describe_reports, load_pretrained_branches
         print(describe_reports(load_pretrained_branches(model.vision_tower, list(args.vision_weights))))
+    else:
+        import warnings
+        warnings.warn("no --vision-weights: the vision tower's branches are randomly initialised (the released "
+                      "recipe starts both stages from pretrained CLIP / ConvNeXt branches)")
     return model, PiipLlavaProcessor.from_config(AutoTokenizer.from_pretrained(args.llm), config)
 
 
