@@ -116,3 +116,26 @@ def test_cli_convert_llava_writes_a_native_folder(tmp_path, capsys):
     assert type(model).__name__ == "PiipLlavaForConditionalGeneration"
     assert json.load(open(out / "generation_config.json"))["do_sample"] is False
     assert main(["convert", "llava", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_official_key_names_follow_the_llava_fork():
+    """Spot checks of llava_spec §7.3 names (official branch1 = CLIP-L = piip branch 1)."""
+    torch.manual_seed(0)
+    model = PiipLlavaForConditionalGeneration(tiny_config("convnext"))
+    sd = to_official_llava_state_dict(model.state_dict(), model.vision_tower)
+    p = TOWER
+    for key in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight",
+                "lm_head.weight", "model.mm_projector.branch1.1.weight", "model.mm_projector.branch2.3.bias",
+                "model.mm_projector.branch2.6.weight",
+                p + "branch1.clip_model.embeddings.class_embedding", p + "branch1.clip_model.pre_layrnorm.weight",
+                p + "branch1.clip_model.encoder.layers.3.self_attn.v_proj.bias",
+                p + "branch1.clip_model.encoder.layers.0.layer_norm2.weight",
+                p + "branch2.convnext_model.stem.0.weight", p + "branch2.convnext_model.stages.1.downsample.1.weight",
+                p + "branch2.convnext_model.stages.0.blocks.0.weight",
+                p + "interactions.1.interaction_units_12.branch2to1_proj.weight",
+                p + "interactions.0.interaction_units_12.branch1to2_injector.cffn_weight",
+                p + "interactions.0.interaction_units_12.branch2to1_injector.attn.sampling_offsets.bias",
+                p + "interactions.0.interaction_units_12.branch1to2_injector.ffn.dwconv.dwconv.weight"):
+        assert key in sd, key
+    assert sd["model.mm_projector.branch1.1.weight"].shape == (64, 48)      # CLIP-L side (48 wide here)
+    assert sd[p + "branch1.clip_model.embeddings.position_embedding.weight"].shape == (5, 48)   # 2x2 + class
