@@ -188,3 +188,17 @@ def test_save_and_from_pretrained_are_bit_exact(tok, tmp_path):
     with torch.no_grad():
         assert torch.equal(m(input_ids=ids, pixel_values=pix).logits, loaded(input_ids=ids, pixel_values=pix).logits)
     assert transformers.AutoConfig.from_pretrained(tmp_path).image_seq_length == 16
+
+
+def test_from_llm_takes_over_a_causal_lm_without_copying():
+    from piip.llava.tiny import tiny_tower
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(tiny_config().text_config).eval()
+    model = PiipLlavaForConditionalGeneration.from_llm(lm, tiny_tower("convnext")).eval()
+    assert model.lm_head is lm.lm_head and model.language_model is lm.model
+    assert not any(t.is_meta for t in model.state_dict().values())
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, lm(input_ids=ids).logits)
+        out = model(input_ids=torch.tensor([[1] + [IMAGE_TOKEN_ID] * 16 + [9]]), pixel_values=torch.randn(1, 3, 128, 128))
+    assert torch.isfinite(out.logits).all()

@@ -59,7 +59,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def _build(args: argparse.Namespace):  # noqa: ANN202
     import torch
 
-    from ..llava import PiipLlavaConfig, PiipLlavaForConditionalGeneration, PiipLlavaProcessor
+    from ..llava import PiipLlavaForConditionalGeneration, PiipLlavaProcessor
     if args.tiny:
         from ..llava.tiny import tiny_config, train_tiny_tokenizer
         tok = train_tiny_tokenizer(os.path.join(args.out, "tokenizer"))
@@ -71,16 +71,12 @@ def _build(args: argparse.Namespace):  # noqa: ANN202
         return model, PiipLlavaProcessor.from_pretrained(args.init)
     if not args.llm:
         raise ValueError("give --llm (a Hugging Face causal LM), --init (a PIIP-LLaVA folder) or --tiny")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..zoo_llava import llava_tower
-    config = PiipLlavaConfig(vision_config=llava_tower(args.variant, args.interactions).to_dict(),
-                             text_config=AutoConfig.from_pretrained(args.llm))
-    model = PiipLlavaForConditionalGeneration(config)
     lm = AutoModelForCausalLM.from_pretrained(args.llm, dtype=torch.float32)
-    model.language_model.load_state_dict(lm.get_decoder().state_dict())
-    model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
-    del lm
+    model = PiipLlavaForConditionalGeneration.from_llm(lm, llava_tower(args.variant, args.interactions))
+    config = model.config
     if args.vision_weights:
         from ..weights import describe_reports, load_pretrained_branches
         print(describe_reports(load_pretrained_branches(model.vision_tower, list(args.vision_weights))))

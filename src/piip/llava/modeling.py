@@ -151,6 +151,27 @@ class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixi
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_llm(cls, llm: Any, tower: Any, **config_kwargs: Any) -> "PiipLlavaForConditionalGeneration":
+        """A new PIIP-LLaVA around a loaded causal LM (e.g. Vicuna from ``AutoModelForCausalLM``), its
+        weights taken over without a copy; ``tower`` is a :class:`piip.PIIPConfig` (freshly initialised
+        tower and projector). The model is first built on the meta device, so no random LLM is made."""
+        from ..backbone import PIIPBackbone
+        config = PiipLlavaConfig(vision_config=tower.to_dict(), text_config=llm.config, **config_kwargs)
+        with torch.device("meta"):
+            model = cls(config)
+        inner = model.model
+        inner.vision_tower = PIIPBackbone(config.piip_config)
+        inner.multi_modal_projector = TwoBranchProjector([br.out_dim for br in inner.vision_tower.branches],
+                                                         config.text_config.hidden_size,
+                                                         config.projector["num_groups"])
+        inner.language_model = llm.get_decoder()
+        model.lm_head = llm.get_output_embeddings()
+        left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+        if left:  # pragma: no cover - every submodule is replaced above
+            raise RuntimeError(f"tensors left on the meta device: {left[:5]}")
+        return model
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
