@@ -63,3 +63,30 @@ def test_letter_parsing_seed_mmbench_and_sqa():
     # p3's 'E' is not one of its 3 options: wrong (the official script would guess at random)
     assert r["accuracy"] == pytest.approx(200 / 3) and r["img_accuracy"] == pytest.approx(50.0)
     assert json.dumps(r)
+
+
+def test_modality_grouped_sampler_batches_one_modality_and_shards_exactly():
+    pytest.importorskip("transformers", reason="piip.llava imports transformers")
+    from piip.llava.train import ModalityGroupedSampler, modality_lengths
+    rows = [{"image": "x.png" if i % 3 else None, "conversations": [{"value": "w " * (i + 1)}]} for i in range(22)]
+    lengths = modality_lengths(rows)
+    assert lengths[0] == -1 and lengths[1] == 2
+    batch, world = 2, 2
+    orders = []
+    for rank in range(world):
+        s = ModalityGroupedSampler(lengths, batch, seed=3, rank=rank, world_size=world)
+        s.set_epoch(1)
+        orders.append(list(s))
+        assert len(orders[-1]) == len(s) == 11
+    assert sorted(orders[0] + orders[1]) == list(range(22))       # every sample once over the ranks
+    full = 22 // (batch * world) * (batch * world)                 # megabatches before the leftovers
+    for rank_order in orders:
+        for k in range(0, full // world, batch):                  # each rank's batch: one modality
+            assert len({lengths[i] > 0 for i in rank_order[k:k + batch]}) == 1
+    s = ModalityGroupedSampler(lengths, batch, seed=3)
+    s.set_epoch(1)
+    first = s.global_order()
+    s.set_epoch(2)
+    assert first != s.global_order() and sorted(first) == list(range(22))
+    s.set_epoch(1, skip=5)
+    assert list(s) == first[5:]                                    # resume part-way into the epoch

@@ -51,6 +51,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--unfreeze-vision", choices=["all", "interactions", "none"], default="all")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--no-group-by-modality", action="store_true",
+                   help="stage 2: sample uniformly instead of modality/length-grouped megabatches")
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", default=None, help="a checkpoint.pt of this run ('auto': the one in --out)")
     p.set_defaults(func=run_train)
@@ -96,7 +98,8 @@ def run_train(args: argparse.Namespace) -> int:
     a = LlavaTrainArgs(stage=args.stage, data=args.data, image_folder=args.image_folder, out=args.out, lr=args.lr,
                        epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps,
                        max_steps=args.max_steps, workers=args.workers, unfreeze_vision=args.unfreeze_vision,
-                       gradient_checkpointing=not args.no_gradient_checkpointing, device=args.device)
+                       gradient_checkpointing=not args.no_gradient_checkpointing, device=args.device,
+                       group_by_modality=not args.no_group_by_modality)
     trainer = build_trainer(model, processor, a)
     if args.resume:
         trainer.resume_from(args.resume)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..engine.sampler import ResumableSampler
 from .processing import IMAGE, LlavaCollator, PiipLlavaProcessor
 
 STAGES = {"pretrain": {"lr": 1e-3, "template": "plain", "pad": False},
@@ -64,6 +65,40 @@ class LlavaJsonDataset(Dataset):
         return {"input_ids": ids, "labels": labels, "pixel_values": pix}
 
 
+def modality_lengths(rows: list[dict[str, Any]]) -> list[int]:
+    """Words per sample, negative for text-only ones (the official ``modality_lengths``)."""
+    out = []
+    for r in rows:
+        n = sum(len(str(t.get("value", "")).split()) for t in r["conversations"])
+        out.append(n if r.get("image") is not None else -n)
+    return out
+
+
+class ModalityGroupedSampler(ResumableSampler):
+    """Stage 2's sampler (the official ``group_by_modality_length``): megabatches of ``world x batch``
+    samples hold one modality (image or text-only) and are sorted by length inside, their order is
+    shuffled per epoch, and the leftover samples of both modalities form the last megabatch. Every
+    rank's batch therefore comes from one megabatch: one modality, similar lengths. Resumable and
+    rank-sharded as :class:`piip.engine.ResumableSampler`, which splits the global order round robin."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        super().__init__(len(lengths), True, seed, rank, world_size)
+        self.lengths, self.mega = list(lengths), batch_size * world_size
+
+    def global_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        megas, rest = [], []
+        for group in ([i for i, n in enumerate(self.lengths) if n > 0], [i for i, n in enumerate(self.lengths) if n <= 0]):
+            perm = [group[j] for j in torch.randperm(len(group), generator=g).tolist()]
+            full = len(perm) // self.mega * self.mega
+            megas += [sorted(perm[k:k + self.mega], key=lambda i: -abs(self.lengths[i]))
+                      for k in range(0, full, self.mega)]
+            rest += perm[full:]
+        megas = [megas[j] for j in torch.randperm(len(megas), generator=g).tolist()]
+        return [i for m in megas for i in m] + rest
+
+
 def set_trainable(model: nn.Module, stage: str, unfreeze_vision: str = "all") -> None:
     """Stage 1: the projector only. Stage 2: LLM + projector + the tower (``unfreeze_vision``: 'all',
     'interactions' only, or 'none')."""
@@ -98,6 +133,7 @@ class LlavaTrainArgs:
     workers: int = 2
     unfreeze_vision: str = "all"
     gradient_checkpointing: bool = True
+    group_by_modality: bool = True   # stage 2: ModalityGroupedSampler
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
@@ -123,8 +159,12 @@ def build_trainer(model: nn.Module, processor: PiipLlavaProcessor, a: LlavaTrain
                       seed=a.seed, log_every=a.log_every, lr_steps=[])
     collate = LlavaCollator(processor.tokenizer.pad_token_id, processor.image_processor.blank(),
                             processor.ignore_index)
-    return Trainer(model, ds, cfg, forward_loss, collate_fn=collate,
-                   extra_state={"llava_stage": a.stage, "config": model.config.to_dict()})
+    trainer = Trainer(model, ds, cfg, forward_loss, collate_fn=collate,
+                      extra_state={"llava_stage": a.stage, "config": model.config.to_dict()})
+    if a.stage == "finetune" and a.group_by_modality:
+        trainer.sampler = ModalityGroupedSampler(modality_lengths(ds.rows), a.batch_size, a.seed, trainer.rank,
+                                                 trainer.world)
+    return trainer
 
 
 def _on_cuda(device: str) -> bool:
