@@ -98,9 +98,11 @@ class PiipLlavaModel(PiipLlavaPreTrainedModel):
 
     def get_image_features(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, S, S) normalised images -> (B, N_img, H) visual tokens in the LLM's dtype."""
-        tower_dtype = self.vision_tower.branches[0].parameters().__next__().dtype
-        states = self.vision_tower.forward_branches(pixel_values.to(tower_dtype))
-        maps = [t.x.transpose(1, 2).reshape(t.x.shape[0], t.x.shape[2], *t.hw) for t in states]
+        tower = next(self.vision_tower.parameters())
+        proj = next(self.multi_modal_projector.parameters())
+        states = self.vision_tower.forward_branches(pixel_values.to(tower.device))
+        maps = [t.x.transpose(1, 2).reshape(t.x.shape[0], t.x.shape[2], *t.hw).to(proj.device, proj.dtype)
+                for t in states]
         return self.multi_modal_projector(maps).to(self.get_input_embeddings().weight.dtype)
 
     def embed(self, input_ids: Tensor, pixel_values: Optional[Tensor] = None) -> Tensor:
@@ -116,7 +118,7 @@ class PiipLlavaModel(PiipLlavaPreTrainedModel):
             if mask.any():
                 raise ValueError("input_ids hold image placeholders but no pixel_values were given")
             return emb
-        feats = self.get_image_features(pixel_values)
+        feats = self.get_image_features(pixel_values).to(emb.device)   # device_map may split tower and LLM
         if feats.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{feats.shape[0]} images for {input_ids.shape[0]} sequences: give one image per "
                              "sequence (a zero image for text-only ones)")

@@ -186,12 +186,16 @@ def _copy_processor(src: str, out: str, config: PiipLlavaConfig) -> None:
 
 def from_official(path: str, variant: Optional[str] = None, dtype: Any = None, out: Optional[str] = None,
                   tower: Optional[PIIPConfig] = None) -> tuple[Any, Any]:
-    """Load a released PIIP-LLaVA folder: (model, processor or None when it ships no tokenizer).
+    """Load a released PIIP-LLaVA folder or hub id (``OpenGVLab/PIIP-LLaVA_...``): (model, processor or
+    None when it ships no tokenizer).
 
     Converts into ``out`` (default: a temporary folder, removed after loading) and loads with
     ``from_pretrained``; ``dtype`` is passed on (e.g. ``torch.bfloat16``)."""
     from .modeling import PiipLlavaForConditionalGeneration
     from .processing import PiipLlavaProcessor
+    if not os.path.isdir(path) and path.count("/") == 1 and not os.path.exists(path):   # a hub id
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(path)
     tmp = None
     if out is None:
         tmp = out = tempfile.mkdtemp(prefix="piip_llava_")
