@@ -7,7 +7,6 @@ import torch
 from piip import get_config, list_models
 from piip.backbone import PIIPBackbone
 from piip.complexity import count
-from piip.config import BranchConfig, PIIPConfig
 from piip.zoo_llava import convnext_llava_groups, llava_tower, tower_interactions
 
 # README / paper Table: vision-encoder FLOPs (G) of each tower

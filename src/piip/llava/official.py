@@ -94,7 +94,6 @@ def convert_official(src: str, out: str, variant: Optional[str] = None, tower: O
     ``variant`` (a :data:`piip.zoo_llava.LLAVA_TOWERS` name) must agree with the weights; ``tower``
     gives a tower config directly (custom or tiny towers)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{src}: no config.json; expected a released PIIP-LLaVA folder")

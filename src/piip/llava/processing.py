@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -251,7 +251,6 @@ class LlavaCollator:
     pad_token_id: int
     blank: Tensor
     ignore_index: int = -100
-    extra: list[str] = field(default_factory=list)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
         n = max(len(s["input_ids"]) for s in samples)
