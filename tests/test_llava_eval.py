@@ -90,3 +90,31 @@ def test_modality_grouped_sampler_batches_one_modality_and_shards_exactly():
     assert first != s.global_order() and sorted(first) == list(range(22))
     s.set_epoch(1, skip=5)
     assert list(s) == first[5:]                                    # resume part-way into the epoch
+
+
+def test_question_files_and_annotation_formats(tmp_path):
+    pytest.importorskip("transformers", reason="piip.llava imports transformers")
+    from piip.llava.evaluate import LETTER_PROMPT, read_questions, score
+    sqa = tmp_path / "sqa.json"
+    sqa.write_text(json.dumps([{"id": "p1", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nContext: x\nWhich?\nA. x\nB. y"}, {"from": "gpt", "value": "B"}]},
+        {"id": "p2", "conversations": [{"from": "human", "value": "Which?\nA. x\nB. y"}]}]))
+    rows = list(read_questions("sqa", str(sqa)))
+    assert rows[0]["text"] == "Context: x\nWhich?\nA. x\nB. y\n" + LETTER_PROMPT and rows[1]["image"] is None
+    (tmp_path / "tv.jsonl").write_text(json.dumps({"question_id": 5, "image": "i.jpg", "text": "q?"}) + "\n\n")
+    assert list(read_questions("textvqa", str(tmp_path / "tv.jsonl")))[0]["question_id"] == 5
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        list(read_questions("vqav2", str(sqa)))
+    answers = [{"question_id": 5, "text": "Coke"}]
+    (tmp_path / "tv.json").write_text(json.dumps({"data": [{"question_id": 5, "answers": ["coke"] * 10}]}))
+    assert score("textvqa", answers, str(tmp_path / "tv.json"))["accuracy"] == pytest.approx(100.0)
+    (tmp_path / "gqa.json").write_text(json.dumps({"5": {"answer": "coke"}}))
+    assert score("gqa", [{"question_id": "5", "text": "Coke."}], str(tmp_path / "gqa.json"))["accuracy"] == 100.0
+    (tmp_path / "seed.json").write_text(json.dumps({"questions": [
+        {"question_id": 1, "answer": "A", "data_type": "image"}, {"question_id": 2, "answer": "B", "data_type": "video"}]}))
+    r = score("seed", [{"question_id": 1, "text": "A"}, {"question_id": 2, "text": "C"}], str(tmp_path / "seed.json"))
+    assert r == {"accuracy": 100.0, "n": 1}                           # video questions are not scored
+    (tmp_path / "problems.json").write_text(json.dumps({"p1": {"answer": 1, "choices": ["x", "y"], "image": "a.png"}}))
+    assert score("sqa", [{"question_id": "p1", "text": "B"}], str(tmp_path / "problems.json"))["img_accuracy"] == 100.0
+    with pytest.raises(ValueError, match="needs --annotation"):
+        score("gqa", answers, None)
