@@ -70,7 +70,7 @@ class PIIPBackbone(nn.Module):
             self.inter_merges = nn.ModuleDict({str(g): self._build_merge(g, w)
                                                for g, w in zip(self.out_groups, widths)}) if self.out_groups else None
         else:
-            if n > 1 and cfg.task != "classification":
+            if n > 1 and cfg.task not in ("classification", "features"):
                 raise ValueError("a multi-branch dense model needs merge='conv', 'linear', 'gn_linear' or "
                                  "'regular_fpn'")
             self.merge, self.inter_merges = None, None
@@ -127,10 +127,12 @@ class PIIPBackbone(nn.Module):
         if h % stride or w % stride:
             raise ValueError(f"branch 0 ({_describe(self.cfg.branches[0])}) cannot take a {h}x{w} input: height and "
                              f"width must be multiples of {stride} (e.g. {_round_up(h, stride)}x{_round_up(w, stride)})")
-        x = x.to(next(self.branches[0].parameters()).dtype)
+        dtype = next(self.branches[0].parameters()).dtype
         views = []
         for br, bc, s in zip(self.branches, self.cfg.branches, self.scales):
-            v = x if s >= 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+            # resized in float32 at any precision (as the released code), then cast to the weights' dtype
+            v = x.to(dtype) if s >= 1 else F.interpolate(x.float(), scale_factor=s, mode="bilinear",
+                                                         align_corners=False).to(dtype)
             try:
                 br.check_input(*v.shape[-2:])
             except ValueError as e:  # a view needs one patch (ViT) / one token after the last downsampling

@@ -21,6 +21,7 @@ COMMANDS = [
     "piip.commands.convert",
     "piip.commands.flops",
     "piip.commands.train", "piip.commands.eval", "piip.commands.predict",
+    "piip.commands.chat",
 ]
 
 

@@ -456,6 +456,8 @@ def count_model(model: nn.Module, name: str = "model") -> Complexity:
     """Count an already built :class:`PIIPBackbone` or :class:`PIIPClassifier` (any device)."""
     backbone = getattr(model, "backbone", model)
     cfg: PIIPConfig = backbone.cfg
+    if cfg.task == "features":  # vision towers of PIIP-LLaVA: that paper's counter
+        return _count_llava_tower(backbone, name)
     views, grids = branch_grids(cfg)
     group_grids = [_group_grids(br, v) for br, v in zip(backbone.branches, views)]
     res = [b.img_size for b in cfg.branches]
@@ -512,3 +514,38 @@ def count(name: str, img_size: Optional[Sequence[float]] = None, **overrides: An
             raise ValueError(f"img_size takes 1 value or one per branch ({len(cfg.branches)} for {name}), "
                              f"got {len(sizes)}")
     return count_config(cfg, name)
+
+
+# ---------------------------------------------------------------------------- PIIP-LLaVA towers
+def _count_llava_tower(backbone: nn.Module, name: str) -> Complexity:
+    """The PIIP-LLaVA counter (llava_spec §6.1, ``get_flops_llava.py``): the vision tower alone, no head;
+    self-attention products on the patch tokens only (class token excluded, though the Linears read it);
+    timm's ConvNeXt norms are not counted (the official hook matches exact ``nn.LayerNorm``); the
+    deformable term of every interaction uses the fine branch's grid after its *first* group."""
+    from .branches.vit import ViTBranch
+    cfg: PIIPConfig = backbone.cfg
+    views, grids = branch_grids(cfg)
+    group_grids = [_group_grids(br, v) for br, v in zip(backbone.branches, views)]
+    rows: list[ModuleCost] = []
+    for i, (br, v, g) in enumerate(zip(backbone.branches, views, grids)):
+        cost = ModuleCost(_describe_branch(i, br, cfg.branches[i].img_size), params=_n_params(br))
+        if isinstance(br, ViTBranch):
+            n = g[0] * g[1]
+            over = {id(br.patch_embed): Geom(n, v)}
+            for blk in br.blocks:  # products on N patch tokens, projections on N + 1
+                over.update({id(blk.attn): Geom(n, g), id(blk.attn.qkv): Geom(n + 1, g),
+                             id(blk.attn.proj): Geom(n + 1, g)})
+            _walk(br, Geom(n + int(br.cls_token is not None), g), cost, over)
+        else:
+            for part, hw in br.flop_parts(v):
+                _walk(part, Geom(hw[0] * hw[1], hw), cost)
+            cost.flops_by_kind["norm"] = 0
+        rows.append(cost)
+    if backbone.interactions is not None:
+        inter = _interaction_cost(backbone, group_grids)
+        first = _interaction_cost(backbone, [[gr[0]] * len(gr) for gr in group_grids])
+        inter.flops_by_kind["deform"] = first.flops_by_kind["deform"]
+        rows.append(inter)
+    return Complexity(model=name, resolutions=[b.img_size for b in cfg.branches], grids=list(grids), breakdown=rows,
+                      built_breakdown=[dataclasses.replace(r, flops_by_kind=dict(r.flops_by_kind)) for r in rows],
+                      merge_built=None)

@@ -108,7 +108,7 @@ class PIIPConfig:
     out_groups: Optional[list[int]] = None
     image_norm: str = "half"                  # pixel normalisation the weights expect: 'half' | 'imagenet'
     pyramid_levels: Optional[list[int]] = None  # pyramid maps returned (0..3 = strides 4..32); None = all
-    task: str = "dense"                       # 'dense' | 'classification'
+    task: str = "dense"                       # 'dense' | 'classification' | 'features' (branch tokens only: LLaVA)
     head: str = "cls_token"                   # classification: 'cls_token' | 'merged'
     # token the per-branch heads read: 'cls' (the class token) or 'first_patch' (what the released
     # classification code actually feeds its heads: token 0 after the class token is split off)

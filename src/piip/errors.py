@@ -10,7 +10,8 @@ import importlib
 from types import ModuleType
 
 # optional package -> the extra of pyproject.toml that installs it (others: plain pip install)
-EXTRAS = {"pycocotools": "detection", "skimage": "demo", "PIL": "detection", "transformers": "seg"}
+EXTRAS = {"pycocotools": "detection", "skimage": "demo", "PIL": "detection", "transformers": "seg",
+          "sentencepiece": "llava", "accelerate": "llava"}
 
 
 class TrainingInterrupted(Exception):

@@ -49,10 +49,10 @@ def build_from_config(cfg: PIIPConfig) -> nn.Module:
     if cfg.task == "classification":
         from .tasks.classification import PIIPClassifier
         return PIIPClassifier(cfg)
-    if cfg.task == "dense":
+    if cfg.task in ("dense", "features"):
         from .backbone import PIIPBackbone
         return PIIPBackbone(cfg)
-    raise ValueError(f"unknown task {cfg.task!r}: expected 'dense' or 'classification'")
+    raise ValueError(f"unknown task {cfg.task!r}: expected 'dense', 'features' or 'classification'")
 
 
 def create_model(name: str, pretrained_branches: Optional[list] = None, checkpoint: Optional[str] = None,

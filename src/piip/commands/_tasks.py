@@ -5,7 +5,8 @@ import argparse
 import importlib
 
 # task modules; each provides add_train_parser(subparsers) and add_eval_parser(subparsers)
-TASKS = ["piip.commands.detection", "piip.commands.classification", "piip.commands.segmentation"]
+TASKS = ["piip.commands.detection", "piip.commands.classification", "piip.commands.segmentation",
+         "piip.commands.llava"]
 
 
 def add_task_command(sub: argparse._SubParsersAction, name: str, help: str, hook: str) -> None:

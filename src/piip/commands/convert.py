@@ -1,5 +1,6 @@
 """``piip convert official SRC --model NAME --out DST.safetensors``: a checkpoint -> piip safetensors.
 ``piip convert timm SRC --out DST.safetensors``: a single-branch piip classifier -> timm ViT weights.
+``piip convert llava SRC --out DIR``: a released PIIP-LLaVA folder -> a native Hugging Face folder.
 
 ``official``: SRC is an official OpenGVLab/PIIP checkpoint (``--model`` names its config) or a piip
 training checkpoint (its own config is used; the backbone is written).
@@ -17,16 +18,20 @@ from ._model_args import parse_overrides, positive_int
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert checkpoints to piip safetensors")
-    p.add_argument("kind", choices=["official", "timm"],
+    p.add_argument("kind", choices=["official", "timm", "llava"],
                    help="'official': an OpenGVLab/PIIP .pth, or a piip training checkpoint (backbone); "
-                        "'timm': a single-branch piip classifier checkpoint -> timm ViT weights")
-    p.add_argument("src", help="checkpoint (.pth / .pt)")
+                        "'timm': a single-branch piip classifier checkpoint -> timm ViT weights; 'llava': a "
+                        "released PIIP-LLaVA folder -> a native Hugging Face folder (--out DIR)")
+    p.add_argument("src", help="checkpoint (.pth / .pt), or for 'llava' the released folder")
     p.add_argument("--model", default=None,
                    help="registered piip model matching the checkpoint's config (not needed for piip training "
                         "checkpoints, which hold their config)")
     p.add_argument("--img-size", type=positive_int, default=None, help="finest-branch resolution override")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE|JSON", help="config override")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file ('llava': output folder)")
+    p.add_argument("--variant", default=None, help="llava: expected tower (e.g. clip_bl_512_256); read from the weights")
+    p.add_argument("--tower-config", default=None, metavar="JSON",
+                   help="llava: a PIIPConfig JSON file for a custom (non-released) tower")
     p.add_argument("--heads-out", default=None,
                    help="also write the mmdet neck/heads converted to torchvision MaskRCNN names to this file")
     p.add_argument("--unsafe-pickle", action="store_true", help="allow arbitrary pickled objects (trusted files only)")
@@ -52,6 +57,9 @@ def run_timm(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kind == "llava":
+        from .llava import run_convert
+        return run_convert(args)
     import torch
     from safetensors.torch import save_file
 

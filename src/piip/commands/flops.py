@@ -60,7 +60,8 @@ def format_table(results: list[Complexity], breakdown: bool) -> str:
             lines += _breakdown_lines(c)
     lines.append("paper: backbone only (+ classifier heads), 1 MAC = 1 FLOP, pos. embeddings at each branch's grid, "
                  "linear merging (regular-FPN hybrids: their real merges, as Table II); as built: the instantiated "
-                 "model incl. its merging, pyramid and heads")
+                 "model incl. its merging, pyramid and heads; PIIP-LLaVA towers (piip_llava_*, llava15_*): the vision "
+                 "tower alone under that paper's counter")
     return "\n".join(lines)
 
 

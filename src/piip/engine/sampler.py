@@ -33,7 +33,8 @@ class ResumableSampler(Sampler[int]):
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def __iter__(self) -> Iterator[int]:
+    def global_order(self) -> list[int]:
+        """This epoch's order over all ranks before padding and sharding (subclasses may group it)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.length, generator=g).tolist()
@@ -41,6 +42,10 @@ class ResumableSampler(Sampler[int]):
             order = list(range(self.length))
         if self.repeats > 1:
             order = [i + k * self.length for i in order for k in range(self.repeats)]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.global_order()
         total = self.per_rank * self.world
         order = (order * math.ceil(total / len(order)))[:total]
         return iter(order[self.rank::self.world][self.skip:])

@@ -1,0 +1,87 @@
+"""One entry point for chat / eval: a native folder, a released (official-layout) folder or hub id,
+or ``tiny`` / ``tiny-convnext`` (a random tiny model and a tokenizer trained on the spot)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+TINY = {"tiny": "clip", "tiny-convnext": "convnext"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any]:
+    """(model in eval mode on ``device``, processor) for ``spec``."""
+    from .modeling import PiipLlavaForConditionalGeneration
+    from .official import from_official
+    from .processing import PiipLlavaProcessor
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # chat / eval print answers, not loading bars
+    dev = resolve_device(device)
+    if dtype == "auto":
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    if spec in TINY:
+        import shutil
+
+        from .tiny import save_tiny_model
+        path = save_tiny_model(tempfile.mkdtemp(prefix="piip_llava_tiny_"), TINY[spec])
+        try:
+            return load_model(path, dtype, device)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+    if not os.path.isdir(spec):
+        if os.path.exists(spec) or spec.count("/") != 1:
+            raise ValueError(f"--model {spec}: not a model folder, a hub id (owner/name) or one of {sorted(TINY)}")
+        from huggingface_hub import snapshot_download
+        spec = snapshot_download(spec)
+    cfg_path = os.path.join(spec, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"--model {spec}: no config.json; expected a piip.llava or released PIIP-LLaVA folder")
+    with open(cfg_path) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type == "piip_llava":
+        model = PiipLlavaForConditionalGeneration.from_pretrained(spec, dtype=torch_dtype)
+        processor = PiipLlavaProcessor.from_pretrained(spec)
+    else:  # a released folder: converted on the fly
+        model, processor = from_official(spec, dtype=torch_dtype)
+        if processor is None:
+            raise ValueError(f"--model {spec}: the folder has no tokenizer (tokenizer.model / tokenizer.json)")
+    return model.to(dev).eval(), processor
+
+
+def greedy_kwargs(processor: Any, max_new_tokens: int, temperature: float = 0.0) -> dict[str, Any]:
+    """Generation settings of the official evaluation: greedy unless a temperature is given."""
+    tok = processor.tokenizer
+    kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": 1, "eos_token_id": tok.eos_token_id,
+                          "pad_token_id": tok.pad_token_id}
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=None, top_k=0)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def answer(model: Any, processor: Any, prompt: str, pixel_values: Optional[torch.Tensor], max_new_tokens: int,
+           temperature: float = 0.0, streamer: Any = None) -> str:
+    """Generate an answer for one rendered prompt (batch size 1, as the official evaluation)."""
+    inputs = processor(prompt)
+    dev = next(model.parameters()).device
+    inputs = {k: v.to(dev) for k, v in inputs.items()}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values.to(dev)
+    out = model.generate(**inputs, streamer=streamer, **greedy_kwargs(processor, max_new_tokens, temperature))
+    return processor.decode(out[0])
