@@ -19,8 +19,6 @@ from .zoo_segmentation import register_segmentation_model
 
 INTERNVIT_6B = (3200, 48, 25)  # width, depth, heads
 DROP_PATH = 0.4                # linear 0 -> 0.4 in both InternViT-class branches
-# released layer-decay depth and skip strides (official order: branch2, branch3 = our n-2, n-3)
-LAYER_DECAY_LAYERS = 48
 
 
 def internvit_6b(img_size: float, groups: list[list[int]], fused_mlp: bool = False,
@@ -82,13 +80,6 @@ register_model("piip_lh6b_1536_1024_512", "PIIP-LH6B 1536/1024/512 detection bac
     lambda: _lh6b())
 register_model("piip_lh6b_1536_1024_512_dino", "PIIP-LH6B 1536/1024/512 DINO backbone, maps at strides 8/16/32")(
     lambda: _lh6b(pyramid_levels=[1, 2, 3]))
-
-
-def detection_skip_strides(cfg: PIIPConfig) -> list[float]:
-    """Released layer-decay skip strides (official branch2, branch3, ...): the largest branch's depth over
-    each other branch's, e.g. [1.5] for H6B and [1.5, 2.0] for LH6B."""
-    top = cfg.branches[-1].depth
-    return [top / b.depth for b in reversed(cfg.branches[:-1])]
 
 
 # ---------------------------------------------------------------------------- ADE20K UperNet 80k
