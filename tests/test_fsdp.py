@@ -125,3 +125,33 @@ def test_fsdp_two_processes_match_one_and_resume_across_process_counts(tmp_path)
         assert torch.equal(v, r0["step2"][k]), k
     t.fit()
     assert one == pytest.approx([two[-1]], rel=1e-5) and one == pytest.approx([ref_losses[-1]], rel=1e-4)
+
+
+def test_cli_train_detection_strategy_fsdp_one_process_then_eval_and_resume(tmp_path):
+    """``piip train detection --strategy fsdp`` on one process (unsharded) writes the sharded checkpoint
+    layout; evaluation reads it (weights gathered from the shards) and ``--resume`` continues it."""
+    import json
+    import warnings
+
+    from piip.cli import main
+    from piip.data.synthetic import make_coco
+    ann = make_coco(str(tmp_path / "coco"), num_images=2, image_size=(64, 64), max_objects=2, min_object=8, seed=0)
+    images = str(tmp_path / "coco" / "train")
+    tiny = {"branches": [{"embed_dim": 32, "num_heads": 2, "depth": 2, "interaction_groups": [[0, 0], [1, 1]]},
+                         {"embed_dim": 64, "num_heads": 2, "depth": 2, "interaction_groups": [[0, 0], [1, 1]]}],
+            "deform_num_heads": 2}
+    out = tmp_path / "run"
+    args = ["train", "detection", "--model", "piip_h6b_1024_512", "--img-size", "64", "--override", json.dumps(tiny),
+            "--train-ann", ann, "--train-images", images, "--epochs", "1", "--batch-size", "1", "--workers", "0",
+            "--warmup-iters", "1", "--output-dir", str(out), "--eval-every", "0", "--fpn-channels", "32",
+            "--box-head-dim", "32", "--mask-head-dim", "16", "--strategy", "fsdp"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args + ["--max-steps", "1"]) == 0
+        ck = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert ck["model"] == "sharded" and (out / ck["shards"]).is_dir() and ck["step"] == 1
+        assert main(args + ["--resume", "auto"]) == 0          # continues to the end of the epoch
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+        assert main(["eval", "detection", "--checkpoint", str(out / "checkpoint.pt"), "--val-ann", ann,
+                     "--val-images", images, "--workers", "0", "--out-dir", str(out / "eval")]) == 0
+    assert (out / "eval" / "metrics.json").exists()

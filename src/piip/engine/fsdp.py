@@ -139,6 +139,16 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def read_sharded_model(directory: str) -> dict[str, torch.Tensor]:
+    """The whole weights of a :func:`save_sharded` folder in this process (no process group): what
+    evaluation, prediction and export read from an FSDP run's checkpoint."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"sharded checkpoint folder {directory!r} does not exist (the checkpoint.pt beside "
+                                "it points there; copy the whole output folder)")
+    return _load_state_dict_from_keys({"model"}, checkpoint_id=directory)["model"]
+
+
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (unsharded) weights on CPU, on rank 0 (empty elsewhere); call on every process."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
