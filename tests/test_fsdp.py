@@ -1,6 +1,6 @@
 """FSDP (``fully_shard``) training with 2 gloo CPU processes on a tiny InternViT-like PIIP-H6B: the same
 loss trajectory and weights as one process with the whole batch, sharded checkpoints that resume
-exactly on 2 processes and on 1 process, and one FSDP unit per block / interaction group."""
+exactly on 2 processes and on 1 process, and one FSDP unit per block / interaction group (+ merging, pyramid)."""
 from __future__ import annotations
 
 import os
@@ -101,8 +101,8 @@ def test_fsdp_two_processes_match_one_and_resume_across_process_counts(tmp_path)
     tmp = str(tmp_path)
     mp.spawn(_worker, args=(2, _free_port(), tmp), nprocs=2, join=True)
     r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1))
-    # one unit per block (2 + 3) and per interaction group (2)
-    assert r0["units"] == 7
+    # one unit per block (2 + 3), per interaction group (2), the merging and the pyramid
+    assert r0["units"] == 9
     # reference: one process, whole batch (the union of both ranks' batches), plain training
     ref_losses: list = []
     ref = _trainer(os.path.join(tmp, "ref"), N_IMAGES // 4, "ddp", STEPS, ref_losses)

@@ -3,8 +3,9 @@
 Why: PIIP-H6B / LH6B (6.9-7.3B parameters) do not fit one GPU with DDP: weights, gradients and
 AdamW moments alone take 16 bytes per parameter (110 GB for H6B). FSDP shards all three over the
 processes and gathers one unit's weights at a time. Units (vision_spec §C.3): every transformer
-block of every branch, every interaction group (the released "interaction unit"), then the rest of
-the model (embeddings, merging, pyramid, detection heads) as the root unit.
+block of every branch, every interaction group (the released "interaction unit"), the branch
+merging and the feature pyramid (0.3B / 0.1B parameters at H6B's 3200 width), then the rest of the
+model (embeddings, detection heads) as the root unit.
 
 Mixed precision follows the released recipe: the backbone's blocks and interactions compute with
 bfloat16 weights (gradients reduced in float32), the root (heads) keeps float32 weights under
@@ -31,9 +32,11 @@ from .distributed import barrier, is_main
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules sharded as their own units: branch blocks and interaction groups, in model order."""
+    """The modules sharded as their own units: branch blocks, interaction groups, merging, pyramid."""
     from ..branches.base import Branch
     from ..layers.interaction import InteractionGroup
+    from ..layers.merge import BranchMerge
+    from ..layers.pyramid import SimpleFeaturePyramid
     units: list[nn.Module] = []
     for m in model.modules():
         if isinstance(m, Branch):
@@ -42,7 +45,7 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
                 units += [b for s in m.stages for b in s.blocks]
             elif blocks is not None:
                 units += list(blocks)
-        elif isinstance(m, InteractionGroup):
+        elif isinstance(m, (InteractionGroup, BranchMerge, SimpleFeaturePyramid)):
             units.append(m)
     return units
 
@@ -55,9 +58,10 @@ def shard_model(model: nn.Module, param_dtype: Optional[torch.dtype] = None,
     Needs an initialised process group (``torchrun``); gloo (CPU) works as well as nccl."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     unit_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    scalars = {p for p in model.parameters() if p.ndim == 0}  # replicated (module doc)
     for unit in fsdp_units(model):
-        fully_shard(unit, mp_policy=unit_mp, reshard_after_forward=reshard_after_forward)
-    scalars = {p for p in model.parameters() if p.ndim == 0}
+        fully_shard(unit, mp_policy=unit_mp, reshard_after_forward=reshard_after_forward,
+                    ignored_params={p for p in unit.parameters() if p.ndim == 0} or None)
     fully_shard(model, reshard_after_forward=reshard_after_forward, ignored_params=scalars or None)
     return model
 
