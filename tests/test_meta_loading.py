@@ -100,3 +100,20 @@ def test_legacy_pickle_falls_back_and_errors_stay_clear(tmp_path, source):
                                                                  KW["branches"][1]]}), wrong)
     with pytest.raises(ValueError, match="shape mismatch"):
         piip.create_model(NAME, checkpoint=wrong, **KW)
+
+
+def test_file_pages_handed_back_only_for_mapped_tensors(tmp_path, source):
+    from piip.weights.lazy import build_on_meta, materialize, releasing_file_pages
+    path = str(tmp_path / "model.safetensors")
+    save_state_dict(source, path)
+    sd = map_state_dict(path)
+    keep = dict(sd)
+    plain = {k: v.clone() for k, v in source.state_dict().items()}  # ordinary memory: never released
+    before = {k: v.clone() for k, v in plain.items()}
+    model, other = build_on_meta(source.cfg), build_on_meta(source.cfg)
+    with releasing_file_pages(sd):
+        materialize(model, dict(sd))
+        materialize(other, dict(plain))
+    for k, v in keep.items():  # dropped pages read back from the file, unchanged
+        assert torch.equal(v, model.state_dict()[k]) and torch.equal(v, source.state_dict()[k]), k
+    assert all(torch.equal(plain[k], before[k]) for k in plain)

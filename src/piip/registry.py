@@ -73,12 +73,13 @@ def create_model(name: str, pretrained_branches: Optional[list] = None, checkpoi
         return build_from_config(cfg)
     from . import weights  # loading code lives with the weights
     if pretrained_branches is None:
-        from .weights.lazy import build_on_meta, map_state_dict
+        from .weights.lazy import build_on_meta, map_state_dict, releasing_file_pages
         sd = map_state_dict(checkpoint)
         if sd is not None:
             cfg = weights.fit_config_to_checkpoint(cfg, sd, checkpoint)
             model = build_on_meta(cfg)
-            weights.load_checkpoint(model, checkpoint, state_dict=sd, assign=True)
+            with releasing_file_pages(sd):
+                weights.load_checkpoint(model, checkpoint, state_dict=sd, assign=True)
             return model
     sd = None
     if checkpoint is not None:  # the file may decide part of the build (TSBL finest-branch width)
