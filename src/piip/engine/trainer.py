@@ -330,7 +330,13 @@ class Trainer:
             self.epoch_step = 0
             self.history.append(record)
             self.save()
-            if self.epoch_end is not None:
+            if self.epoch_end is not None and self.fsdp:
+                # sharded evaluation gives ranks different numbers of forward passes, which sharded
+                # weights cannot serve (every forward is collective): evaluate the checkpoint instead
+                if is_main():
+                    print(f"note: no evaluation during --strategy fsdp training; run `piip eval ... --checkpoint "
+                          f"{self.checkpoint_path}` (the weights are gathered from the shards)")
+            elif self.epoch_end is not None:
                 result = self.epoch_end(unwrap(self.model), self.epoch)
                 if result:
                     record["eval"] = result
