@@ -238,9 +238,10 @@ def _randomize(m: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("name", ["piip_sbl_1568_1120_672", "piip_sbl_1568_1120_672_augreg_speedup",
                                   "piip_sbl_1568_1120_672_beitv2", "piip_sbl_1568_1120_672_dinov2",
                                   "piip_sbl_1568_1120_672_mae", "piip_sbl_1568_1120_672_uniperceiver",
-                                  "piip_sbl_1792_1120_672_dino"])
+                                  "piip_sbl_1792_1120_672_dino", "piip_h6b_1024_512", "piip_h6b_1024_512_speedup",
+                                  "piip_lh6b_1536_1024_512"])
 def test_official_file_round_trip_per_flavour(tmp_path, name):
-    kw = _tiny(name, 3, img=64)
+    kw = _tiny(name, len(get_config(name).branches), img=64)
     if "dino" in name and "dinov2" not in name:
         kw["branches"] = [{**b, "window_sizes": [4, 0]} for b in kw["branches"]]
     else:
