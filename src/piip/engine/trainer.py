@@ -91,6 +91,8 @@ class Trainer:
         if self.fsdp:
             if cfg.ema_decay is not None:
                 raise ValueError("--ema is not supported with --strategy fsdp (the EMA copy would be unsharded)")
+            if cfg.amp_dtype == "float16":
+                raise ValueError("--strategy fsdp trains in bfloat16 (the released recipe); use --amp-dtype bfloat16")
             from .fsdp import shard_model
             bf16 = (cfg.amp if cfg.amp is not None else self.device.type == "cuda") and cfg.amp_dtype == "bfloat16"
             shard_model(self.model, torch.bfloat16 if bf16 else None)
@@ -131,11 +133,11 @@ class Trainer:
         return os.path.join(self.cfg.output_dir, "checkpoint.pt")
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        sharded = self.cfg.strategy == "fsdp"  # weights and optimizer live in the shards folder
+    def state_dict(self, path: Optional[str] = None) -> dict[str, Any]:
+        sharded = self.cfg.strategy == "fsdp"  # weights and optimizer live in the shards folder beside ``path``
         return {"model": SHARDED if sharded else unwrap(self.model).state_dict(),
                 "optimizer": SHARDED if sharded else self.optimizer.state_dict(),
-                **({"shards": _shards_dir(self.checkpoint_path)} if sharded else {}),
+                **({"shards": _shards_dir(path or self.checkpoint_path)} if sharded else {}),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "epoch_step": self.epoch_step,
                 "step": self.step, "rng": ckpt_io.rng_state(), "train_config": self.cfg.to_dict(),
                 "world_size": self.world, "history": self.history, **self.extra_state,
@@ -148,7 +150,7 @@ class Trainer:
             from .fsdp import save_sharded
             save_sharded(self.model, self.optimizer, os.path.join(os.path.dirname(path), _shards_dir(path)))
         if is_main():
-            ckpt_io.save_atomic(self.state_dict(), path)
+            ckpt_io.save_atomic(self.state_dict(path), path)
 
     def resume(self, path: str) -> None:
         """Continue exactly where ``path`` stopped: weights, optimizer moments, lr schedule,
