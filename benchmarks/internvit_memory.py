@@ -142,11 +142,12 @@ def child_train(with_cp: bool, dh: int, d6: int, img: int) -> dict:
 def run_train(depths: tuple[int, int], img: int) -> None:
     print(f"train: piip_h6b_1024_512, MAE-H depth {depths[0]}, InternViT-6B depth {depths[1]}, input {img}px "
           f"(6B branch at {img // 2}px), batch 1, forward + backward, fresh process per row")
-    print(f"{'with_cp':<8} {'params':>8} {'built':>8} {'peak RSS':>9} {'rise':>8} {'time':>7}")
+    print(f"{'with_cp':<8} {'params':>8} {'built':>8} {'peak RSS':>9} {'rise':>8} {'rise - grads':>13} {'time':>7}")
     for cp in (False, True):
         r = _child(["train", str(int(cp)), str(depths[0]), str(depths[1]), str(img)])
+        rise = r["vmhwm"] - r["base"]
         print(f"{str(cp):<8} {r['params'] / 1e9:7.2f}B {r['base'] / GIB:7.2f}G {r['vmhwm'] / GIB:8.2f}G "
-              f"{(r['vmhwm'] - r['base']) / GIB:7.2f}G {r['seconds']:6.1f}s", flush=True)
+              f"{rise / GIB:7.2f}G {(rise - 4 * r['params']) / GIB:12.2f}G {r['seconds']:6.1f}s", flush=True)
 
 
 # ---------------------------------------------------------------------------- analytic
