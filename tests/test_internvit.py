@@ -171,3 +171,33 @@ def test_with_cp_gives_the_same_gradients():
     sum(v.sum() for v in b(x).values()).backward()
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_pretrained_internvit_file_patch14_grid16_loads_as_released(tmp_path):
+    """An ``intern_vit_6b_224px.pth``-like file (patch 14 kernels, class token, 1+16x16 position table,
+    RMSNorm / q,k-norm / ls1,ls2 names) initialises the InternViT-6B branch: kernel bicubic 14 -> 16,
+    table 16x16 -> 14x14, class slot kept."""
+    from piip.weights import load_pretrained_branches
+    from piip.weights.vit_layouts import resize_patch_kernel_bicubic
+    c, depth = 64, 2
+    g = torch.Generator().manual_seed(0)
+    sd = {"cls_token": torch.randn(1, 1, c, generator=g), "pos_embed": torch.randn(1, 1 + 16 * 16, c, generator=g),
+          "patch_embed.proj.weight": torch.randn(c, 3, 14, 14, generator=g), "patch_embed.proj.bias": torch.zeros(c)}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        sd.update({p + "norm1.weight": torch.rand(c, generator=g), p + "norm2.weight": torch.rand(c, generator=g),
+                   p + "attn.qkv.weight": torch.randn(3 * c, c, generator=g),
+                   p + "attn.q_norm.weight": torch.rand(c, generator=g), p + "attn.k_norm.weight": torch.rand(c, generator=g),
+                   p + "attn.proj.weight": torch.randn(c, c, generator=g), p + "attn.proj.bias": torch.zeros(c),
+                   p + "ls1.gamma": torch.full((c,), 0.1), p + "ls2.gamma": torch.full((c,), 0.1),
+                   p + "mlp.fc1.weight": torch.randn(4 * c, c, generator=g), p + "mlp.fc1.bias": torch.zeros(4 * c),
+                   p + "mlp.fc2.weight": torch.randn(c, 4 * c, generator=g), p + "mlp.fc2.bias": torch.zeros(c)})
+    path = str(tmp_path / "intern_vit_6b_224px.pth")
+    torch.save({"module": sd}, path)
+    model = piip.create_model("internvit_6b_1024", img_size=64, branches=TINY_6B)
+    load_pretrained_branches(model, [path])
+    br = model.branches[0]
+    assert torch.equal(br.patch_embed.proj.weight, resize_patch_kernel_bicubic(sd["patch_embed.proj.weight"], 16))
+    assert br.pos_embed.shape == (1, 1 + 14 * 14, c) and torch.equal(br.pos_embed[:, :1], sd["pos_embed"][:, :1])
+    assert torch.equal(br.blocks[1].attn.k_norm.weight, sd["blocks.1.attn.k_norm.weight"])
+    assert torch.equal(br.blocks[0].gamma_2, sd["blocks.0.ls2.gamma"])
