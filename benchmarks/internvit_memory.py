@@ -156,7 +156,6 @@ def run_analytic(name: str = "piip_h6b_1024_512") -> None:
     moments (16 B/param), units gathered in bf16 for compute (2 B/param). DDP keeps all of it on every
     GPU; FSDP divides it by the GPU count and adds the gathered units (the current and the prefetched
     next one, plus the largest unit's float32 gradients before its reduce-scatter)."""
-    import torch
     from piip.complexity import _fast_meta_init
     from piip.engine.fsdp import fsdp_units
     from piip.registry import build_from_config, get_config
@@ -179,7 +178,6 @@ def run_analytic(name: str = "piip_h6b_1024_512") -> None:
         gathered = 2 * 2 * biggest + 4 * biggest + 4 * root
         print(f"{'FSDP':<10} {n:>4} {state / n / GIB:19.1f}G {gathered / GIB:14.1f}G "
               f"{(state / n + gathered) / GIB:9.1f}G")
-    del torch
 
 
 def main() -> None:
