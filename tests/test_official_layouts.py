@@ -58,14 +58,18 @@ def _branch_keys(b: BranchConfig, num_classes: int = 0) -> dict[str, tuple]:
     out.update({"patch_embed.proj.weight": (c, 3, 16, 16), "patch_embed.proj.bias": (c,)})
     if b.cls_token:
         out["cls_token"] = (1, 1, c)
-    internvit = b.flavour in ("augreg", "dinov2", "mae")
+    internvit = b.flavour in ("augreg", "dinov2", "mae", "internvit")
     if b.flavour != "beitv2":  # beit.py: use_abs_pos_emb=False
         out["pos_embed"] = (1, int(internvit) + g * g, c)
+    six_b = b.flavour == "internvit"  # internvit_6b.py with qk_normalization: RMSNorm (weight only), no qkv bias
+    norm = (lambda p: {f"{p}.weight": (c,)}) if six_b else ln  # noqa: E731
     for i, w in enumerate(b.window_sizes):
         p = f"blocks.{i}"
-        out.update({**ln(f"{p}.norm1"), **ln(f"{p}.norm2"), **lin(f"{p}.attn.proj", c, c),
+        out.update({**norm(f"{p}.norm1"), **norm(f"{p}.norm2"), **lin(f"{p}.attn.proj", c, c),
                     **lin(f"{p}.mlp.fc1", h, c), **lin(f"{p}.mlp.fc2", c, h)})
-        if b.flavour == "beitv2":
+        if six_b:
+            out.update({f"{p}.attn.qkv.weight": (3 * c, c), **norm(f"{p}.attn.q_norm"), **norm(f"{p}.attn.k_norm")})
+        elif b.flavour == "beitv2":
             out.update({f"{p}.attn.qkv.weight": (3 * c, c), f"{p}.attn.q_bias": (c,), f"{p}.attn.v_bias": (c,),
                         f"{p}.attn.relative_position_bias_table": ((2 * w - 1) ** 2, heads),
                         f"{p}.attn.relative_position_index": (w * w, w * w)})
@@ -236,9 +240,10 @@ def _randomize(m: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("name", ["piip_sbl_1568_1120_672", "piip_sbl_1568_1120_672_augreg_speedup",
                                   "piip_sbl_1568_1120_672_beitv2", "piip_sbl_1568_1120_672_dinov2",
                                   "piip_sbl_1568_1120_672_mae", "piip_sbl_1568_1120_672_uniperceiver",
-                                  "piip_sbl_1792_1120_672_dino"])
+                                  "piip_sbl_1792_1120_672_dino", "piip_h6b_1024_512", "piip_h6b_1024_512_speedup",
+                                  "piip_lh6b_1536_1024_512"])
 def test_official_file_round_trip_per_flavour(tmp_path, name):
-    kw = _tiny(name, 3, img=64)
+    kw = _tiny(name, len(get_config(name).branches), img=64)
     if "dino" in name and "dinov2" not in name:
         kw["branches"] = [{**b, "window_sizes": [4, 0]} for b in kw["branches"]]
     else:

@@ -53,6 +53,9 @@ class BranchConfig:
     patch_bias: bool = True                # CLIP's patch convolution has no bias
     pre_norm: bool = False                 # CLIP's ``ln_pre``: LayerNorm on every token after the position add
     drop_path_schedule: str = "constant"   # 'constant' | 'linear' (linspace(0, drop_path, depth))
+    norm: str = "ln"                       # 'ln' | 'rms' (InternViT-6B: weight-only RMSNorm)
+    qk_norm: bool = False                  # InternViT-6B: norm on q and k over the full width
+    with_cp: bool = False                  # activation checkpointing of every block while training
 
     def __post_init__(self) -> None:
         if self.kind == "convnext":

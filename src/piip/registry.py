@@ -62,7 +62,9 @@ def create_model(name: str, pretrained_branches: Optional[list] = None, checkpoi
     Args:
         name: a name from :func:`list_models`.
         pretrained_branches: per-branch weights (paths or timm names, ``None`` to skip), finest first.
-        checkpoint: an official PIIP checkpoint or a piip safetensors file to load.
+        checkpoint: an official PIIP checkpoint or a piip safetensors file to load. Without
+            ``pretrained_branches`` the model is built on the meta device and each tensor is copied
+            straight from the memory-mapped file into it: one copy of the weights in memory at most.
         **overrides: config fields, e.g. ``img_size=224``, ``merge='linear'``,
             ``branches={'embed_dim': 64, 'num_heads': 2}``.
     """
@@ -70,6 +72,15 @@ def create_model(name: str, pretrained_branches: Optional[list] = None, checkpoi
     if pretrained_branches is None and checkpoint is None:
         return build_from_config(cfg)
     from . import weights  # loading code lives with the weights
+    if pretrained_branches is None:
+        from .weights.lazy import build_on_meta, map_state_dict, releasing_file_pages
+        sd = map_state_dict(checkpoint)
+        if sd is not None:
+            cfg = weights.fit_config_to_checkpoint(cfg, sd, checkpoint)
+            model = build_on_meta(cfg)
+            with releasing_file_pages(sd):
+                weights.load_checkpoint(model, checkpoint, state_dict=sd, assign=True)
+            return model
     sd = None
     if checkpoint is not None:  # the file may decide part of the build (TSBL finest-branch width)
         sd = weights.read_state_dict(checkpoint)

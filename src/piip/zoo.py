@@ -209,3 +209,4 @@ def detection_recipe(name: str, cfg: PIIPConfig) -> dict[str, float]:
 
 from . import zoo_segmentation as _zoo_segmentation  # noqa: E402,F401  (registers the ADE20K UperNet models)
 from . import zoo_llava as _zoo_llava  # noqa: E402,F401  (registers the PIIP-LLaVA vision towers)
+from . import zoo_internvit as _zoo_internvit  # noqa: E402,F401  (InternViT-6B, PIIP-H6B / LH6B)

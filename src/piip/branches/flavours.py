@@ -15,6 +15,10 @@ FLAVOURS: dict[str, dict[str, Any]] = {
     "augreg": {"pos_layout": "learned_cls", "drop_path_schedule": "linear"},
     "dinov2": {"pos_layout": "learned_cls", "drop_path_schedule": "linear"},
     "mae": {"pos_layout": "learned_cls", "drop_path_schedule": "linear"},
+    # InternViT-6B (InternViT6B class with qk_normalization): RMSNorm everywhere incl. q/k over the full
+    # width, no qkv bias, layer scale 0.1, class slot kept, linear drop path
+    "internvit": {"pos_layout": "learned_cls", "drop_path_schedule": "linear", "norm": "rms", "qk_norm": True,
+                  "qkv_bias": False, "layer_scale": 0.1},
     # BEiTv2: q/v biases, per-window relative position bias, no absolute position table
     "beitv2": {"qkv_bias": "qv", "pos_layout": "none", "rel_pos_bias": True, "drop_path_schedule": "linear"},
     # Uni-Perceiver: LayerNorm eps 1e-5, embedding LayerNorm after the position add, own key layout

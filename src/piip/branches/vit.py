@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
@@ -13,6 +14,7 @@ from ..config import BranchConfig
 from ..layers.attention import Attention
 from ..layers.drop import DropPath
 from ..layers.mlp import Mlp
+from ..layers.norm import make_norm
 from .base import Branch, Tokens
 from .flavours import FLAVOURS, POS_LAYOUTS
 
@@ -21,15 +23,18 @@ UNIPERCEIVER_TEMPORAL_ROWS = 8
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with optional layer scale (gamma_1, gamma_2)."""
+    """Pre-norm transformer block with optional layer scale (gamma_1, gamma_2); ``norm`` 'ln' or
+    'rms' (InternViT-6B, which also normalises queries and keys: ``qk_norm``)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool | str = True,
                  layer_scale: Optional[float] = None, drop_path: float = 0.0, window_size: int = 0,
-                 norm_eps: float = 1e-6, rel_pos_bias: bool = False, mlp_act: str = "gelu") -> None:
+                 norm_eps: float = 1e-6, rel_pos_bias: bool = False, mlp_act: str = "gelu",
+                 norm: str = "ln", qk_norm: bool = False) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, window_size=window_size, rel_pos_bias=rel_pos_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = make_norm(norm, dim, norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, window_size=window_size, rel_pos_bias=rel_pos_bias,
+                              qk_norm=qk_norm, norm=norm, norm_eps=norm_eps)
+        self.norm2 = make_norm(norm, dim, norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=mlp_act)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale is not None:
@@ -118,7 +123,8 @@ class ViTBranch(Branch):
         dpr = drop_path_rates(cfg.drop_path, cfg.depth, cfg.drop_path_schedule)
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale, dp, ws,
-                  norm_eps=cfg.norm_eps, rel_pos_bias=cfg.rel_pos_bias, mlp_act=cfg.mlp_act)
+                  norm_eps=cfg.norm_eps, rel_pos_bias=cfg.rel_pos_bias, mlp_act=cfg.mlp_act,
+                  norm=cfg.norm, qk_norm=cfg.qk_norm)
             for dp, ws in zip(dpr, cfg.window_sizes))
         self.group_dims = [cfg.embed_dim] * len(self.groups)
         self.group_strides = [cfg.patch_size] * len(self.groups)
@@ -170,8 +176,10 @@ class ViTBranch(Branch):
         first, last = self.groups[group]
         if cls is not None:
             x = torch.cat([cls, x], dim=1)
+        # with_cp (released InternViT-class branches): recompute each block in the backward pass
+        cp = self.cfg.with_cp and self.training and torch.is_grad_enabled()
         for blk in self.blocks[first:last + 1]:
-            x = blk(x, hw)
+            x = checkpoint(blk, x, hw, use_reentrant=False) if cp else blk(x, hw)
         if cls is not None:
             cls, x = x[:, :1], x[:, 1:]
         return Tokens(x, hw, cls)

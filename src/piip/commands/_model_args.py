@@ -27,6 +27,9 @@ def add_run_args(p: argparse.ArgumentParser, output_dir: str) -> argparse._Argum
     r.add_argument("--save-every-steps", type=non_negative_int, default=0, help="extra mid-epoch checkpoints")
     r.add_argument("--max-steps", type=positive_int, default=None, help="stop (and save) at this global step")
     r.add_argument("--log-every", type=positive_int, default=20)
+    r.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="multi-process training under torchrun: ddp (replicated) or fsdp (weights, gradients and "
+                        "optimizer state sharded per block / interaction unit; sharded checkpoints)")
     return r
 
 

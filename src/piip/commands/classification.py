@@ -201,7 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
                       warmup_ratio=min(1.0, rc["warmup_lr"] / lr), schedule="cosine", lr_steps=[],
                       min_lr=rc["min_lr"], clip_grad=rc["clip_grad"], amp=args.amp, workers=args.workers,
                       seed=args.seed, device=str(device), save_every_steps=args.save_every_steps,
-                      max_steps=args.max_steps, log_every=args.log_every,
+                      max_steps=args.max_steps, log_every=args.log_every, strategy=args.strategy,
                       lr_scales={NEW_MODULES: rc["new_lr_scale"]} if rc["new_lr_scale"] != 1 else {},
                       decay_all=rc["decay_all"], no_decay=[] if rc["decay_all"] else list(NO_DECAY_NAMES),
                       ema_decay=rc["ema_decay"], accum_steps=args.accum_steps, amp_dtype=args.amp_dtype,

@@ -153,7 +153,7 @@ def run_train(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, layer_decay=layer_decay, warmup_iters=args.warmup_iters,
                       lr_steps=list(args.lr_steps), clip_grad=args.clip_grad, amp=args.amp, workers=args.workers,
                       seed=args.seed, device=str(device), save_every_steps=args.save_every_steps,
-                      max_steps=args.max_steps, log_every=args.log_every,
+                      max_steps=args.max_steps, log_every=args.log_every, strategy=args.strategy,
                       find_unused_parameters=args.kind == "retinanet")
     trainer = Trainer(model, dataset, cfg, detection_forward, detection_collate,
                       extra_state={"model_config": detector_config_dict(model), "model_name": args.model},

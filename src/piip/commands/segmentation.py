@@ -152,7 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, layer_decay=args.layer_decay, warmup_iters=args.warmup_iters,
                       warmup_ratio=1e-6, schedule="poly", lr_steps=[], clip_grad=args.clip_grad, amp=args.amp,
                       workers=args.workers, seed=args.seed, device=str(device),
-                      save_every_steps=args.save_every_steps, max_steps=args.max_steps, log_every=args.log_every,
+                      save_every_steps=args.save_every_steps, max_steps=args.max_steps, log_every=args.log_every, strategy=args.strategy,
                       find_unused_parameters=False)
     trainer = Trainer(model, dataset, cfg, segmentation_forward, segmentation_collate,
                       extra_state={"model_config": segmentor_config_dict(model), "model_name": args.model},

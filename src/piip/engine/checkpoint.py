@@ -96,7 +96,7 @@ def save_atomic(obj: Any, path: str) -> None:
 def load(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """A piip training checkpoint, read with the safe loader; one clear error for anything else."""
     from ..weights.io import read_checkpoint
-    ckpt = read_checkpoint(path, weights_only=True, map_location=map_location)
+    ckpt = read_checkpoint(path, weights_only=True, map_location=map_location, consolidate_shards=False)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "optimizer" not in ckpt:
         raise ValueError(f"{path} is not a piip training checkpoint (no 'model'/'optimizer' entries); --resume "
                          "takes the checkpoint.pt a training run wrote")

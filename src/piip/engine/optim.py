@@ -3,8 +3,11 @@
 Layer ids follow the released ``CustomLayerDecayOptimizerConstructorMMDet`` with L = num_layers + 2
 and lr scale ``rate ** (L - 1 - id)``: patch embedding / position table / class token of every
 branch get id 0; block i of the *largest* branch (official branch1, our last) gets i + 1; block i
-of another branch gets ``(i + 1) * skip_stride`` (official: 1 for TSB, 2 for SBL/TSBL, i.e. the
-largest branch's depth over that branch's depth, which is how we derive it); everything else
+of another branch gets ``(i + 1) * skip_stride`` (official: 1 for TSB, 2 for SBL/TSBL, 1.5 for the
+MAE-H branch of H6B/LH6B, i.e. the largest branch's depth over that branch's depth, which is how we
+derive it). A fractional id is truncated: the released constructor names its groups ``layer_%d``
+and a group's lr scale is that of the parameter that created it, which for every released
+config is the largest branch's block ``floor((i + 1) * stride) - 1``; everything else
 (interactions, merging, pyramid, neck, heads) gets L - 1 (scale 1), and so does every parameter of
 a non-ViT (ConvNeXt) branch: the released hybrids decay ViT branches only. No weight decay on 1-D
 parameters and biases (as released; position tables do get weight decay there too).
@@ -24,7 +27,7 @@ _BRANCH = re.compile(r"branches\.(\d+)\.(.*)")
 
 
 def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
-              skip_strides: Optional[Sequence[int]] = None) -> tuple[dict[str, int], int]:
+              skip_strides: Optional[Sequence[float]] = None) -> tuple[dict[str, int], int]:
     """Layer id of every parameter name, and num_layers (default: deepest branch's depth)."""
     backbones = [(n, m) for n, m in model.named_modules() if isinstance(m, PIIPBackbone)]
     if not backbones:
@@ -37,12 +40,12 @@ def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
     n = len(depths)
     num_layers = num_layers or max(depths) or 1
     if skip_strides is None:
-        strides = [max(1, max(depths) // d) if d else 1 for d in depths]
+        strides = [max(1.0, max(depths) / d) if d else 1.0 for d in depths]
         strides[-1] = 1
     else:  # official order: for official branch2, branch3, ... = our n-2, n-3, ...
         if len(skip_strides) != n - 1:
             raise ValueError(f"skip_strides needs {n - 1} entries (one per branch but the largest), got {skip_strides}")
-        strides = [int(skip_strides[n - 2 - k]) for k in range(n - 1)] + [1]
+        strides = [float(skip_strides[n - 2 - k]) for k in range(n - 1)] + [1.0]
     top = num_layers + 1
     ids = {}
     for name, _ in model.named_parameters():
@@ -60,12 +63,12 @@ def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
             ids[name] = 0
         elif rest.startswith("blocks."):
             i = int(rest.split(".")[1])
-            ids[name] = min(top, (i + 1) * strides[k])
+            ids[name] = min(top, math.floor((i + 1) * strides[k] + 1e-9))
     return ids, num_layers
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: Optional[float] = None,
-                 num_layers: Optional[int] = None, skip_strides: Optional[Sequence[int]] = None,
+                 num_layers: Optional[int] = None, skip_strides: Optional[Sequence[float]] = None,
                  lr_scales: Optional[dict[str, float]] = None, decay_all: bool = False,
                  no_decay: Sequence[str] = ()) -> list[dict]:
     """Optimizer groups: (layer id, lr multiplier, decay / no decay), each with its ``lr`` and ``lr_scale``.

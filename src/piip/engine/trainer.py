@@ -1,5 +1,6 @@
 """A small, task-agnostic training loop: AdamW (+ layer decay), warm-up + step/cosine schedule,
-gradient clipping, bf16 autocast on GPU, DDP under ``torchrun``, atomic checkpoints and exact resume.
+gradient clipping, bf16 autocast on GPU, DDP or FSDP (``strategy``) under ``torchrun``, atomic checkpoints
+(sharded ones with FSDP) and exact resume.
 
 The task supplies ``forward_fn(model, batch, device) -> dict of loss tensors`` (summed for the
 backward pass) and a ``collate_fn``; everything else is here.
@@ -64,6 +65,7 @@ class TrainConfig:
     ema_decay: Optional[float] = None        # keep an EMA of the weights (saved as 'model_ema')
     accum_steps: int = 1                     # split every batch into this many micro-batches
     repeated_aug: int = 1                    # DeiT repeated augmentation: copies of every image (1 = off)
+    strategy: str = "ddp"                    # 'ddp' | 'fsdp' (sharded weights/grads/optimizer, piip.engine.fsdp)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,6 +84,18 @@ class Trainer:
         self.device, self.rank, self.world = init_distributed(cfg.device)
         torch.manual_seed(cfg.seed + self.rank)
         self.model = model.to(self.device)
+        if cfg.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {cfg.strategy!r}")
+        # FSDP shards only across processes; one process trains unsharded but writes the same sharded checkpoints
+        self.fsdp = cfg.strategy == "fsdp" and self.world > 1
+        if self.fsdp:
+            if cfg.ema_decay is not None:
+                raise ValueError("--ema is not supported with --strategy fsdp (the EMA copy would be unsharded)")
+            if cfg.amp_dtype == "float16":
+                raise ValueError("--strategy fsdp trains in bfloat16 (the released recipe); use --amp-dtype bfloat16")
+            from .fsdp import shard_model
+            bf16 = (cfg.amp if cfg.amp is not None else self.device.type == "cuda") and cfg.amp_dtype == "bfloat16"
+            shard_model(self.model, torch.bfloat16 if bf16 else None)
         self.dataset, self.forward_fn, self.collate_fn = dataset, forward_fn, collate_fn
         self.extra_state, self.epoch_end = extra_state or {}, epoch_end
         self.sampler = ResumableSampler(len(dataset), True, cfg.seed, self.rank, self.world, cfg.repeated_aug)
@@ -109,7 +123,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._stop: Optional[str] = None   # name of the signal asking to stop, once one arrived
         self.ddp: Optional[nn.Module] = None
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.find_unused_parameters)
@@ -119,8 +133,11 @@ class Trainer:
         return os.path.join(self.cfg.output_dir, "checkpoint.pt")
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+    def state_dict(self, path: Optional[str] = None) -> dict[str, Any]:
+        sharded = self.cfg.strategy == "fsdp"  # weights and optimizer live in the shards folder beside ``path``
+        return {"model": SHARDED if sharded else unwrap(self.model).state_dict(),
+                "optimizer": SHARDED if sharded else self.optimizer.state_dict(),
+                **({"shards": _shards_dir(path or self.checkpoint_path)} if sharded else {}),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "epoch_step": self.epoch_step,
                 "step": self.step, "rng": ckpt_io.rng_state(), "train_config": self.cfg.to_dict(),
                 "world_size": self.world, "history": self.history, **self.extra_state,
@@ -128,8 +145,12 @@ class Trainer:
                 **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def save(self, path: Optional[str] = None) -> None:
+        path = path or self.checkpoint_path
+        if self.cfg.strategy == "fsdp":  # every process writes its shards
+            from .fsdp import save_sharded
+            save_sharded(self.model, self.optimizer, os.path.join(os.path.dirname(path), _shards_dir(path)))
         if is_main():
-            ckpt_io.save_atomic(self.state_dict(), path or self.checkpoint_path)
+            ckpt_io.save_atomic(self.state_dict(path), path)
 
     def resume(self, path: str) -> None:
         """Continue exactly where ``path`` stopped: weights, optimizer moments, lr schedule,
@@ -138,11 +159,17 @@ class Trainer:
         A checkpoint of another model or config is refused before anything changes."""
         ck = ckpt_io.load(path, map_location=self.device)
         self._check_same_model(ck, path)
-        try:
-            unwrap(self.model).load_state_dict(ck["model"])
-        except RuntimeError as e:
-            raise ValueError(f"--resume {path}: its weights do not fit this model: {str(e).splitlines()[0]} ...") from None
-        self.optimizer.load_state_dict(ck["optimizer"])
+        if ck["model"] == SHARDED:  # any strategy and process count can read the shards
+            from .fsdp import load_sharded
+            load_sharded(self.model, self.optimizer, os.path.join(os.path.dirname(path), ck["shards"]))
+        elif self.fsdp:
+            raise ValueError(f"--resume {path} is a full (DDP) checkpoint; resume it with --strategy ddp")
+        else:
+            try:
+                unwrap(self.model).load_state_dict(ck["model"])
+            except RuntimeError as e:
+                raise ValueError(f"--resume {path}: its weights do not fit this model: {str(e).splitlines()[0]} ...") from None
+            self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.scaler is not None and "grad_scaler" in ck:
             self.scaler.load_state_dict(ck["grad_scaler"])
@@ -203,6 +230,8 @@ class Trainer:
         for i, part in enumerate(parts):
             # DDP: synchronise gradients on the last micro-batch only
             sync = contextlib.nullcontext() if (self.ddp is None or i == len(parts) - 1) else self.ddp.no_sync()
+            if self.fsdp:  # FSDP: reduce-scatter gradients on the last micro-batch only
+                self.model.set_requires_gradient_sync(i == len(parts) - 1)
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                     losses = self.forward_fn(net, part, self.device)
@@ -215,9 +244,14 @@ class Trainer:
                 (self.scaler.scale(part_loss) if self.scaler is not None else part_loss).backward()
             for k, v in {"loss": loss, **losses}.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / len(parts)
+        if self.fsdp:
+            from . import fsdp
+            fsdp.sync_replicated_grads(self.model)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)   # clip (and skip inf / nan steps) on true gradients
-        if self.cfg.clip_grad:
+        if self.cfg.clip_grad and self.fsdp:
+            fsdp.clip_grad_norm_(self.model, self.cfg.clip_grad)
+        elif self.cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -298,12 +332,26 @@ class Trainer:
             self.epoch_step = 0
             self.history.append(record)
             self.save()
-            if self.epoch_end is not None:
+            if self.epoch_end is not None and self.fsdp:
+                # sharded evaluation gives ranks different numbers of forward passes, which sharded
+                # weights cannot serve (every forward is collective): evaluate the checkpoint instead
+                if is_main():
+                    print(f"note: no evaluation during --strategy fsdp training; run `piip eval ... --checkpoint "
+                          f"{self.checkpoint_path}` (the weights are gathered from the shards)")
+            elif self.epoch_end is not None:
                 result = self.epoch_end(unwrap(self.model), self.epoch)
                 if result:
                     record["eval"] = result
                     self.save()
         return self.history
+
+
+SHARDED = "sharded"  # checkpoint.pt's 'model' / 'optimizer' when they are in the shards folder
+
+
+def _shards_dir(path: str) -> str:
+    """Name of the shards folder beside checkpoint file ``path`` (checkpoint.pt -> checkpoint_shards)."""
+    return os.path.splitext(os.path.basename(path))[0] + "_shards"
 
 
 def split_batch(batch: Any, n: int) -> list[Any]:

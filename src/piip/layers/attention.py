@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.window import window_partition, window_unpartition
+from .norm import make_norm
 
 
 class Attention(nn.Module):
@@ -20,10 +21,13 @@ class Attention(nn.Module):
     ``qkv_bias='qv'`` (BEiT) holds separate ``q_bias`` / ``v_bias`` and no key bias.
     ``rel_pos_bias`` (BEiT, windowed only) adds a learned bias per relative offset inside each
     window, from a ``(2w-1)^2 x heads`` table indexed by ``relative_position_index``.
+    ``qk_norm`` (InternViT-6B) normalises queries and keys over the full width, before the head
+    split, with norms ``q_norm`` / ``k_norm`` of kind ``norm`` ('ln' | 'rms').
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: Union[bool, str] = True, window_size: int = 0,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, rel_pos_bias: bool = False) -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, rel_pos_bias: bool = False,
+                 qk_norm: bool = False, norm: str = "ln", norm_eps: float = 1e-6) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"Attention: dim={dim} is not divisible by num_heads={num_heads}")
@@ -45,6 +49,8 @@ class Attention(nn.Module):
             self.register_buffer("relative_position_index", relative_position_index(window_size))
         else:
             self.relative_position_bias_table = None
+        self.q_norm = make_norm(norm, dim, norm_eps) if qk_norm else None
+        self.k_norm = make_norm(norm, dim, norm_eps) if qk_norm else None
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -63,7 +69,11 @@ class Attention(nn.Module):
 
     def _attend(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
-        qkv = self._qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self._qkv(x)
+        if self.q_norm is not None:
+            q, k, v = qkv.split(c, dim=-1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        qkv = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(n, q.dtype),
                                              dropout_p=self.attn_drop if self.training else 0.0)

@@ -12,9 +12,12 @@ from torch import Tensor, nn
 _WRAPPERS = ("state_dict", "model", "module", "model_ema")
 
 
-def read_checkpoint(path: str, weights_only: bool = True, map_location: object = "cpu") -> object:
+def read_checkpoint(path: str, weights_only: bool = True, map_location: object = "cpu",
+                    consolidate_shards: bool = True) -> object:
     """The object stored in a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file.
 
+    An FSDP run's ``checkpoint.pt`` gets its ``model`` weights gathered from the shards folder beside it
+    (``consolidate_shards``; resuming reads the shards itself).
     Every way a file can be unusable (missing, a folder, truncated, not a checkpoint, pickled
     Python objects under ``weights_only``) becomes one ValueError / FileNotFoundError naming the file.
     """
@@ -34,7 +37,7 @@ def read_checkpoint(path: str, weights_only: bool = True, map_location: object =
                              f"file): {e}") from None
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
-            return torch.load(path, map_location=map_location, weights_only=weights_only)
+            obj = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as e:
         if weights_only and "global" in str(e).lower():
             raise ValueError(f"checkpoint {path!r} holds pickled Python objects besides tensors, which the safe "
@@ -44,6 +47,11 @@ def read_checkpoint(path: str, weights_only: bool = True, map_location: object =
     except (EOFError, RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
         raise ValueError(f"checkpoint {path!r} is truncated or not a torch checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); use an intact copy") from None
+    if consolidate_shards and isinstance(obj, dict) and obj.get("model") == "sharded" and "shards" in obj:
+        # an FSDP training run's checkpoint.pt: the weights are in the shards folder beside it
+        from ..engine.fsdp import read_sharded_model
+        obj = {**obj, "model": read_sharded_model(os.path.join(os.path.dirname(os.path.abspath(path)), obj["shards"]))}
+    return obj
 
 
 def _numpy_array_globals() -> list:

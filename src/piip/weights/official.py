@@ -172,14 +172,17 @@ def _find_piip(model: nn.Module) -> tuple[str, nn.Module]:
 
 
 def load_checkpoint(model: nn.Module, path: str, weights_only: bool = True,
-                    state_dict: Optional[Mapping[str, Tensor]] = None) -> Optional[dict[str, Tensor]]:
+                    state_dict: Optional[Mapping[str, Tensor]] = None,
+                    assign: bool = False) -> Optional[dict[str, Tensor]]:
     """Load an official PIIP checkpoint (mmdet detection or classification) or a piip safetensors file.
 
     ``model`` is a PIIPBackbone, a PIIPClassifier, or a detector containing one PIIPBackbone. For a
     detector with torchvision ``rpn``/``roi_heads``, the mmdet neck and heads are converted too
     (see :func:`convert_mmdet_heads`); for a bare backbone they are skipped with a warning and returned.
-    ``state_dict``: the file's tensors when the caller has read them already.
+    ``state_dict``: the file's tensors when the caller has read them already. ``assign``: ``model`` is on
+    the meta device and receives the tensors one by one (``piip.weights.lazy.materialize``).
     """
+    load = _materialize if assign else strict_load
     sd = dict(state_dict) if state_dict is not None else read_state_dict(path, weights_only=weights_only)
     own = model.state_dict()
     body = piip_backbone_part(sd)
@@ -187,7 +190,7 @@ def load_checkpoint(model: nn.Module, path: str, weights_only: bool = True,
         sd = body  # a piip detector (training checkpoint) loaded into its bare backbone
     if sum(k in own for k in sd) > len(sd) / 2:  # our own naming (save_pretrained / piip convert / training)
         try:
-            strict_load(model, sd, path)
+            load(model, sd, path)
         except ValueError as e:
             if body is None:
                 raise
@@ -201,13 +204,19 @@ def load_checkpoint(model: nn.Module, path: str, weights_only: bool = True,
     if prefix and hasattr(model, "rpn") and hasattr(model, "roi_heads"):
         from .mmdet_heads import convert_mmdet_heads
         full.update(convert_mmdet_heads(extra))
-        strict_load(model, full, path)
+        load(model, full, path)
         return None
     if prefix:
         raise ValueError(f"{type(model).__name__} holds other modules besides its PIIP backbone; only torchvision "
                          "detectors (with rpn and roi_heads) are supported; load into the backbone instead")
-    strict_load(model, full, path)
+    del sd, ours
+    load(model, full, path)
     if extra:
         warnings.warn(f"{path}: {len(extra)} neck/head tensors ({sorted({k.split('.')[0] for k in extra})}) were "
                       "not loaded: the model is a backbone; convert them with piip.weights.convert_mmdet_heads")
     return extra or None
+
+
+def _materialize(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
+    from .lazy import materialize
+    materialize(model, dict(sd), source)

@@ -40,7 +40,7 @@ from ..layers.attention import relative_position_index
 from .clip import clip_to_timm
 from .convnext import convert_convnext
 from .io import read_state_dict, strict_load, unwrap_state_dict
-from .vit_layouts import guess_flavour, normalise_vit_state_dict, resize_patch_kernel_bicubic, resize_rel_pos_table
+from .vit_layouts import _INTERNVIT_FLAVOURS, guess_flavour, normalise_vit_state_dict, resize_patch_kernel_bicubic, resize_rel_pos_table
 
 Entry = Union[None, str, os.PathLike, dict, nn.Module]
 
@@ -116,7 +116,7 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
     if w is None:
         raise ValueError(f"{source}: no 'patch_embed.proj.weight'; is this a timm ViT checkpoint?")
     p = branch.patch_size
-    if tuple(w.shape[-2:]) != (p, p) and branch.cfg.flavour in ("augreg", "dinov2", "mae"):
+    if tuple(w.shape[-2:]) != (p, p) and branch.cfg.flavour in _INTERNVIT_FLAVOURS:
         notes.append(f"patch kernel resized {tuple(w.shape[-2:])} -> ({p}, {p}) (bicubic, as the released code)")
         w = resize_patch_kernel_bicubic(w, p)
     elif tuple(w.shape[-2:]) != (p, p):

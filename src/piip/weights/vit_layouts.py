@@ -31,7 +31,7 @@ _UNIPERCEIVER = [  # (ours, official) sub-key pairs, most specific first
 ]
 _UNIPERCEIVER_BLOCK = [("attn.qkv.", "self_attn.in_proj."), ("attn.proj.", "self_attn.out_proj."),
                        ("mlp.fc1.", "linear1."), ("mlp.fc2.", "linear2.")]
-_INTERNVIT_FLAVOURS = ("augreg", "dinov2", "mae")
+_INTERNVIT_FLAVOURS = ("augreg", "dinov2", "mae", "internvit")
 _BLOCK = re.compile(r"^(blocks|layers)\.(\d+)\.(.+)$")
 
 
