@@ -285,12 +285,19 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
             box_score_thresh=det.score_thresh, box_nms_thresh=0.5, box_detections_per_img=per_img,
             box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5, box_batch_size_per_image=det.roi_batch_size,
             box_positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0))
-        if kind == "mask_rcnn":
+        if kind in MASK_KINDS:
             from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-            model = MaskRCNN(neck, None, **common,
-                             mask_roi_pool=AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0),
-                             mask_head=MaskRCNNHeads(det.fpn_channels, [det.mask_head_dim] * 4, 1),
-                             mask_predictor=MaskRCNNPredictor(det.mask_head_dim, det.mask_head_dim, n_out))
+            masks = dict(mask_roi_pool=AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0),
+                         mask_head=MaskRCNNHeads(det.fpn_channels, [det.mask_head_dim] * 4, 1),
+                         mask_predictor=MaskRCNNPredictor(det.mask_head_dim, det.mask_head_dim, n_out))
+            if kind == "cascade_mask_rcnn":
+                from .cascade import CascadeRoIHeads
+                common["box_head"] = common["box_predictor"] = None  # replaced by the cascade's stages below
+                model = MaskRCNN(neck, n_out, **common)
+                model.roi_heads = CascadeRoIHeads(box_pool, det.fpn_channels * 7 * 7, det.box_head_dim, n_out,
+                                                  det.roi_batch_size, 0.25, det.score_thresh, 0.5, per_img, **masks)
+            else:
+                model = MaskRCNN(neck, None, **common, **masks)
         else:
             model = FasterRCNN(neck, None, **common)
     model.transform = transform
