@@ -71,7 +71,9 @@ class Resize:
             ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=target["boxes"].dtype)
             target["boxes"] = target["boxes"] * ratio
         if "masks" in target and target["masks"].numel():
-            target["masks"] = F.interpolate(target["masks"][:, None].float(), size=(nh, nw))[:, 0].byte()
+            # nearest-exact: pixel centres map like the bilinear image resize (plain nearest shifts by half a pixel)
+            target["masks"] = F.interpolate(target["masks"][:, None].float(), size=(nh, nw),
+                                            mode="nearest-exact")[:, 0].byte()
         elif "masks" in target:
             target["masks"] = target["masks"].new_zeros((0, nh, nw))
         return img, target
