@@ -85,8 +85,9 @@ def test_hungarian_matching_is_the_brute_force_optimum():
         boxes = torch.rand(q, 4, generator=g) * 0.5 + 0.1
         gt_boxes = torch.rand(n, 4, generator=g) * 0.5 + 0.1
         labels = torch.randint(0, 4, (n,), generator=g)
-        qi, gi = matcher(logits, boxes, labels, gt_boxes)
-        cost = matcher.cost(logits, boxes, labels, gt_boxes)
+        scale = torch.tensor([64.0, 48.0, 64.0, 48.0])       # GIoU on pixel boxes of a 64x48 image
+        qi, gi = matcher(logits, boxes, labels, gt_boxes, scale)
+        cost = matcher.cost(logits, boxes, labels, gt_boxes, scale)
         assert sorted(gi.tolist()) == list(range(n)) and len(set(qi.tolist())) == n
         best = min(sum(cost[p[j], j] for j in range(n)) for p in itertools.permutations(range(q), n))
         assert float(cost[qi, gi].sum()) == pytest.approx(float(best), rel=1e-6)

@@ -34,9 +34,11 @@ class SetCriterion:
     gamma: float = 2.0
 
     def layer_loss(self, logits: Tensor, boxes: Tensor, labels: list[Tensor], gt_boxes: list[Tensor],
-                   assigned: list[tuple[Tensor, Tensor]], avg: float) -> tuple[Tensor, Tensor, Tensor]:
+                   assigned: list[tuple[Tensor, Tensor]], avg: float, scales: list[Tensor]
+                   ) -> tuple[Tensor, Tensor, Tensor]:
         """(class, L1, GIoU) losses of one prediction set (N, Q, C) / (N, Q, 4) given, per image,
-        (query indices, target indices); unassigned queries are background."""
+        (query indices, target indices); unassigned queries are background. GIoU on pixel boxes
+        (normalised boxes x ``scales``, each image's (w, h, w, h))."""
         target = torch.zeros_like(logits)
         b_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(assigned)])
         q_idx = torch.cat([q for q, _ in assigned])
@@ -49,15 +51,17 @@ class SetCriterion:
         pred = boxes[b_idx, q_idx].float()
         tgt = torch.cat([bx[g] for bx, (_, g) in zip(gt_boxes, assigned)]).float()
         loss_l1 = (pred - tgt).abs().sum() / avg
-        loss_giou = generalized_box_iou_loss(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(tgt), reduction="sum") / avg
+        px = torch.cat([scales[i].float().expand(len(q), 4) for i, (q, _) in enumerate(assigned)])
+        loss_giou = generalized_box_iou_loss(cxcywh_to_xyxy(pred) * px, cxcywh_to_xyxy(tgt) * px,
+                                             reduction="sum") / avg
         return self.weight_class * loss_cls, self.weight_bbox * loss_l1, self.weight_giou * loss_giou
 
-    def __call__(self, outputs: dict, labels: list[Tensor], boxes: list[Tensor],
+    def __call__(self, outputs: dict, labels: list[Tensor], boxes: list[Tensor], scales: list[Tensor],
                  dn_meta: Optional[DenoisingMeta] = None) -> dict[str, Tensor]:
         """``outputs``: ``logits`` / ``boxes`` (layers, N, Q, ·) of the matching queries, ``enc_logits``
         / ``enc_boxes`` (N, Q, ·) of the selected encoder proposals, and with ``dn_meta`` the
         denoising queries' ``dn_logits`` / ``dn_boxes`` (layers, N, pad, ·). Targets per image:
-        labels 0..C-1 and normalised (cx, cy, w, h) boxes."""
+        labels 0..C-1 and normalised (cx, cy, w, h) boxes, and the image's (w, h, w, h) in pixels."""
         device = outputs["logits"].device
         avg = max(_mean_over_ranks(float(sum(len(t) for t in labels)), device), 1.0)
         sums = {}
@@ -69,17 +73,17 @@ class SetCriterion:
         layers = outputs["logits"].shape[0]
         for i in range(layers):
             lg, bx = outputs["logits"][i], outputs["boxes"][i]
-            assigned = [self.matcher(lg[n], bx[n], labels[n], boxes[n]) for n in range(len(labels))]
-            add("loss" if i == layers - 1 else "aux", self.layer_loss(lg, bx, labels, boxes, assigned, avg))
+            assigned = [self.matcher(lg[n], bx[n], labels[n], boxes[n], scales[n]) for n in range(len(labels))]
+            add("loss" if i == layers - 1 else "aux", self.layer_loss(lg, bx, labels, boxes, assigned, avg, scales))
         if "enc_logits" in outputs:
             lg, bx = outputs["enc_logits"], outputs["enc_boxes"]
-            assigned = [self.matcher(lg[n], bx[n], labels[n], boxes[n]) for n in range(len(labels))]
-            add("enc", self.layer_loss(lg, bx, labels, boxes, assigned, avg))
+            assigned = [self.matcher(lg[n], bx[n], labels[n], boxes[n], scales[n]) for n in range(len(labels))]
+            add("enc", self.layer_loss(lg, bx, labels, boxes, assigned, avg, scales))
         if dn_meta is not None:
             assigned = [denoising_assignment(dn_meta, len(t), device) for t in labels]
             for i in range(outputs["dn_logits"].shape[0]):
                 add("dn", self.layer_loss(outputs["dn_logits"][i], outputs["dn_boxes"][i], labels, boxes,
-                                          assigned, avg * dn_meta.groups))
+                                          assigned, avg * dn_meta.groups, scales))
         return {k: v for k, v in sums.items()}
 
 

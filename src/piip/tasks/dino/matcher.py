@@ -3,6 +3,7 @@ with DINO's cost: focal classification cost + L1 on normalised (cx, cy, w, h) + 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -38,20 +39,26 @@ class HungarianMatcher:
     cost_giou: float = 2.0
 
     @torch.no_grad()
-    def cost(self, logits: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor) -> Tensor:
-        """(Q, G) cost; boxes and gt_boxes normalised (cx, cy, w, h)."""
+    def cost(self, logits: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor,
+             scale: Optional[Tensor] = None) -> Tensor:
+        """(Q, G) cost; boxes and gt_boxes normalised (cx, cy, w, h); the GIoU is taken on boxes
+        multiplied by ``scale`` = (w, h, w, h) of the image (pixels, as mmdet; GIoU is not invariant
+        to stretching)."""
         c = self.cost_class * focal_cost(logits.float(), gt_labels)
         c = c + self.cost_bbox * torch.cdist(boxes.float(), gt_boxes.float(), p=1)
-        return c - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(boxes.float()), cxcywh_to_xyxy(gt_boxes.float()))
+        s = 1.0 if scale is None else scale.float()
+        return c - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(boxes.float()) * s,
+                                                        cxcywh_to_xyxy(gt_boxes.float()) * s)
 
     @torch.no_grad()
-    def __call__(self, logits: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, logits: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor,
+                 scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """(query indices, gt indices) of the minimum-cost assignment for one image."""
         if gt_labels.numel() == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
             return empty, empty
         from scipy.optimize import linear_sum_assignment
-        c = self.cost(logits, boxes, gt_labels, gt_boxes).cpu()
+        c = self.cost(logits, boxes, gt_labels, gt_boxes, scale).cpu()
         if not torch.isfinite(c).all():
             raise ValueError("DINO matching cost is not finite (NaN / inf predictions); lower the learning rate "
                              "or enable gradient clipping (--clip-grad 0.1)")

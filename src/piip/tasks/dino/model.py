@@ -82,7 +82,8 @@ class DINO(nn.Module):
             p = dn[2].pad_size
             out["dn_logits"], out["dn_boxes"] = out["logits"][:, :, :p], out["boxes"][:, :, :p]
             out["logits"], out["boxes"] = out["logits"][:, :, p:], out["boxes"][:, :, p:]
-        return self.criterion(out, labels, boxes, dn[2] if dn is not None else None)
+        scales = [x.new_tensor([w, h, w, h], dtype=torch.float32) for h, w in image_list.image_sizes]
+        return self.criterion(out, labels, boxes, scales, dn[2] if dn is not None else None)
 
     @staticmethod
     def normalised_targets(targets: list[dict[str, Tensor]], sizes: list[tuple[int, int]]
