@@ -191,6 +191,10 @@ def test_cli_train_eval_predict_dino(coco, tmp_path):
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"bbox"} and "segm" not in metrics
     assert all(-1 <= v <= 1 for v in metrics["bbox"].values())
+    png = tmp_path / "pred.png"
+    assert main(["predict", f"{coco['images']}/000000.png", "--checkpoint", str(out / "checkpoint.pt"),
+                 "--out", str(png), "--score-thresh", "0.0"]) == 0
+    assert png.exists()
 
 
 def test_registered_recipe_is_the_released_config():
