@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import detector_step_losses
 from piip.data import CocoDetection, detection_collate, detection_train_transforms
 from piip.data.synthetic import make_coco
 from piip.tasks.detection import DetectorConfig, build_detector
@@ -99,17 +100,7 @@ def test_training_steps_lower_the_loss(coco):
         warnings.simplefilter("ignore")
         ds = CocoDetection(coco["ann"], coco["images"], detection_train_transforms(96, 96), skip_empty=True)
     batch = detection_collate([ds[i] for i in range(2)])
-    model = tiny_cascade().train()
-    from piip.engine import build_optimizer
-    opt = build_optimizer(model, lr=2e-3, weight_decay=0.0, layer_decay=0.85)
-    losses = []
-    for _ in range(6):
-        torch.manual_seed(0)                                    # same RoI samples every step
-        loss = sum(model(*batch).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = detector_step_losses(tiny_cascade().train(), batch, 6, 2e-3)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -121,8 +112,12 @@ def test_cli_train_and_eval_cascade(coco, tmp_path):
         warnings.simplefilter("ignore")
         rc = main(["train", "detection", "--kind", "cascade_mask_rcnn", "--train-ann", coco["ann"],
                    "--train-images", coco["images"], "--epochs", "1", "--batch-size", "2", "--workers", "0",
-                   "--warmup-iters", "1", "--output-dir", str(out), "--eval-every", "0", *TINY_ARGS, *common])
+                   "--warmup-iters", "1", "--output-dir", str(out), "--eval-every", "0", "--aug", "ms",
+                   *TINY_ARGS, *common])
         assert rc == 0
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert ckpt["model_config"]["detector"]["aug"] == "ms" and ckpt["train_config"]["clip_grad"] is None
+        assert (ckpt["train_config"]["epochs"], ckpt["train_config"]["lr_steps"]) == (1, [8, 11])
         rc = main(["eval", "detection", "--checkpoint", str(out / "checkpoint.pt"), "--val-ann", coco["ann"],
                    "--val-images", coco["images"], "--workers", "0", "--out-dir", str(out / "eval")])
     assert rc == 0

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import detector_step_losses
 from piip.data import CocoDetection, detection_collate, detection_train_transforms
 from piip.data.synthetic import make_coco
 from piip.tasks.detection import DetectorConfig, build_detector
@@ -134,18 +135,7 @@ def test_denoising_groups_cannot_see_each_other():
 def test_training_steps_lower_the_loss(coco):
     ds = train_set(coco)
     batch = detection_collate([ds[i] for i in range(2)])
-    model = tiny_dino().train()
-    from piip.engine import build_optimizer
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, layer_decay=0.85)
-    losses = []
-    for _ in range(8):
-        torch.manual_seed(0)                                  # same denoising noise every step
-        loss = sum(model(*batch).values())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        opt.step()
-        losses.append(loss.item())
+    losses = detector_step_losses(tiny_dino().train(), batch, 8, 1e-3, clip=0.1)
     assert losses[-1] < 0.85 * losses[0], losses
 
 
