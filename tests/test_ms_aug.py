@@ -48,10 +48,10 @@ def test_ms_pipeline_keeps_boxes_masks_and_image_consistent():
 
 
 def test_scales_follow_the_finest_resolution():
-    tf = detection_ms_transforms(finest=1792)            # DINO SBL: k = 1.75
+    tf = detection_ms_transforms(finest=1792)            # DINO SBL: k = 1.75, as its released config
     flip, policies, final = tf.transforms
     p1, p2 = policies.policies
-    assert [r.min_size for r in p1.resizes] == list(range(840, 1401, 56)) and p1.resizes[0].max_size == 2333
+    assert [r.min_size for r in p1.resizes] == list(range(840, 1401, 56)) and p1.resizes[0].max_size == 2332
     assert [r.min_size for r in p2.transforms[0].resizes] == [700, 875, 1050]
     assert (p2.transforms[1].lo, p2.transforms[1].hi) == (672, 1050)
     assert (final.lo, final.hi) == (1792, 1792) and flip.p == 0.5

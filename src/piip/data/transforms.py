@@ -147,12 +147,12 @@ def detection_ms_transforms(finest: int, flip: float = 0.5) -> Compose:
     long side capped at k * 1333, or a resize to k * (400, 500, 600), a random crop of k * [384, 600]
     and the first resize; finally a random crop to at most k * 1024 (= the finest resolution) a side."""
     k = finest / 1024
-    long = int(round(1333 * k))
-    scales = [int(round(s * k)) for s in range(480, 801, 32)]
+    long = int(1333 * k)                                  # int(): the released configs' rounding
+    scales = [int(s * k) for s in range(480, 801, 32)]
     policy1 = RandomChoiceResize(scales, long)
-    policy2 = Compose([RandomChoiceResize([int(round(s * k)) for s in (400, 500, 600)], long),
-                       RandomCrop(int(round(384 * k)), int(round(600 * k))), RandomChoiceResize(scales, long)])
-    side = int(round(1024 * k))
+    policy2 = Compose([RandomChoiceResize([int(s * k) for s in (400, 500, 600)], long),
+                       RandomCrop(int(384 * k), int(600 * k)), RandomChoiceResize(scales, long)])
+    side = int(1024 * k)
     return Compose([RandomHorizontalFlip(flip), RandomPolicy([policy1, policy2]), RandomCrop(side, side)])
 
 
