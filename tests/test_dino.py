@@ -187,6 +187,14 @@ def test_cli_train_eval_predict_dino(coco, tmp_path):
     assert png.exists()
 
 
+def test_cli_kinds_are_the_builder_kinds():
+    from piip.commands.detection import KIND_CHOICES
+    from piip.tasks.detection import KINDS
+    assert KIND_CHOICES == list(KINDS)
+    with pytest.raises(ValueError, match="aug must be one of"):
+        build_detector("piip_sbl_1792_1120_672_dino", 3, "dino", DetectorConfig(aug="huge"), **TINY)
+
+
 def test_registered_recipe_is_the_released_config():
     from piip.registry import get_config
     from piip.zoo_detection_heads import SCHEDULES, head_recipe
