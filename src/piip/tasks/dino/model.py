@@ -75,8 +75,7 @@ class DINO(nn.Module):
         if dn is not None:
             content, anchors, meta = dn
             k = min(self.transformer.num_queries, sum(int(f.shape[-2] * f.shape[-1]) for f in feats))
-            dn_in = (content.to(feats[0].dtype), anchors.to(feats[0].dtype),
-                     denoising_attn_mask(meta, k, x.device))
+            dn_in = (content, anchors, denoising_attn_mask(meta, k, x.device))
         out = self.transformer(feats, masks, pos, dn_in)
         if dn is not None:
             p = dn[2].pad_size

@@ -63,6 +63,11 @@ class DecoderLayer(nn.Module):
         return self.norm3(tgt + self.ffn(tgt))
 
 
+def _float32(x: Tensor) -> torch.autocast:
+    """Autocast switched off on ``x``'s device: what runs inside computes in float32."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def encoder_reference_points(shapes: Tensor, valid_ratios: Tensor) -> Tensor:
     """(N, S, L, 2): every position's pixel centre, normalised by its level's valid size, then
     scaled to each level's valid ratio (Deformable-DETR)."""
@@ -148,8 +153,9 @@ class DeformableTransformer(nn.Module):
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         pos_all = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i] for i, p in enumerate(pos)], 1)
+        # box geometry (valid ratios, reference points, proposals, box logits) stays float32 under autocast
         valid_ratios = torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
-                                    for m in masks], 1).to(src.dtype)         # (N, L, 2) as (x, y)
+                                    for m in masks], 1).float()               # (N, L, 2) as (x, y)
         ref = encoder_reference_points(shapes, valid_ratios)
         memory = src
         for layer in self.encoder:
@@ -157,10 +163,11 @@ class DeformableTransformer(nn.Module):
 
         # two-stage: the top-scoring encoder proposals become the decoder's initial boxes (positions);
         # the content queries are learned (mixed query selection)
-        prop_logits, out_mem = encoder_proposals(memory, mask, shapes)
-        out_mem = self.enc_output_norm(self.enc_output(out_mem))
-        enc_cls = self.cls_branches[-1](out_mem)
-        enc_box = self.reg_branches[-1](out_mem) + prop_logits
+        prop_logits, out_mem = encoder_proposals(memory.float(), mask, shapes)
+        with _float32(out_mem):
+            out_mem = self.enc_output_norm(self.enc_output(out_mem))
+            enc_cls = self.cls_branches[-1](out_mem)
+            enc_box = self.reg_branches[-1](out_mem) + prop_logits
         k = min(self.num_queries, enc_cls.shape[1])
         top = enc_cls.max(-1)[0].topk(k, dim=1)[1]
         top_box = torch.gather(enc_box, 1, top[..., None].expand(-1, -1, 4))
@@ -188,9 +195,10 @@ class DeformableTransformer(nn.Module):
             ref_in = ref[:, :, None] * ratios4
             pos = self.ref_point_head(sine_box_encoding(ref_in[:, :, 0], self.dim // 2))
             tgt = layer(tgt, pos, ref_in, memory, shapes, starts, mask, attn_mask)
-            hs = self.decoder_norm(tgt)
-            logits.append(self.cls_branches[i](hs))
-            boxes.append((self.reg_branches[i](hs) + inverse_sigmoid(prev)).sigmoid())
-            prev = (self.reg_branches[i](tgt) + inverse_sigmoid(ref)).sigmoid()
+            with _float32(tgt):   # heads in float32 under autocast, as the released code runs them
+                hs = self.decoder_norm(tgt.float())
+                logits.append(self.cls_branches[i](hs))
+                boxes.append((self.reg_branches[i](hs) + inverse_sigmoid(prev)).sigmoid())
+                prev = (self.reg_branches[i](tgt.float()) + inverse_sigmoid(ref)).sigmoid()
             ref = prev.detach()
         return {"logits": torch.stack(logits), "boxes": torch.stack(boxes)}
