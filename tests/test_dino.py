@@ -66,7 +66,7 @@ def test_losses_on_hand_made_targets_and_eval_outputs():
     with torch.autocast("cpu", dtype=torch.bfloat16):          # mixed precision: box geometry stays float32
         seen = {}
         hook = model.transformer.decoder[0].cross_attn.register_forward_pre_hook(
-            lambda m, args: seen.setdefault("ref", args[1].dtype))
+            lambda m, args: seen.update(ref=args[1].dtype))
         amp_losses = model(images, HAND_MADE)
         hook.remove()
     assert seen["ref"] == torch.float32 and all(torch.isfinite(v) for v in amp_losses.values())
