@@ -202,6 +202,16 @@ def test_cli_kinds_are_the_builder_kinds():
         build_detector("piip_sbl_1792_1120_672_dino", 3, "dino", DetectorConfig(aug="huge"), **TINY)
 
 
+def test_any_registered_backbone():
+    """A Mask R-CNN backbone by name: DINO builds only the stride 8/16/32 maps it reads."""
+    for name in ("piip_tsb_1120_896_448", "vitdet_b_1024"):
+        model = build_detector(name, 3, "dino", HEAD, **TINY).eval()
+        assert model.backbone.body.cfg.pyramid_levels == [1, 2, 3]
+        with torch.no_grad():
+            out = model([torch.rand(3, 64, 56)])[0]
+        assert out["boxes"].shape == (36, 4)
+
+
 def test_registered_recipe_is_the_released_config():
     from piip.registry import get_config
     from piip.zoo_detection_heads import SCHEDULES, head_recipe

@@ -139,6 +139,14 @@ def _det_cfg(args: argparse.Namespace, class_names: list[str], recipe: dict[str,
                           enc_layers=args.enc_layers, dec_layers=args.dec_layers, dn_queries=args.dn_queries)
 
 
+def _backbone_defaults(kind: str) -> dict[str, Any]:
+    """DINO reads pyramid levels 1-3 only: the backbone does not build the stride-4 map."""
+    if kind == "dino":
+        from ..tasks.detection import DINO_PYRAMID_LEVELS
+        return {"pyramid_levels": list(DINO_PYRAMID_LEVELS)}
+    return {}
+
+
 def _schedule(args: argparse.Namespace, recipe: dict[str, Any]) -> tuple[int, list[int]]:
     """(epochs, lr steps): explicit --epochs / --lr-steps, else --schedule, else the recipe's, else 1x."""
     from ..zoo_detection_heads import SCHEDULES
@@ -162,7 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
     check_resume(args)
     device, _, world = init_distributed(args.device)
     seed_everything(args.seed)                 # the seed fixes the initial weights too
-    backbone = dense_backbone(args, "detection")
+    backbone = dense_backbone(args, "detection", _backbone_defaults(args.kind))
     probe = CocoDetection(train_ann, train_img, with_masks=False)  # class list before the real dataset
     recipe = head_recipe(args.model, backbone.cfg, args.kind)
     det_cfg = _det_cfg(args, probe.class_names, recipe)

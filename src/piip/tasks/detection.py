@@ -36,6 +36,7 @@ KINDS = ("mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn")
 MASK_KINDS = ("mask_rcnn", "cascade_mask_rcnn")
 # pixel normalisations (mean, std) on [0, 1] RGB, selected by PIIPConfig.image_norm
 AUGS = ("single", "ms")
+DINO_PYRAMID_LEVELS = (1, 2, 3)   # strides 8 / 16 / 32, the released is_dino outputs
 IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
                "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
@@ -246,6 +247,8 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
     det = dataclasses.replace(det_cfg or DetectorConfig(), kind=kind, num_classes=num_classes)
     if det.aug not in AUGS:
         raise ValueError(f"aug must be one of {AUGS}, got {det.aug!r}")
+    if kind == "dino" and not isinstance(backbone, PIIPBackbone):
+        overrides = {"pyramid_levels": list(DINO_PYRAMID_LEVELS), **overrides}   # build only the maps DINO reads
     body = _as_backbone(backbone, overrides)
     min_size, max_size, pad = resolve_sizes(body.cfg, det)
     transform = PIIPDetectionTransform(min_size, max_size, pad, body.cfg.image_norm, resize_train=det.aug != "ms")

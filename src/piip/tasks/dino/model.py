@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...backbone import PIIPBackbone
+from ..detection import DINO_PYRAMID_LEVELS
 from .criterion import SetCriterion
 from .denoising import CdnQueryGenerator, denoising_attn_mask
 from .matcher import cxcywh_to_xyxy
@@ -17,7 +18,7 @@ from .neck import ChannelMapper, sine_map_encoding
 from .transformer import DeformableTransformer
 
 # the backbone maps DINO reads: pyramid levels 1..3 = strides 8, 16, 32 (the released is_dino outputs)
-DINO_LEVELS = ("1", "2", "3")
+DINO_LEVELS = tuple(str(lvl) for lvl in DINO_PYRAMID_LEVELS)
 
 
 class DinoBackbone(nn.Module):
