@@ -57,7 +57,8 @@ class HungarianMatcher:
         if gt_labels.numel() == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
             return empty, empty
-        from scipy.optimize import linear_sum_assignment
+        from ...errors import require
+        linear_sum_assignment = require("scipy.optimize", "DINO's Hungarian matching").linear_sum_assignment
         c = self.cost(logits, boxes, gt_labels, gt_boxes, scale).cpu()
         if not torch.isfinite(c).all():
             raise ValueError("DINO matching cost is not finite (NaN / inf predictions); lower the learning rate "
