@@ -34,3 +34,21 @@ def official_keys_dir() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def detector_step_losses(model, batch, steps: int, lr: float, clip=None) -> list:
+    """Total loss of ``steps`` AdamW steps (layer decay 0.85) of a detector on one batch, with the
+    same random draws (RoI sampling, denoising noise) every step so that only learning moves it."""
+    from piip.engine import build_optimizer
+    opt = build_optimizer(model, lr=lr, weight_decay=0.0, layer_decay=0.85)
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(0)
+        loss = sum(model(*batch).values())
+        opt.zero_grad()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        losses.append(loss.item())
+    return losses

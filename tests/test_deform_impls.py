@@ -1,6 +1,7 @@
 """Every deformable-attention implementation against the grid_sample reference."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -120,3 +121,96 @@ def test_triton_cuda_matches_reference():
     args = [t.cuda() for t in (value, sh, st, loc, attn)]
     out = ms_deform_attn(*args, impl="triton")
     torch.testing.assert_close(out, ms_deform_attn(*args, impl="reference"), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------- which cell a sample on a pixel centre uses
+def deformable_detr_init_locations(shapes, heads=8, points=4):
+    """Sampling locations of a freshly initialised Deformable-DETR encoder layer, built as it builds them:
+    float32 reference points at pixel centres (linspace(0.5, size - 0.5) / size, valid ratio 1) plus the
+    sampling-offset bias (head directions scaled to unit max-norm, times 1..points) over (W, H)."""
+    refs = []
+    for h, w in shapes:
+        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h), torch.linspace(0.5, w - 0.5, w), indexing="ij")
+        refs.append(torch.stack([rx.reshape(-1) / w, ry.reshape(-1) / h], -1))
+    ref = torch.cat(refs)[None]                                             # (1, Lq, 2)
+    theta = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
+    grid = torch.stack([theta.cos(), theta.sin()], -1)
+    grid = grid / grid.abs().max(-1, keepdim=True)[0]
+    grid = grid.view(heads, 1, 1, 2).repeat(1, len(shapes), points, 1)
+    for i in range(points):
+        grid[:, :, i] *= i + 1
+    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)
+    return ref[:, :, None, None, None] + grid[None, None] / normalizer[None, None, None, :, None]
+
+
+def cuda_convention(value, shapes, starts, loc, attn):
+    """Deformable-DETR's CUDA op written with gathers and autograd: cell = floor(float32(loc * size) - 0.5),
+    a sample counts when -1 < coordinate < size, corners off the map read zero."""
+    n, _, m, d = value.shape
+    lq, p = loc.shape[1], loc.shape[4]
+    out = 0
+    for lvl, ((h, w), start) in enumerate(zip(shapes.tolist(), starts.tolist())):
+        v = value[:, start:start + h * w].permute(0, 2, 1, 3)               # (N, M, HW, D)
+        lx, ly = loc[:, :, :, lvl, :, 0], loc[:, :, :, lvl, :, 1]
+        x32, y32 = lx.float() * w - 0.5, ly.float() * h - 0.5
+        valid = (x32 > -1) & (x32 < w) & (y32 > -1) & (y32 < h)
+        x0, y0 = x32.floor().to(loc.dtype), y32.floor().to(loc.dtype)
+        fx, fy = lx * w - 0.5 - x0, ly * h - 0.5 - y0
+        for dx in (0, 1):
+            for dy in (0, 1):
+                xi, yi = x0 + dx, y0 + dy
+                ok = valid & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+                idx = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long().permute(0, 2, 1, 3).reshape(n, m, -1)
+                picked = torch.gather(v, 2, idx[..., None].expand(-1, -1, -1, d)).view(n, m, lq, p, d)
+                wgt = (fx if dx else 1 - fx) * (fy if dy else 1 - fy) * attn[:, :, :, lvl] * ok
+                out = out + (wgt[..., None] * picked.permute(0, 2, 1, 3, 4)).sum(3)
+    return out.reshape(n, lq, m * d)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pixel_centre_cell_as_cuda_op(impl, dtype):
+    """At Deformable-DETR's initial locations (on pixel centres, where the bilinear location gradient
+    has a kink) the location gradient is the CUDA op's one-sided gradient, in float32 and float64."""
+    shapes = [(6, 5), (3, 3), (2, 2)]
+    loc = deformable_detr_init_locations(shapes, heads=8, points=3).to(dtype)
+    sh = torch.tensor(shapes)
+    st = torch.tensor([0, 30, 39])
+    # the float32 coordinate of many samples lands just below a cell border: floor picks the left cell
+    x32 = loc[..., 0, :, 0].float() * 5 - 0.5
+    assert ((x32 - x32.round()).abs() < 1e-5).any() and ((x32.floor() != x32.round()) & ((x32 - x32.round()).abs() < 1e-5)).sum() > 10
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(1, 43, 8, 4, generator=g, dtype=dtype)
+    attn = torch.rand(loc.shape[:-1], generator=g, dtype=dtype)
+    ins = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    ref = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(ins[0], sh, st, ins[1], ins[2], impl=impl)
+    expect = cuda_convention(ref[0], sh, st, ref[1], ref[2])
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out, expect, **tol)
+    grad = torch.randn(out.shape, generator=g, dtype=dtype)
+    for ours, theirs in zip(torch.autograd.grad(out, ins, grad), torch.autograd.grad(expect, ref, grad)):
+        torch.testing.assert_close(ours, theirs, **{k: v * 10 for k, v in tol.items()})
+
+
+def test_reference_cell_at_pixel_centres_is_grid_samples():
+    """``reference`` (grid_sample) rounds ((2 loc - 1) + 1) * size - 1) / 2 instead: same values and
+    value / weight gradients, but at some pixel-centre samples it takes the other one-sided location
+    gradient. Documented, not a bug of either: the function has a kink there."""
+    shapes = [(6, 5)]
+    loc = deformable_detr_init_locations(shapes, heads=8, points=3)
+    sh, st = torch.tensor(shapes), torch.tensor([0])
+    g = torch.Generator().manual_seed(1)
+    value = torch.randn(1, 30, 8, 4, generator=g)
+    attn = torch.rand(loc.shape[:-1], generator=g)
+    a = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    b = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    out_ref = ms_deform_attn(a[0], sh, st, a[1], a[2], impl="reference")
+    out_cuda = cuda_convention(b[0], sh, st, b[1], b[2])
+    torch.testing.assert_close(out_ref, out_cuda, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out_ref.shape, generator=g)
+    ga, gb = torch.autograd.grad(out_ref, a, grad), torch.autograd.grad(out_cuda, b, grad)
+    torch.testing.assert_close(ga[0], gb[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ga[2], gb[2], atol=1e-4, rtol=1e-4)
+    differ = ((ga[1] - gb[1]).abs() > 1e-3).any(-1)
+    assert 0 < differ.sum() < differ.numel()

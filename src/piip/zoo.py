@@ -90,7 +90,8 @@ def piip_sbl_1792_1120_672_dino() -> PIIPConfig:
     # window 24 with every third block global, position tables at the 384 grid (24x24)
     branches = [vit(s, r, window=24, global_every=3, drop_path=dp, pos_grid=24)
                 for s, r, dp in zip("SBL", (1792, 1120, 672), (0.05, 0.15, 0.4))]
-    return PIIPConfig(branches=branches, merge="conv", pyramid="gn", pyramid_levels=[1, 2, 3])
+    # the released DINO SBL config normalises with the ImageNet mean / std (vision_spec D.1)
+    return PIIPConfig(branches=branches, merge="conv", pyramid="gn", pyramid_levels=[1, 2, 3], image_norm="imagenet")
 
 
 @register_model("vitdet_b_1024", "ViTDet-B at 1024 (window 14, global blocks 2/5/8/11), single-branch baseline")
@@ -210,3 +211,4 @@ def detection_recipe(name: str, cfg: PIIPConfig) -> dict[str, float]:
 from . import zoo_segmentation as _zoo_segmentation  # noqa: E402,F401  (registers the ADE20K UperNet models)
 from . import zoo_llava as _zoo_llava  # noqa: E402,F401  (registers the PIIP-LLaVA vision towers)
 from . import zoo_internvit as _zoo_internvit  # noqa: E402,F401  (InternViT-6B, PIIP-H6B / LH6B)
+from . import zoo_detection_heads as _zoo_detection_heads  # noqa: E402,F401  (DINO / Cascade recipes)

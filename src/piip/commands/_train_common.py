@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, Optional
 
 
 def check_resume(args: argparse.Namespace) -> None:
@@ -12,12 +12,13 @@ def check_resume(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--resume {args.resume!r} does not exist (give a checkpoint.pt, or 'auto')")
 
 
-def dense_backbone(args: argparse.Namespace, task: str) -> Any:
+def dense_backbone(args: argparse.Namespace, task: str, defaults: Optional[dict[str, Any]] = None) -> Any:
     """The ``--model`` backbone with ``--override``/``--img-size``/``--pretrained-branches``; it must
-    be a dense model whose finest resolution is a multiple of its input stride."""
+    be a dense model whose finest resolution is a multiple of its input stride. ``defaults`` are
+    config overrides the task wants unless ``--override`` sets them."""
     from ..registry import create_model
     from ._model_args import check_img_size, parse_overrides
-    overrides = parse_overrides(args.override, args.img_size)
+    overrides = {**(defaults or {}), **parse_overrides(args.override, args.img_size)}
     pretrained = None
     if args.pretrained_branches:
         pretrained = [None if p.lower() == "none" else p for p in args.pretrained_branches]

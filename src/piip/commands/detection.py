@@ -26,9 +26,13 @@ def _coco_paths(args: argparse.Namespace, split: str) -> tuple[str | None, str |
     return ann, img
 
 
+# detector kinds (piip.tasks.detection.KINDS; listed here so the parser does not import torchvision)
+KIND_CHOICES = ["mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn"]
+
+
 def _add_head_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detector (defaults: released Mask R-CNN 1x)")
-    g.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"])
+    g.add_argument("--kind", default="mask_rcnn", choices=KIND_CHOICES)
     g.add_argument("--fpn-channels", type=positive_int, default=256)
     g.add_argument("--box-head-dim", type=positive_int, default=1024)
     g.add_argument("--mask-head-dim", type=positive_int, default=256)
@@ -43,6 +47,14 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
                    help="proposals sampled per image for the box/mask heads (released: 512, sized for ~1333x800 "
                         "images; small images with few objects learn faster with ~64)")
     g.add_argument("--pad-divisor", type=positive_int, default=None, help="pad to multiples of this (default 224 / 64 / 32)")
+    d = p.add_argument_group("DINO (--kind dino; defaults: the released DINO 4-scale configs)")
+    d.add_argument("--num-queries", type=positive_int, default=900)
+    d.add_argument("--transformer-dim", type=positive_int, default=256)
+    d.add_argument("--transformer-heads", type=positive_int, default=8)
+    d.add_argument("--transformer-ffn", type=positive_int, default=2048)
+    d.add_argument("--enc-layers", type=positive_int, default=6)
+    d.add_argument("--dec-layers", type=positive_int, default=6)
+    d.add_argument("--dn-queries", type=non_negative_int, default=100, help="denoising queries (0 = no denoising)")
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +68,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     _add_data_args(p, "val", False)
     _add_head_args(p)
     g = p.add_argument_group("optimisation (defaults: released recipe)")
-    g.add_argument("--epochs", type=positive_int, default=12)
+    g.add_argument("--schedule", choices=["1x", "2x", "3x"], default=None,
+                   help="mmdet step schedule: 12 / 24 / 36 epochs, lr x0.1 at [8, 11] / [16, 22] / [27, 33] "
+                        "(default: the model's registered recipe, else 1x); --epochs / --lr-steps override it")
+    g.add_argument("--epochs", type=positive_int, default=None, help="default: from --schedule")
     g.add_argument("--batch-size", type=positive_int, default=2, help="images per process")
     g.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default: the model's released recipe, see piip.zoo.detection_recipe)")
@@ -65,8 +80,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="layer-wise lr decay rate on ViT blocks (default: the model's released recipe, "
                         "see piip.zoo.detection_recipe; 1 = off)")
     g.add_argument("--warmup-iters", type=non_negative_int, default=500)
-    g.add_argument("--lr-steps", type=positive_int, nargs="*", default=[8, 11], help="epochs at which lr drops x0.1")
-    g.add_argument("--clip-grad", type=positive_float, default=None, help="max gradient norm (released: none)")
+    g.add_argument("--lr-steps", type=positive_int, nargs="*", default=None,
+                   help="epochs at which lr drops x0.1 (default: from --schedule)")
+    g.add_argument("--clip-grad", type=positive_float, default=None,
+                   help="max gradient norm (default: the recipe's, 0.1 for DINO, none for the R-CNNs)")
+    g.add_argument("--aug", choices=["single", "ms"], default=None,
+                   help="training augmentation: 'single' = one scale + flip (released Mask R-CNN), 'ms' = the "
+                        "released multi-scale AutoAugment + crop pipeline (default: the model's recipe, else single)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for GPU, off for CPU)")
     r = add_run_args(p, "runs/detection")
@@ -81,8 +101,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coco-root", default=None, help="COCO 2017 folder (uses val2017)")
     _add_data_args(p, "val", False)
     add_model_args(p)
-    p.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"],
-                   help="for a plain state dict only")
+    p.add_argument("--kind", default="mask_rcnn", choices=KIND_CHOICES, help="for a plain state dict only")
     p.add_argument("--num-classes", type=positive_int, default=80, help="for a plain state dict only")
     p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument("--workers", type=non_negative_int, default=2)
@@ -102,22 +121,46 @@ def detection_forward(model: torch.nn.Module, batch: Any, device: torch.device) 
     return model(images, targets)
 
 
-def _det_cfg(args: argparse.Namespace, class_names: list[str]):
+def _det_cfg(args: argparse.Namespace, class_names: list[str], recipe: dict[str, Any]):
     from ..tasks.detection import DetectorConfig
+
+    def pick(name: str) -> Any:
+        v = getattr(args, name)
+        return recipe.get(name) if v is None else v
+
     return DetectorConfig(kind=args.kind, num_classes=len(class_names), fpn_channels=args.fpn_channels,
                           box_head_dim=args.box_head_dim, mask_head_dim=args.mask_head_dim,
-                          min_size=args.min_size, max_size=args.max_size, pad_divisor=args.pad_divisor,
+                          min_size=pick("min_size"), max_size=pick("max_size"), pad_divisor=pick("pad_divisor"),
                           anchor_scale=args.anchor_scale, rpn_batch_size=args.rpn_batch_size,
                           roi_batch_size=args.roi_batch_size,
-                          class_names=list(class_names))
+                          class_names=list(class_names), aug=pick("aug") or "single",
+                          num_queries=args.num_queries, transformer_dim=args.transformer_dim,
+                          transformer_heads=args.transformer_heads, transformer_ffn=args.transformer_ffn,
+                          enc_layers=args.enc_layers, dec_layers=args.dec_layers, dn_queries=args.dn_queries)
+
+
+def _backbone_defaults(kind: str) -> dict[str, Any]:
+    """DINO reads pyramid levels 1-3 only: the backbone does not build the stride-4 map."""
+    if kind == "dino":
+        from ..tasks.detection import DINO_PYRAMID_LEVELS
+        return {"pyramid_levels": list(DINO_PYRAMID_LEVELS)}
+    return {}
+
+
+def _schedule(args: argparse.Namespace, recipe: dict[str, Any]) -> tuple[int, list[int]]:
+    """(epochs, lr steps): explicit --epochs / --lr-steps, else --schedule, else the recipe's, else 1x."""
+    from ..zoo_detection_heads import SCHEDULES
+    epochs, steps = SCHEDULES[args.schedule or recipe.get("schedule") or "1x"]
+    return (args.epochs or epochs), list(steps if args.lr_steps is None else args.lr_steps)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..data import CocoDetection, detection_collate, detection_train_transforms
+    from ..data import CocoDetection, detection_collate, detection_ms_transforms, detection_train_transforms
     from ..engine import TrainConfig, Trainer, init_distributed, is_main
     from ..engine.checkpoint import check_writable, seed_everything
     from ..evaluation import evaluate_detector
-    from ..tasks.detection import build_detector, detector_config_dict, resolve_sizes
+    from ..tasks.detection import MASK_KINDS, build_detector, detector_config_dict, resolve_sizes
+    from ..zoo_detection_heads import head_recipe
 
     train_ann, train_img = _coco_paths(args, "train")
     if not train_ann:
@@ -127,34 +170,37 @@ def run_train(args: argparse.Namespace) -> int:
     check_resume(args)
     device, _, world = init_distributed(args.device)
     seed_everything(args.seed)                 # the seed fixes the initial weights too
-    backbone = dense_backbone(args, "detection")
+    backbone = dense_backbone(args, "detection", _backbone_defaults(args.kind))
     probe = CocoDetection(train_ann, train_img, with_masks=False)  # class list before the real dataset
-    det_cfg = _det_cfg(args, probe.class_names)
+    recipe = head_recipe(args.model, backbone.cfg, args.kind)
+    det_cfg = _det_cfg(args, probe.class_names, recipe)
     min_size, max_size, _ = resolve_sizes(backbone.cfg, det_cfg)
-    dataset = CocoDetection(train_ann, train_img,
-                            detection_train_transforms(min_size, max_size, 0.0 if args.no_flip else 0.5),
-                            skip_empty=True, with_masks=args.kind == "mask_rcnn", seed=args.seed)
+    flip = 0.0 if args.no_flip else 0.5
+    transforms = (detection_ms_transforms(int(round(backbone.cfg.branches[0].img_size)), flip) if det_cfg.aug == "ms"
+                  else detection_train_transforms(min_size, max_size, flip))
+    dataset = CocoDetection(train_ann, train_img, transforms, skip_empty=True, with_masks=args.kind in MASK_KINDS,
+                            seed=args.seed)
     model = build_detector(backbone, dataset.num_classes, args.kind, det_cfg)
-    from ..zoo import detection_recipe
-    recipe = detection_recipe(args.model, backbone.cfg)
     layer_decay = recipe["layer_decay"] if args.layer_decay is None else args.layer_decay
     lr = recipe["lr"] if args.lr is None else args.lr
+    clip_grad = recipe["clip_grad"] if args.clip_grad is None else args.clip_grad
+    epochs, lr_steps = _schedule(args, recipe)
     val_set = CocoDetection(val_ann, val_img, on_error="none") if val_ann and args.eval_every else None
     if val_set is not None and val_set.class_names != dataset.class_names:
         raise ValueError(f"val categories {val_set.class_names} differ from train categories {dataset.class_names}")
 
     def epoch_end(m: torch.nn.Module, epoch: int):
-        if val_set is None or (epoch % args.eval_every and epoch != args.epochs):
+        if val_set is None or (epoch % args.eval_every and epoch != epochs):
             return None
         return evaluate_detector(m, val_set, device, args.batch_size, args.workers, args.amp,
                                  out_dir=os.path.join(args.output_dir, f"eval_epoch{epoch}"))
 
-    cfg = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+    cfg = TrainConfig(output_dir=args.output_dir, epochs=epochs, batch_size=args.batch_size, lr=lr,
                       weight_decay=args.weight_decay, layer_decay=layer_decay, warmup_iters=args.warmup_iters,
-                      lr_steps=list(args.lr_steps), clip_grad=args.clip_grad, amp=args.amp, workers=args.workers,
+                      lr_steps=lr_steps, clip_grad=clip_grad, amp=args.amp, workers=args.workers,
                       seed=args.seed, device=str(device), save_every_steps=args.save_every_steps,
                       max_steps=args.max_steps, log_every=args.log_every, strategy=args.strategy,
-                      find_unused_parameters=args.kind == "retinanet")
+                      find_unused_parameters=args.kind in ("retinanet", "dino"))
     trainer = Trainer(model, dataset, cfg, detection_forward, detection_collate,
                       extra_state={"model_config": detector_config_dict(model), "model_name": args.model},
                       epoch_end=epoch_end)

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="input image file")
     p.add_argument("--checkpoint", required=True, help="training checkpoint (or a plain state dict + --model)")
     add_model_args(p)
-    p.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet"],
+    p.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn"],
                    help="for a plain state dict only")
     p.add_argument("--num-classes", type=positive_int, default=80,
                    help="for a plain state dict only (80 = COCO names)")

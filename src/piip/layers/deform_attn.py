@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,16 +51,26 @@ class MSDeformAttn(nn.Module):
         nn.init.zeros_(self.output_proj.bias)
 
     def forward(self, query: Tensor, reference_points: Tensor, feat: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
-        """query (N, Lq, C); reference_points (1 or N, Lq, L, 2) in [0, 1]; feat (N, S, C_feat)."""
+                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """query (N, Lq, C); feat (N, S, C_feat); reference_points (1 or N, Lq, L, 2) points in [0, 1],
+        or (N, Lq, L, 4) boxes (cx, cy, w, h): then offsets are in units of half the box over the
+        number of points (Deformable-DETR box refinement); padding_mask (N, S) True = padded
+        position, whose value is zeroed."""
         n, lq, _ = query.shape
         s = feat.shape[1]
-        value = self.value_proj(feat).view(n, s, self.num_heads, self.value_dim // self.num_heads)
+        value = self.value_proj(feat)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(n, s, self.num_heads, self.value_dim // self.num_heads)
         offsets = self.sampling_offsets(query).view(n, lq, self.num_heads, self.num_levels, self.num_points, 2)
         weights = self.attention_weights(query).view(n, lq, self.num_heads, self.num_levels * self.num_points)
         weights = F.softmax(weights, -1).view(n, lq, self.num_heads, self.num_levels, self.num_points)
-        normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        if reference_points.shape[-1] == 4:
+            ref = reference_points[:, :, None, :, None]
+            locations = ref[..., :2] + offsets / self.num_points * ref[..., 2:] * 0.5
+        else:
+            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         # sampling runs in at least float32, as the released code does, for bf16/fp16 models
         dt = torch.promote_types(value.dtype, torch.float32)
         out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))

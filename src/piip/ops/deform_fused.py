@@ -13,7 +13,9 @@ samples whose whole patch misses the padded grid are masked.
 * location / attention gradients: a "patch table" holds each position's 4 corner vectors side
   by side, so one row gather + one batched matmul gives <grad, corner value> for all corners.
 
-Math matches ``grid_sample(align_corners=False, padding_mode='zeros')`` and runs in >= float32.
+Math matches ``grid_sample(align_corners=False, padding_mode='zeros')`` and runs in >= float32;
+the bilinear cell is picked as Deformable-DETR's CUDA op picks it (:func:`pixel_coords`), which at
+exact pixel centres can differ from grid_sample's choice (see ``ms_deform_attn_reference``).
 """
 from __future__ import annotations
 
@@ -36,10 +38,11 @@ class _Geometry(NamedTuple):
 def _geometry(loc: Tensor, h: int, w: int) -> _Geometry:
     """loc (N, Lq, M, P, 2) in [0, 1] (x, y) -> patch rows, fractions and the in-grid mask."""
     n, lq, m, p, _ = loc.shape
-    x = loc[..., 0] * w - 0.5
-    y = loc[..., 1] * h - 0.5
-    x0, y0 = x.floor(), y.floor()
-    inside = (x0 >= -1) & (x0 <= w - 1) & (y0 >= -1) & (y0 <= h - 1)   # NaN -> False
+    x32, y32 = pixel_coords(loc, h, w)
+    x0, y0 = x32.floor().to(loc.dtype), y32.floor().to(loc.dtype)
+    inside = (x32 > -1) & (x32 < w) & (y32 > -1) & (y32 < h)          # the CUDA op's test; NaN -> False
+    # fractions in the op's dtype, relative to the cell the float32 coordinate picked
+    x, y = (x32, y32) if loc.dtype == torch.float32 else (loc[..., 0] * w - 0.5, loc[..., 1] * h - 0.5)
     # padded coordinates of the top-left corner; masked samples point at row 0 (weight 0)
     # int32 rows when they fit: half the index traffic (embedding_bag / index_select accept them)
     itype = torch.int32 if n * (h + 2) * (w + 2) * m < 2 ** 31 else torch.int64
@@ -51,6 +54,17 @@ def _geometry(loc: Tensor, h: int, w: int) -> _Geometry:
     r = n * lq * m
     return _Geometry(rows.view(r, p), (x - x0).view(r, p), (y - y0).view(r, p),
                      inside.to(loc.dtype).view(r, p))
+
+
+def pixel_coords(loc: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Pixel coordinates ``loc * size - 0.5`` in float32, as Deformable-DETR's CUDA op computes them.
+
+    Their ``floor`` picks the bilinear cell. Points placed on pixel centres (the encoder's reference
+    points plus the integer offsets of the sampling-offset initialisation) sit on a cell border
+    where the location gradient has a kink; rounding in float32 like the CUDA op picks the same
+    cell, hence the same one-sided gradient, whatever the input dtype."""
+    loc32 = loc.float()
+    return loc32[..., 0] * w - 0.5, loc32[..., 1] * h - 0.5
 
 
 def _corner_weights(fx: Tensor, fy: Tensor, a: Tensor) -> Tensor:

@@ -56,15 +56,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _sample(loc_ptr, attn_ptr, k, rmask, hf, wf):
-        """Attention weight, bilinear fractions and top-left corner of sample ``k`` (one per row)."""
+        """Attention weight, bilinear fractions, top-left corner and validity of sample ``k`` (one per row).
+
+        The cell is picked from the float32 pixel coordinate ``loc * size - 0.5`` and a sample counts
+        only when ``-1 < coordinate < size``, as in Deformable-DETR's CUDA op (deform_fused.pixel_coords);
+        the kernels are launched without mul-add fusion so this product is rounded on its own."""
         lx = tl.load(loc_ptr + 2 * k, mask=rmask, other=0.0)
         ly = tl.load(loc_ptr + 2 * k + 1, mask=rmask, other=0.0)
         a = tl.load(attn_ptr + k, mask=rmask, other=0.0)
+        w32 = wf.to(tl.float32)
+        h32 = hf.to(tl.float32)
+        x32 = lx.to(tl.float32) * w32 - 0.5
+        y32 = ly.to(tl.float32) * h32 - 0.5
+        valid = (x32 > -1) & (x32 < w32) & (y32 > -1) & (y32 < h32)
+        x0f = tl.floor(x32)
+        y0f = tl.floor(y32)
         x = lx * wf - 0.5
         y = ly * hf - 0.5
-        x0f = tl.floor(x)
-        y0f = tl.floor(y)
-        return a, x - x0f, y - y0f, x0f.to(tl.int64), y0f.to(tl.int64)
+        return a, x - x0f.to(x.dtype), y - y0f.to(y.dtype), x0f.to(tl.int64), y0f.to(tl.int64), valid
 
     @triton.jit
     def _fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
@@ -78,10 +87,10 @@ if HAS_TRITON:
             wf = w.to(acc.dtype)
             for pt in tl.static_range(P):
                 k = rows64 * (L * P) + lvl * P + pt
-                a, fx, fy, x0, y0 = _sample(loc_ptr, attn_ptr, k, rmask, hf, wf)
+                a, fx, fy, x0, y0, valid = _sample(loc_ptr, attn_ptr, k, rmask, hf, wf)
                 for c in tl.static_range(4):
                     ok, vrow, bx, by = _corner(x0, y0, fx, fy, c % 2, c // 2, h, w, start, base, M)
-                    ok = ok & rmask
+                    ok = ok & rmask & valid
                     v = tl.load(value_ptr + (vrow + head)[:, None] * D + cols[None, :],
                                 mask=ok[:, None] & cmask[None, :], other=0.0)
                     acc += (a * bx * by)[:, None] * v
@@ -101,13 +110,13 @@ if HAS_TRITON:
             wf = w.to(g.dtype)
             for pt in tl.static_range(P):
                 k = rows64 * (L * P) + lvl * P + pt
-                a, fx, fy, x0, y0 = _sample(loc_ptr, attn_ptr, k, rmask, hf, wf)
+                a, fx, fy, x0, y0, valid = _sample(loc_ptr, attn_ptr, k, rmask, hf, wf)
                 ga = tl.zeros_like(fx)
                 gfx = tl.zeros_like(fx)
                 gfy = tl.zeros_like(fx)
                 for c in tl.static_range(4):
                     ok, vrow, bx, by = _corner(x0, y0, fx, fy, c % 2, c // 2, h, w, start, base, M)
-                    ok = ok & rmask
+                    ok = ok & rmask & valid
                     sx = 1.0 if c % 2 == 1 else -1.0
                     sy = 1.0 if c // 2 == 1 else -1.0
                     offs = (vrow + head)[:, None] * D + cols[None, :]
@@ -140,7 +149,7 @@ class _TritonDeformAttn(torch.autograd.Function):
         starts = level_start_index.to(device=value.device, dtype=torch.int64).contiguous()
         out = torch.empty(r, d, dtype=value.dtype, device=value.device)
         _fwd_kernel[(triton.cdiv(r, block_r),)](value, shapes, starts, loc, attn, out, r, s, lqm, m, d,
-                                                L=nl, P=p, BLOCK_R=block_r, BLOCK_D=block_d)
+                                                L=nl, P=p, BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False)
         ctx.save_for_backward(value, shapes, starts, loc, attn)
         n, lq = value.shape[0], loc.shape[1]
         return out.view(n, lq, m * d)
@@ -155,7 +164,7 @@ class _TritonDeformAttn(torch.autograd.Function):
         grad_attn = torch.empty_like(attn)
         _bwd_kernel[(triton.cdiv(r, block_r),)](value, shapes, starts, loc, attn, grad_out,
                                                 grad_value, grad_loc, grad_attn, r, s, lqm, m, d,
-                                                L=nl, P=p, BLOCK_R=block_r, BLOCK_D=block_d)
+                                                L=nl, P=p, BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False)
         return grad_value, None, None, grad_loc, grad_attn
 
 

@@ -64,7 +64,14 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
 @register_impl("reference")
 def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                              sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
-    """Per-level bilinear ``grid_sample`` (align_corners=False, zero padding), then weighted sum."""
+    """Per-level bilinear ``grid_sample`` (align_corners=False, zero padding), then weighted sum.
+
+    Cell convention: grid_sample floors ``((g + 1) * size - 1) / 2`` with ``g = 2 * loc - 1`` rounded
+    in the input dtype, not the CUDA op's float32 ``loc * size - 0.5`` (which ``fused`` and ``triton``
+    follow). Values agree everywhere; at samples exactly on a pixel centre (Deformable-DETR's
+    initial locations) the two roundings can pick neighbouring cells and so return the left- or the
+    right-hand location gradient of the kink there. A sample at coordinate exactly -1 also counts
+    here (zero value, non-zero location gradient), while the CUDA op drops it."""
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     grids = 2.0 * sampling_locations - 1.0  # [0, 1] -> [-1, 1]

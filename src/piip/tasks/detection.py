@@ -31,8 +31,12 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from ..backbone import PIIPBackbone
 from ..config import PIIPConfig, strict_from_dict
 
-KINDS = ("mask_rcnn", "faster_rcnn", "retinanet")
+KINDS = ("mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn")
+# kinds that predict instance masks (their training sets load masks)
+MASK_KINDS = ("mask_rcnn", "cascade_mask_rcnn")
 # pixel normalisations (mean, std) on [0, 1] RGB, selected by PIIPConfig.image_norm
+AUGS = ("single", "ms")
+DINO_PYRAMID_LEVELS = (1, 2, 3)   # strides 8 / 16 / 32, the released is_dino outputs
 IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
                "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
@@ -65,8 +69,22 @@ class DetectorConfig:
     rpn_batch_size: int = 256
     roi_batch_size: int = 512
     score_thresh: float = 0.05
-    detections_per_img: int = 100
+    detections_per_img: Optional[int] = None   # None = 300 for DINO (released top-300), 100 otherwise
     class_names: list[str] = field(default_factory=list)
+    # 'single' = one fixed scale, resized by the model's transform; 'ms' = the data pipeline already
+    # picked the training scale (vision_spec D.3), so the transform does not resize training images
+    aug: str = "single"
+    # DINO (kind='dino'), defaults = the released DINO 4-scale configs
+    num_queries: int = 900
+    transformer_dim: int = 256
+    transformer_heads: int = 8
+    transformer_points: int = 4
+    transformer_ffn: int = 2048
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dn_queries: int = 100
+    dn_label_noise: float = 0.5
+    dn_box_noise: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,12 +191,20 @@ class PIIPDetectionTransform(GeneralizedRCNNTransform):
     masks back to the original image size.
     """
 
-    def __init__(self, min_size: int, max_size: int, size_divisible: int, norm: str = "half") -> None:
+    def __init__(self, min_size: int, max_size: int, size_divisible: int, norm: str = "half",
+                 resize_train: bool = True) -> None:
         if norm not in IMAGE_NORMS:
             raise ValueError(f"image_norm must be one of {sorted(IMAGE_NORMS)}, got {norm!r}")
         mean, std = IMAGE_NORMS[norm]
         super().__init__(min_size, max_size, image_mean=list(mean), image_std=list(std),
                          size_divisible=size_divisible)
+        self.resize_train = resize_train
+
+    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):  # noqa: ANN201
+        """No resize of training images when the data pipeline chose their scale (``aug='ms'``)."""
+        if self.training and not self.resize_train:
+            return image, target
+        return super().resize(image, target)
 
 
 def _as_backbone(backbone: Union[PIIPBackbone, str, PIIPConfig], overrides: dict[str, Any],
@@ -209,7 +235,7 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
     Args:
         backbone: a built :class:`PIIPBackbone`, a registered model name, or a :class:`PIIPConfig`.
         num_classes: number of foreground classes (80 for COCO).
-        kind: 'mask_rcnn', 'faster_rcnn' or 'retinanet'.
+        kind: 'mask_rcnn', 'faster_rcnn', 'retinanet', 'dino' or 'cascade_mask_rcnn'.
         det_cfg: head / transform settings; ``num_classes`` and ``kind`` given here win.
         **overrides: backbone config overrides when ``backbone`` is a name or config
             (e.g. ``img_size=224, branches={'embed_dim': 32}``).
@@ -219,8 +245,21 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int (foreground classes), got {num_classes!r}")
     det = dataclasses.replace(det_cfg or DetectorConfig(), kind=kind, num_classes=num_classes)
+    if det.aug not in AUGS:
+        raise ValueError(f"aug must be one of {AUGS}, got {det.aug!r}")
+    if kind == "dino" and not isinstance(backbone, PIIPBackbone):
+        overrides = {"pyramid_levels": list(DINO_PYRAMID_LEVELS), **overrides}   # build only the maps DINO reads
     body = _as_backbone(backbone, overrides)
     min_size, max_size, pad = resolve_sizes(body.cfg, det)
+    transform = PIIPDetectionTransform(min_size, max_size, pad, body.cfg.image_norm, resize_train=det.aug != "ms")
+    per_img = det.detections_per_img or (300 if kind == "dino" else 100)
+    if kind == "dino":
+        from .dino import DINO
+        model: nn.Module = DINO(body, num_classes, transform, det.transformer_dim, det.transformer_heads, 4,
+                                det.transformer_points, det.transformer_ffn, det.enc_layers, det.dec_layers,
+                                det.num_queries, det.dn_queries, det.dn_label_noise, det.dn_box_noise, per_img)
+        model.det_cfg = det
+        return model
     n_out = num_classes + 1
     ratios = (0.5, 1.0, 2.0)
     if kind == "retinanet":
@@ -229,7 +268,7 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
         sizes = tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in (base * t for t in (8, 16, 32, 64, 128)))
         anchors = FixedStrideAnchorGenerator(sizes, (ratios,) * 5, (8, 16, 32, 64, 128))
         model = RetinaNet(neck, n_out, anchor_generator=anchors, score_thresh=det.score_thresh,
-                          detections_per_img=det.detections_per_img, topk_candidates=1000, nms_thresh=0.5)
+                          detections_per_img=per_img, topk_candidates=1000, nms_thresh=0.5)
     else:
         neck = PIIPFPN(body, det.fpn_channels)
         anchors = FixedStrideAnchorGenerator(tuple((det.anchor_scale * t,) for t in (4, 8, 16, 32, 64)),
@@ -246,18 +285,25 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
             box_roi_pool=box_pool,
             box_head=TwoMLPHead(det.fpn_channels * 7 * 7, det.box_head_dim),
             box_predictor=FastRCNNPredictor(det.box_head_dim, n_out),
-            box_score_thresh=det.score_thresh, box_nms_thresh=0.5, box_detections_per_img=det.detections_per_img,
+            box_score_thresh=det.score_thresh, box_nms_thresh=0.5, box_detections_per_img=per_img,
             box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5, box_batch_size_per_image=det.roi_batch_size,
             box_positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0))
-        if kind == "mask_rcnn":
+        if kind in MASK_KINDS:
             from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-            model = MaskRCNN(neck, None, **common,
-                             mask_roi_pool=AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0),
-                             mask_head=MaskRCNNHeads(det.fpn_channels, [det.mask_head_dim] * 4, 1),
-                             mask_predictor=MaskRCNNPredictor(det.mask_head_dim, det.mask_head_dim, n_out))
+            masks = dict(mask_roi_pool=AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0),
+                         mask_head=MaskRCNNHeads(det.fpn_channels, [det.mask_head_dim] * 4, 1),
+                         mask_predictor=MaskRCNNPredictor(det.mask_head_dim, det.mask_head_dim, n_out))
+            if kind == "cascade_mask_rcnn":
+                from .cascade import CascadeRoIHeads
+                common["box_head"] = common["box_predictor"] = None  # replaced by the cascade's stages below
+                model = MaskRCNN(neck, n_out, **common)
+                model.roi_heads = CascadeRoIHeads(box_pool, det.fpn_channels * 7 * 7, det.box_head_dim, n_out,
+                                                  det.roi_batch_size, 0.25, det.score_thresh, 0.5, per_img, **masks)
+            else:
+                model = MaskRCNN(neck, None, **common, **masks)
         else:
             model = FasterRCNN(neck, None, **common)
-    model.transform = PIIPDetectionTransform(min_size, max_size, pad, body.cfg.image_norm)
+    model.transform = transform
     model.det_cfg = det
     return model
 
