@@ -43,7 +43,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": dict(per_class=100, val_per_class=20, cls_epochs={"T": 1, "S": 1, "B": 1}, scenes=(16, 8),
                   det_epochs=1),
     "full": dict(per_class=3000, val_per_class=1000, cls_epochs={"T": 4, "S": 4, "B": 4}, scenes=(400, 200),
-                 det_epochs=4),
+                 det_epochs=8),
 }
 DET_MODELS = {  # name: (branch sizes, resolutions, pretrained)
     "vitdet_b": ("B", (256,), True),
@@ -133,7 +133,7 @@ def step_detect(args, b, name: str, scenes: str, pretrained: dict[str, str]) -> 
     argv = ["train", "detection", "--model", base_model(sizes), "--override", json.dumps(ov),
             "--train-ann", os.path.join(scenes, "train.json"), "--train-images", os.path.join(scenes, "train"),
             "--val-ann", os.path.join(scenes, "val.json"), "--val-images", os.path.join(scenes, "val"),
-            "--epochs", str(epochs), "--batch-size", "4", "--lr", str(args.det_lr), "--layer-decay", "0.8",
+            "--epochs", str(epochs), "--batch-size", "4", "--lr", str(args.det_lr), "--layer-decay", str(args.layer_decay),
             "--warmup-iters", "50", "--lr-steps", str(max(1, epochs * 8 // 12)), str(max(1, epochs * 11 // 12)),
             "--clip-grad", "5", "--fpn-channels", "64", "--box-head-dim", "256", "--mask-head-dim", "64",
             "--anchor-scale", "3", "--rpn-batch-size", "128", "--roi-batch-size", "128", "--pad-divisor", "32",
@@ -201,7 +201,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="work folder (default runs/evidence_<budget>)")
     ap.add_argument("--fmnist-root", default=None, help="folder with the IDX files (default: the Debian package's)")
     ap.add_argument("--scene-size", type=int, default=256)
-    ap.add_argument("--det-lr", type=float, default=2e-4)
+    ap.add_argument("--det-lr", type=float, default=1e-3)
+    ap.add_argument("--layer-decay", type=float, default=0.9)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="+", default=None,
