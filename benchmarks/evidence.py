@@ -3,11 +3,11 @@ increasing size as classifiers ("ImageNet"), then build Mask R-CNN detectors fro
 pasted garments ("COCO"), and compare a single-branch ViTDet-style baseline with PIIP pyramids.
 
     apt-get install dataset-fashion-mnist          # the four IDX files, no download by piip
-    PYTHONPATH=src python benchmarks/evidence.py --budget full    # ~1 h on 2 CPU cores
-    PYTHONPATH=src python benchmarks/evidence.py --budget smoke   # minutes: checks the pipeline
+    python benchmarks/evidence.py --budget full --jobs 2   # ~1.5 h on 2 CPU cores (2.8 core-hours)
+    python benchmarks/evidence.py --budget smoke            # minutes: checks the pipeline
 
 Everything runs through piip's user-facing commands (``piip train classification``, ``piip convert
-timm``, ``piip train detection``), in this process. Steps are cached in ``--out`` (a finished step is
+timm``, ``piip train detection``), in this process (or, with ``--jobs 2``, in two child processes). Steps are cached in ``--out`` (a finished step is
 not run again; ``--force`` re-runs), so an interrupted run continues where it stopped, and
 ``--only`` runs a subset (e.g. two processes with different ``--only`` on two cores).
 
@@ -81,7 +81,7 @@ def run(argv: list[str]) -> None:
 def step_data(args, b) -> dict[str, str]:
     paths = {"cls": os.path.join(args.out, "fmnist_cls"), "scenes": os.path.join(args.out, "scenes")}
     done = os.path.join(args.out, "data.done")
-    if os.path.exists(done) and not args.force:
+    if os.path.exists(done) and (not args.force or args.child):  # a --jobs 2 child never rewrites the data
         return paths
     t0 = time.time()
     tr_x, tr_y = load_fashion_mnist("train", args.fmnist_root)
@@ -129,7 +129,7 @@ def step_detect(args, b, name: str, scenes: str, pretrained: dict[str, str]) -> 
         return json.load(open(result))
     ov = det_overrides(sizes, res)
     cx = count_config(get_config(base_model(sizes), **ov))
-    epochs = b["det_epochs"]
+    epochs = args.det_epochs or b["det_epochs"]
     argv = ["train", "detection", "--model", base_model(sizes), "--override", json.dumps(ov),
             "--train-ann", os.path.join(scenes, "train.json"), "--train-images", os.path.join(scenes, "train"),
             "--val-ann", os.path.join(scenes, "val.json"), "--val-images", os.path.join(scenes, "val"),
@@ -179,20 +179,52 @@ def plot(args, det: list[dict]) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no plot written")
         return
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in det:
-        marker = "s" if r["name"].startswith("vitdet") else ("x" if not r["pretrained"] else "o")
-        ax.scatter(r["backbone_gflops"], r["bbox"]["AP"], marker=marker, s=60)
-        ax.annotate(r["name"], (r["backbone_gflops"], r["bbox"]["AP"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.set_xlabel("backbone GFLOPs (paper convention)")
-    ax.set_ylabel("box AP (scenes val)")
-    ax.set_title(f"Fashion-MNIST scenes, Mask R-CNN ({args.budget})")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, task in zip(axes, ("bbox", "segm")):
+        for r in det:  # a legend, not annotations: PIIP at equal FLOPs sits on top of the baseline
+            marker = "s" if r["name"].startswith("vitdet") else ("x" if not r["pretrained"] else "o")
+            ax.scatter(r["backbone_gflops"], r[task]["AP"], marker=marker, s=60, label=r["name"])
+        ax.set_xlabel("backbone GFLOPs (paper convention)")
+        ax.set_ylabel(f"{'box' if task == 'bbox' else 'mask'} AP (scenes val)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Fashion-MNIST scenes, Mask R-CNN ({args.budget} budget)")
     fig.tight_layout()
     path = os.path.join(args.out, "ap_vs_gflops.png")
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
+
+
+# two lanes of similar length (measured single-thread seconds: pretraining B ~ T + S; the detection
+# runs pair the cheapest with the dearest)
+LANES = [(["pretrain_B"], ["pretrain_T", "pretrain_S"]),
+         (["vitdet_b", "piip_equal"], ["piip_low", "piip_low_random"])]
+
+
+def run_lanes(args) -> None:
+    """``--jobs 2``: data here, then each phase's two lanes as child processes of one thread each."""
+    import subprocess
+    step_data(args, BUDGETS[args.budget])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    base = [sys.executable, os.path.abspath(__file__), "--child", "--budget", args.budget, "--out", args.out,
+            "--scene-size", str(args.scene_size), "--det-lr", str(args.det_lr), "--layer-decay", str(args.layer_decay),
+            "--workers", str(args.workers), "--seed", str(args.seed)]
+    base += ["--fmnist-root", args.fmnist_root] if args.fmnist_root else []
+    base += ["--det-epochs", str(args.det_epochs)] if args.det_epochs else []
+    base += ["--force"] if args.force else []
+    for phase in LANES:
+        procs = []
+        for k, lane in enumerate(phase):
+            log = open(os.path.join(args.out, f"lane{k + 1}_{lane[0]}.log"), "w")
+            procs.append(subprocess.Popen([*base, "--only", *lane], env=env, stdout=log, stderr=subprocess.STDOUT))
+            print(f"started {' '.join(lane)} (log {log.name})", flush=True)
+        failed = [p.args for p in procs if p.wait() != 0]
+        if failed:
+            raise SystemExit(f"a lane failed: {failed[0]}")
+    pre = {s: step_pretrain(args, BUDGETS[args.budget], s, os.path.join(args.out, "fmnist_cls")) for s in "TSB"}
+    files = {s: os.path.join(args.out, f"vit_{s.lower()}_fmnist.safetensors") for s in "TSB"}
+    det = [step_detect(args, BUDGETS[args.budget], n, os.path.join(args.out, "scenes"), files) for n in DET_MODELS]
+    print(report(args, list(pre.values()), det))
 
 
 def main() -> None:
@@ -201,17 +233,23 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="work folder (default runs/evidence_<budget>)")
     ap.add_argument("--fmnist-root", default=None, help="folder with the IDX files (default: the Debian package's)")
     ap.add_argument("--scene-size", type=int, default=256)
+    ap.add_argument("--det-epochs", type=int, default=None, help="detection epochs (default: the budget's)")
     ap.add_argument("--det-lr", type=float, default=1e-3)
     ap.add_argument("--layer-decay", type=float, default=0.9)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                    help="2: run the steps as two processes of one thread each (one per core), in two lanes")
     ap.add_argument("--only", nargs="+", default=None,
                     help=f"steps to run: data, pretrain_T/S/B, {', '.join(DET_MODELS)}, report (default: all)")
     ap.add_argument("--force", action="store_true", help="re-run finished steps")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out = args.out or os.path.join("runs", f"evidence_{args.budget}")
     os.makedirs(args.out, exist_ok=True)
     b = BUDGETS[args.budget]
+    if args.jobs == 2 and not args.only:
+        return run_lanes(args)
     want = set(args.only or ["data", *(f"pretrain_{s}" for s in "TSB"), *DET_MODELS, "report"])
     paths = step_data(args, b)
     pre = {s: step_pretrain(args, b, s, paths["cls"]) for s in "TSB"
