@@ -128,7 +128,8 @@ def step_detect(args, b, name: str, scenes: str, pretrained: dict[str, str]) -> 
     if os.path.exists(result) and not args.force:
         r = json.load(open(result))
         if "bbox_agnostic" not in r:  # results from before this column existed
-            r["bbox_agnostic"] = agnostic_ap(scenes, os.path.join(out, f"eval_epoch{r.get('epochs', args.det_epochs or b['det_epochs'])}"))
+            ep = r.get("epochs", args.det_epochs or b["det_epochs"])
+            r["bbox_agnostic"] = agnostic_ap(scenes, os.path.join(out, f"eval_epoch{ep}"))
             json.dump(r, open(result, "w"), indent=1)
         return r
     ov = det_overrides(sizes, res)
