@@ -51,6 +51,8 @@ DET_MODELS = {  # name: (branch sizes, resolutions, pretrained)
     "piip_equal": ("TSB", (352, 272, 128), True),
     "piip_low_random": ("TSB", (272, 208, 112), False),
 }
+# run only when named in --only: is a narrow finest branch what costs PIIP its small objects here?
+ABLATIONS = {"piip_ssb_low": ("SSB", (256, 160, 96), True)}  # the S ViT also at the finest resolution, 60 %
 
 
 def branch(size: str, res: int) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def step_pretrain(args, b, size: str, cls_dir: str) -> dict[str, Any]:
 
 
 def step_detect(args, b, name: str, scenes: str, pretrained: dict[str, str]) -> dict[str, Any]:
-    sizes, res, use_pretrained = DET_MODELS[name]
+    sizes, res, use_pretrained = {**DET_MODELS, **ABLATIONS}[name]
     out = os.path.join(args.out, f"det_{name}")
     result = os.path.join(out, "result.json")
     if os.path.exists(result) and not args.force:
@@ -266,7 +268,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, choices=(1, 2),
                     help="2: run the steps as two processes of one thread each (one per core), in two lanes")
     ap.add_argument("--only", nargs="+", default=None,
-                    help=f"steps to run: data, pretrain_T/S/B, {', '.join(DET_MODELS)}, report (default: all)")
+                    help=f"steps to run: data, pretrain_T/S/B, {', '.join(DET_MODELS)}, report (default: all); "
+                         f"ablations, only when named: {', '.join(ABLATIONS)}")
     ap.add_argument("--force", action="store_true", help="re-run finished steps")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -281,7 +284,7 @@ def main() -> None:
            if f"pretrain_{s}" in want or ("report" in want and os.path.exists(os.path.join(args.out, f"pretrain_{s}",
                                                                                          "result.json")))}
     det = []
-    for name in DET_MODELS:
+    for name in [*DET_MODELS, *ABLATIONS]:
         if name in want or ("report" in want and os.path.exists(os.path.join(args.out, f"det_{name}", "result.json"))):
             files = {s: os.path.join(args.out, f"vit_{s.lower()}_fmnist.safetensors") for s in "TSB"}
             det.append(step_detect(args, b, name, paths["scenes"], files))
