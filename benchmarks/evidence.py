@@ -7,9 +7,9 @@ pasted garments ("COCO"), and compare a single-branch ViTDet-style baseline with
     python benchmarks/evidence.py --budget smoke            # minutes: checks the pipeline
 
 Everything runs through piip's user-facing commands (``piip train classification``, ``piip convert
-timm``, ``piip train detection``), in this process (or, with ``--jobs 2``, in two child processes). Steps are cached in ``--out`` (a finished step is
-not run again; ``--force`` re-runs), so an interrupted run continues where it stopped, and
-``--only`` runs a subset (e.g. two processes with different ``--only`` on two cores).
+timm``, ``piip train detection``), in this process, or with ``--jobs 2`` in two child processes of
+one thread each. Steps are cached in ``--out`` (a finished step is not run again; ``--force``
+re-runs), so an interrupted run continues where it stopped, and ``--only`` runs a subset.
 
 Models (same depth 6, patch 16; widths 48 / 96 / 192 = the T/S/B width ratios 1/4, 1/2, 1):
 - ``vitdet_b``: the pretrained B alone at the scene resolution (256), ViTDet simple pyramid;
