@@ -22,6 +22,8 @@ Same detector heads, schedule, learning rate, seed and data for all four.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from piip.cli import main as piip  # noqa: E402
 from piip.complexity import count_config  # noqa: E402
 from piip.data.fashion_mnist import load_fashion_mnist, make_scenes, write_image_folder  # noqa: E402
+from piip.evaluation import coco_evaluate  # noqa: E402
 from piip.registry import get_config  # noqa: E402
 
 DEPTH = 6
@@ -162,20 +165,12 @@ def step_detect(args, b, name: str, scenes: str, pretrained: dict[str, str]) -> 
 
 def agnostic_ap(scenes: str, eval_dir: str) -> dict[str, float]:
     """Class-agnostic box AP / AP50: separates finding garments from telling shirt from T-shirt."""
-    import contextlib
-    import io
-
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(os.path.join(scenes, "val.json"))
-        dets = [d for d in json.load(open(os.path.join(eval_dir, "detections.json"))) if "bbox" in d]
-        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
-        ev.params.useCats = 0
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1])}
+    dets = json.load(open(os.path.join(eval_dir, "detections.json")))
+    m = coco_evaluate(gt, dets, ["bbox"], use_cats=False)["bbox"]
+    return {"AP": m["AP"], "AP50": m["AP50"]}
 
 
 def report(args, pre: list[dict], det: list[dict]) -> str:

@@ -44,8 +44,9 @@ def predictions_to_coco(output: dict[str, torch.Tensor], image_id: int, label_to
 
 
 def coco_evaluate(coco_gt: Any, results: list[dict[str, Any]], iou_types: list[str],
-                  img_ids: Optional[list[int]] = None) -> dict[str, dict[str, float]]:
-    """{iou_type: {AP, AP50, ..., ARl}} on the images ``img_ids`` (default: all)."""
+                  img_ids: Optional[list[int]] = None, use_cats: bool = True) -> dict[str, dict[str, float]]:
+    """{iou_type: {AP, AP50, ..., ARl}} on the images ``img_ids`` (default: all). ``use_cats=False``
+    ignores the classes (COCOeval's ``useCats = 0``): how well objects are found, whatever their label."""
     from pycocotools.cocoeval import COCOeval
     metrics: dict[str, dict[str, float]] = {}
     for t in iou_types:
@@ -58,6 +59,7 @@ def coco_evaluate(coco_gt: Any, results: list[dict[str, Any]], iou_types: list[s
             ev = COCOeval(coco_gt, dt, t)
             if img_ids is not None:
                 ev.params.imgIds = sorted(img_ids)
+            ev.params.useCats = int(use_cats)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
