@@ -224,9 +224,9 @@ LANES = [(["pretrain_B"], ["pretrain_T", "pretrain_S"]),
 
 
 def run_lanes(args) -> None:
-    """``--jobs 2``: data here, then each phase's two lanes as child processes of one thread each."""
+    """``--jobs 2``: each phase's two lanes as child processes of one thread each (data written
+    before, report made after, by the caller)."""
     import subprocess
-    step_data(args, BUDGETS[args.budget])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     base = [sys.executable, os.path.abspath(__file__), "--child", "--budget", args.budget, "--out", args.out,
             "--scene-size", str(args.scene_size), "--det-lr", str(args.det_lr), "--layer-decay", str(args.layer_decay),
@@ -243,10 +243,6 @@ def run_lanes(args) -> None:
         failed = [p.args for p in procs if p.wait() != 0]
         if failed:
             raise SystemExit(f"a lane failed: {failed[0]}")
-    pre = {s: step_pretrain(args, BUDGETS[args.budget], s, os.path.join(args.out, "fmnist_cls")) for s in "TSB"}
-    files = {s: os.path.join(args.out, f"vit_{s.lower()}_fmnist.safetensors") for s in "TSB"}
-    det = [step_detect(args, BUDGETS[args.budget], n, os.path.join(args.out, "scenes"), files) for n in DET_MODELS]
-    print(report(args, list(pre.values()), det))
 
 
 def main() -> None:
@@ -271,17 +267,19 @@ def main() -> None:
     args.out = args.out or os.path.join("runs", f"evidence_{args.budget}")
     os.makedirs(args.out, exist_ok=True)
     b = BUDGETS[args.budget]
-    if args.jobs == 2 and not args.only:
-        return run_lanes(args)
     want = set(args.only or ["data", *(f"pretrain_{s}" for s in "TSB"), *DET_MODELS, "report"])
     paths = step_data(args, b)
+    if args.jobs == 2 and not args.only:
+        run_lanes(args)
+        # every step is cached now (--force was the children's to honour): gather and report below
+        want, args.force = {"report"}, False
     pre = {s: step_pretrain(args, b, s, paths["cls"]) for s in "TSB"
            if f"pretrain_{s}" in want or ("report" in want and os.path.exists(os.path.join(args.out, f"pretrain_{s}",
                                                                                          "result.json")))}
     det = []
+    files = {s: os.path.join(args.out, f"vit_{s.lower()}_fmnist.safetensors") for s in "TSB"}
     for name in [*DET_MODELS, *ABLATIONS]:
         if name in want or ("report" in want and os.path.exists(os.path.join(args.out, f"det_{name}", "result.json"))):
-            files = {s: os.path.join(args.out, f"vit_{s.lower()}_fmnist.safetensors") for s in "TSB"}
             det.append(step_detect(args, b, name, paths["scenes"], files))
     if "report" in want:
         print(report(args, list(pre.values()), det))
