@@ -3,7 +3,7 @@ increasing size as classifiers ("ImageNet"), then build Mask R-CNN detectors fro
 pasted garments ("COCO"), and compare a single-branch ViTDet-style baseline with PIIP pyramids.
 
     apt-get install dataset-fashion-mnist          # the four IDX files, no download by piip
-    python benchmarks/evidence.py --budget full --jobs 2   # ~1.5 h on 2 CPU cores (2.8 core-hours)
+    python benchmarks/evidence.py --budget full --jobs 2   # 2.8 core-hours measured: ~1.5 h on 2 cores
     python benchmarks/evidence.py --budget smoke            # minutes: checks the pipeline
 
 Everything runs through piip's user-facing commands (``piip train classification``, ``piip convert
@@ -177,12 +177,14 @@ def report(args, pre: list[dict], det: list[dict]) -> str:
     lines = ["| pretrained ViT | width | epochs | top-1 (FMNIST test) | train s |", "|---|---|---|---|---|"]
     lines += [f"| {p['size']} | {p['width']} | {p['epochs']} | {p['top1']:.2f} | {p['train_s']:.0f} |" for p in pre]
     lines += ["", "| model | branches (px) | pretrained | backbone GFLOPs | params (M) | box AP | AP50 | APs | APm | "
-              "APl | mask AP | class-agnostic box AP | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "APl | mask AP | mask APs | mask APm | mask APl | class-agnostic box AP | train s |",
+              "|" + "---|" * 16]
     for r in det:
         bb, sg = r["bbox"], r["segm"]
         lines.append(f"| {r['name']} | {r['branches']} | {'yes' if r['pretrained'] else 'no'} | "
                      f"{r['backbone_gflops']:.3f} | {r['backbone_params_M']:.2f} | {bb['AP']:.3f} | {bb['AP50']:.3f} | "
-                     f"{bb['APs']:.3f} | {bb['APm']:.3f} | {bb['APl']:.3f} | {sg['AP']:.3f} | "
+                     f"{bb['APs']:.3f} | {bb['APm']:.3f} | {bb['APl']:.3f} | {sg['AP']:.3f} | {sg['APs']:.3f} | "
+                     f"{sg['APm']:.3f} | {sg['APl']:.3f} | "
                      f"{r['bbox_agnostic']['AP']:.3f} | {r['train_s']:.0f} |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, "results.md"), "w") as f:
