@@ -196,15 +196,23 @@ def build_transforms(input_size: int, train: bool, auto_augment: Optional[str] =
                      crop_scale: float = 0.08,
                      interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD) -> Callable:
-    """Training: timm's ``create_transform`` (RandomResizedCrop 0.08-1, flip, RandAugment, random
-    erasing) at ``input_size`` (the finest branch's resolution); ``crop_scale`` is the smallest crop area (released 0.08). Evaluation: resize the short side
-    to ``int(input_size / crop_ratio)`` and centre-crop ``input_size`` (released ratio 1.0)."""
+    """Training: timm's ``create_transform`` (RandomResizedCrop ``crop_scale``-1 (released 0.08), flip,
+    RandAugment with its ops guarded by :func:`piip.data.augment.guard_augment_ops`, random erasing) at
+    ``input_size`` (the finest branch's resolution). Evaluation: resize the short side to
+    ``int(input_size / crop_ratio)`` and centre-crop ``input_size`` (released ratio 1.0)."""
     from torchvision import transforms as T
     if train:
         from timm.data import create_transform
-        return create_transform(input_size, is_training=True, auto_augment=auto_augment or None, scale=(crop_scale, 1.0),
-                                color_jitter=color_jitter, re_prob=re_prob, re_mode="pixel", re_count=1,
-                                interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+
+        from .augment import guard_augment_ops
+        try:
+            tf = create_transform(input_size, is_training=True, auto_augment=auto_augment or None,
+                                  scale=(crop_scale, 1.0), color_jitter=color_jitter, re_prob=re_prob, re_mode="pixel",
+                                  re_count=1, interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+        except AssertionError as e:   # timm asserts on an unknown policy name
+            raise ValueError(f"--auto-augment {auto_augment!r}: {e} (use a timm policy such as "
+                             "'rand-m9-mstd0.5-inc1', 'original', 'augmix-m5-w3', or 'none')") from None
+        return guard_augment_ops(tf)
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"crop ratio must be in (0, 1], got {crop_ratio}")
     mode = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
