@@ -72,10 +72,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"piip {name}: stopped by {e.signame} at step {e.step}; saved {e.checkpoint}. "
               f"Resume with the same command plus --resume {e.checkpoint}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"piip {name}: interrupted", file=sys.stderr)
+        print(f"piip {name}: interrupted" + (f" ({e})" if str(e) else ""), file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into messages
         if debug:

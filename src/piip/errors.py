@@ -22,6 +22,16 @@ class TrainingInterrupted(Exception):
         self.signame, self.checkpoint, self.step = signame, checkpoint, step
 
 
+class RunFailed(Exception):
+    """A run failed partway (a sample, a worker, a step or an evaluation): ``str()`` is the one line
+    (what failed, why, and the checkpoint to resume from), ``code`` the exit code (2 when the cause is
+    bad input such as a mask value out of range, else 1)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class MissingDependency(ImportError):
     """An optional package is not installed (the message says which extra installs it)."""
 
@@ -45,6 +55,8 @@ def user_message(exc: BaseException) -> tuple[int, str]:
     """(exit code, one line) for an exception reaching the CLI: 2 for user errors, 1 otherwise."""
     if isinstance(exc, MissingDependency):
         return 2, str(exc)
+    if isinstance(exc, RunFailed):
+        return exc.code, str(exc)
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         return 2, (f"the optional package {exc.name.split('.')[0]!r} is not installed; install it with: "
                    f"{install_hint(exc.name)}")

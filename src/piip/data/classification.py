@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .images import read_rgb
+from .robust import transform_sample
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,10 +99,12 @@ class ImageClassification(Dataset):
         if img is None:
             return None
         if self.transform is not None:
+            sample = f"sample {index} ({self.samples[index][0]})"
             if self.seed is None:
-                img = self.transform(img)
+                img = transform_sample(self.transform, (img,), sample)
             else:
-                img = _seeded(self.transform, img, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + aug_index)
+                seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + aug_index
+                img = _seeded(lambda im: transform_sample(self.transform, (im,), sample), img, seed)
         return img, self.samples[index][1]
 
 

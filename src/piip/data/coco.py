@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .robust import check_on_error, load_or_substitute
+from .robust import check_on_error, load_or_substitute, transform_sample
 
 
 class CocoDetection(Dataset):
@@ -129,7 +129,9 @@ class CocoDetection(Dataset):
         i, img = found
         target = self.target(self.ids[i], img.shape[1], img.shape[2])
         if self.transforms is not None:
-            img, target = self.transforms(img, target, random.Random(hash((self.seed, self.epoch, i))))
+            sample = f"sample {i} (image {self.coco.imgs[self.ids[i]].get('file_name')!r}, id {self.ids[i]})"
+            img, target = transform_sample(self.transforms, (img, target, random.Random(hash((self.seed, self.epoch, i)))),
+                                           sample)
         return img, target
 
 

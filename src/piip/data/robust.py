@@ -38,3 +38,37 @@ def load_or_substitute(index: int, size: int, load: Callable[[int], T], describe
             if on_error == "none":
                 return None
     raise RuntimeError(f"no readable sample found near index {index}; check {where}")
+
+
+class SampleError(RuntimeError):
+    """A sample's transform (augmentation) failed: names the sample, the failing step and the fix."""
+
+
+def transform_sample(transform: Callable[..., T], args: tuple, sample: str) -> T:
+    """``transform(*args)``; a failure becomes one :class:`SampleError` naming ``sample`` and the
+    failing step (the innermost transform of ``transform`` in the traceback, or a guarded timm op)."""
+    try:
+        return transform(*args)
+    except Exception as e:  # noqa: BLE001 - re-raised with the sample named
+        from .augment import AugmentationError
+        what = str(e) if isinstance(e, AugmentationError) else \
+            f"transform {_failing_step(transform, e)} failed: {type(e).__name__}: {e}"
+        raise SampleError(f"{sample}: {' '.join(what.split())} (check that file, or train without that "
+                          "augmentation, e.g. --auto-augment none)") from e
+
+
+def _failing_step(transform: Callable, exc: BaseException) -> str:
+    """Class name of the innermost step of ``transform`` (or of a Compose inside it) active in ``exc``'s traceback."""
+    steps = {id(transform)}
+    todo = [transform]
+    while todo:
+        for t in getattr(todo.pop(), "transforms", None) or []:
+            steps.add(id(t))
+            todo.append(t)
+    name, tb = getattr(transform, "__name__", type(transform).__name__), exc.__traceback__
+    while tb is not None:
+        me = tb.tb_frame.f_locals.get("self")
+        if me is not None and id(me) in steps:
+            name = type(me).__name__
+        tb = tb.tb_next
+    return name

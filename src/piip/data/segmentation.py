@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .robust import check_on_error, load_or_substitute
+from .robust import check_on_error, load_or_substitute, transform_sample
 
 IGNORE_INDEX = 255
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -166,7 +166,8 @@ class SegmentationDataset(Dataset):
         i, (img, mask) = found
         img = img.float().div_(255)
         if self.transforms is not None:
-            img, mask = self.transforms(img, mask, random.Random(hash((self.seed, self.epoch, i))))
+            img, mask = transform_sample(self.transforms, (img, mask, random.Random(hash((self.seed, self.epoch, i)))),
+                                         f"sample {i} ({self.samples[i][0]})")
         return img, mask
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import TrainingInterrupted
+from ..errors import RunFailed, TrainingInterrupted
 from . import checkpoint as ckpt_io
 from .distributed import init_distributed, is_main, unwrap
 from .ema import ModelEMA
@@ -266,15 +266,22 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_on_signals(self):  # noqa: ANN202
         """SIGINT / SIGTERM: finish the current step, save, raise :class:`TrainingInterrupted`.
-        A second SIGINT aborts at once without saving."""
+        A second SIGINT quits at once without saving (a one-line ``KeyboardInterrupt``; the workers are
+        still reaped). Processes forked meanwhile (DataLoader workers) inherit the handler: there it
+        does nothing, the main process alone decides."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        main_pid = os.getpid()
 
         def handler(signum: int, frame: Any) -> None:
+            if os.getpid() != main_pid:
+                return
             name = signal.Signals(signum).name
             if self._stop is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
+                path = self.checkpoint_path
+                raise KeyboardInterrupt("second Ctrl-C: quit without saving" + (
+                    f"; the last completed checkpoint {path} is kept" if os.path.exists(path) else ""))
             self._stop = name
             if is_main():
                 print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again to quit without saving)",
@@ -311,21 +318,28 @@ class Trainer:
             means = RunningMeans()
             bar = Progress(self.iters_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}", is_main(),
                            cfg.log_every, initial=self.epoch_step)
-            for batch in loader:
-                stats = self.train_step(batch)
-                means.update(**stats)
-                self.step += 1
-                self.epoch_step += 1
-                bar.update(f"lr {self.optimizer.param_groups[-1]['lr']:.2e} {means.format()}")
-                if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
-                    self.save()
-                if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                    bar.close()
-                    self.save()
-                    if is_main():
-                        print(f"stopped at step {self.step} (max_steps); resume with --resume {self.checkpoint_path}")
-                    return self.history
-                self._stop_if_asked(bar)   # before the next batch is fetched
+            batches = iter(loader)
+            try:
+                for batch in self._batches(batches, bar):
+                    try:
+                        stats = self.train_step(batch)
+                    except Exception as e:  # noqa: BLE001 - one line naming the step (RunFailed)
+                        raise self._failed(f"training step {self.step + 1}", e) from e
+                    means.update(**stats)
+                    self.step += 1
+                    self.epoch_step += 1
+                    bar.update(f"lr {self.optimizer.param_groups[-1]['lr']:.2e} {means.format()}")
+                    if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                        self.save()
+                    if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                        bar.close()
+                        self.save()
+                        if is_main():
+                            print(f"stopped at step {self.step} (max_steps); resume with --resume {self.checkpoint_path}")
+                        return self.history
+                    self._stop_if_asked(bar)   # before the next batch is fetched
+            finally:   # reap the workers now, on any exit (an error, a second Ctrl-C): never at interpreter exit
+                shutdown_workers(batches)
             bar.close()
             record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, **means.means()}
             self.epoch += 1
@@ -339,11 +353,37 @@ class Trainer:
                     print(f"note: no evaluation during --strategy fsdp training; run `piip eval ... --checkpoint "
                           f"{self.checkpoint_path}` (the weights are gathered from the shards)")
             elif self.epoch_end is not None:
-                result = self.epoch_end(unwrap(self.model), self.epoch)
+                try:
+                    result = self.epoch_end(unwrap(self.model), self.epoch)
+                except Exception as e:  # noqa: BLE001
+                    raise self._failed(f"the evaluation after epoch {self.epoch}", e) from e
                 if result:
                     record["eval"] = result
                     self.save()
         return self.history
+
+    def _batches(self, batches: Any, bar: Progress) -> Any:
+        """The epoch's batches; a failed fetch (a sample, a worker) becomes :class:`RunFailed`, or the
+        end of a run asked to stop (SIGTERM to the process group also ends the workers)."""
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001
+                self._stop_if_asked(bar)
+                raise self._failed(f"loading the data of step {self.step + 1}", e) from e
+            yield batch
+
+    def _failed(self, what: str, exc: BaseException) -> RunFailed:
+        """One line: what failed, why, and what is on disk to resume from."""
+        from ..errors import user_message
+        code = user_message(exc)[0]
+        path = self.checkpoint_path
+        kept = (f"the last completed checkpoint {path} is kept; fix the cause and continue with --resume {path}"
+                if os.path.exists(path) else "no checkpoint was written yet")
+        return RunFailed(f"{what} (epoch {self.epoch + 1}) failed: {error_text(exc)}; {kept} "
+                         "(--debug shows the traceback)", code)
 
 
 SHARDED = "sharded"  # checkpoint.pt's 'model' / 'optimizer' when they are in the shards folder
@@ -373,10 +413,37 @@ def split_batch(batch: Any, n: int) -> list[Any]:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Data-loading workers leave SIGINT / SIGTERM to the main process, which stops them cleanly
-    after saving (a worker killed by the terminal's Ctrl-C would otherwise abort the save)."""
+    """Data-loading workers leave Ctrl-C (SIGINT, sent to the whole process group) to the main process,
+    which stops them cleanly after saving. SIGTERM ends a worker quietly (exit code 0, so the main
+    process is not interrupted mid-step by "worker killed by signal"): the main process, if it got it
+    too, still saves; and a terminate() at shutdown always works (an ignored SIGTERM made the
+    interpreter's exit wait forever for the workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def shutdown_workers(batches: Any) -> None:
+    """Stop and join the worker processes of a DataLoader iterator now (a no-op without workers)."""
+    stop = getattr(batches, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of an error in one line; for an error re-raised from a DataLoader worker
+    (whose message is the worker's whole traceback) the original exception line only. piip's own
+    data errors (whose messages name the sample) are given without their type."""
+    msg = str(exc)
+    lines = msg.rstrip().splitlines()
+    if lines and "in DataLoader worker process" in lines[0]:
+        last = max((i for i, ln in enumerate(lines) if ln.startswith(" ")), default=0)
+        msg = " ".join(ln.strip() for ln in lines[last + 1:])
+        for prefix in (f"{type(exc).__module__}.{type(exc).__qualname__}: ", f"{type(exc).__qualname__}: "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+    msg = " ".join(msg.split("\n")).strip()
+    return msg if type(exc).__module__.startswith("piip.") else f"{type(exc).__name__}: {msg}"
+
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted paths where two nested config dicts differ."""
