@@ -122,10 +122,12 @@ def test_a_failing_step_and_a_failing_evaluation(data, tmp_path, capsys, monkeyp
         return f
 
     monkeypatch.setattr(ct, "make_loss", loss_failing_at_step_2)
-    assert run(train(data, tmp_path / "a", "--epochs", "1", "--workers", "2", "--eval-every", "0")) == 1
+    out = tmp_path / "a"
+    assert run(train(data, out, "--epochs", "2", "--workers", "2", "--eval-every", "0")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "training step 2 (epoch 1) failed: RuntimeError: CUDA error" in err[0]
-    assert "no checkpoint was written yet" in err[0] and multiprocessing.active_children() == []
+    assert len(err) == 1 and "training step 2 (epoch 2) failed: RuntimeError: CUDA error" in err[0]
+    assert f"--resume {out / 'checkpoint.pt'}" in err[0] and multiprocessing.active_children() == []
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
     monkeypatch.setattr(ct, "make_loss", real_loss)
 
     def broken_eval(*a, **k):
