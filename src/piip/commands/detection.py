@@ -185,7 +185,8 @@ def run_train(args: argparse.Namespace) -> int:
     lr = recipe["lr"] if args.lr is None else args.lr
     clip_grad = recipe["clip_grad"] if args.clip_grad is None else args.clip_grad
     epochs, lr_steps = _schedule(args, recipe)
-    val_set = CocoDetection(val_ann, val_img, on_error="none") if val_ann and args.eval_every else None
+    # evaluation reads ground truth (boxes, and masks where they exist) from the annotation file itself
+    val_set = CocoDetection(val_ann, val_img, with_masks=False, on_error="none") if val_ann and args.eval_every else None
     if val_set is not None and val_set.class_names != dataset.class_names:
         raise ValueError(f"val categories {val_set.class_names} differ from train categories {dataset.class_names}")
 
@@ -226,7 +227,7 @@ def run_eval(args: argparse.Namespace) -> int:
     device, _, _ = init_distributed(args.device)
     overrides = parse_overrides(args.override, args.img_size)
     model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).to(device)
-    dataset = CocoDetection(ann, img, on_error="none")
+    dataset = CocoDetection(ann, img, with_masks=False, on_error="none")
     names = model.det_cfg.class_names
     if names and names != dataset.class_names:
         raise ValueError(f"the checkpoint's classes {names[:5]}... differ from the dataset's {dataset.class_names[:5]}...")

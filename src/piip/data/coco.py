@@ -21,7 +21,13 @@ class CocoDetection(Dataset):
 
     Annotation clean-up as mmdet's CocoDataset: crowd boxes, boxes under 1 px wide/high or with
     non-positive area are dropped. ``skip_empty`` (training) leaves out images with no usable
-    annotation. An unreadable image is reported once and replaced by the next readable one
+    annotation.
+
+    Masks (``with_masks``): an annotation's ``segmentation`` may be polygons, RLE (compressed or not),
+    empty or absent. Polygons with fewer than 3 points are dropped; an instance left without a mask
+    is left out of mask training, box included (mmdet 3.x ``LoadAnnotations``: ``ignore_flag``), and
+    counted in ``without_mask`` (one warning). A file where no instance has a mask is refused: train a
+    box detector on it (``with_masks=False``: Faster R-CNN, RetinaNet, DINO). An unreadable image is reported once and replaced by the next readable one
     (training, ``on_error='substitute'``) or returned as ``None`` (evaluation, ``on_error='none'``;
     :func:`detection_collate` drops it) so one bad file never kills a run.
     """
@@ -45,6 +51,7 @@ class CocoDetection(Dataset):
         self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         ids = self._existing(sorted(self.coco.getImgIds()), ann_file)
+        self.without_mask = self._count_without_mask(ann_file, ids) if with_masks else 0
         if skip_empty:
             kept = [i for i in ids if self._valid_anns(i)]
             if len(kept) < len(ids):
@@ -71,6 +78,20 @@ class CocoDetection(Dataset):
         missing = set(gone)
         return [i for i in ids if i not in missing]
 
+    def _count_without_mask(self, ann_file: str, ids: list[int]) -> int:
+        """Instances (of images ``ids``) without a usable mask; refuses a file without any mask."""
+        anns = [a for i in ids for a in self._valid_anns(i, need_mask=False)]
+        lacking = sum(not has_mask(a) for a in anns)
+        if anns and lacking == len(anns):
+            raise ValueError(f"{ann_file}: none of its {len(anns)} annotations has a mask ('segmentation' missing, "
+                             "empty or invalid); Mask R-CNN / Cascade Mask R-CNN train on masks: train a box "
+                             "detector on this file instead (--kind faster_rcnn, retinanet or dino)")
+        if lacking:
+            warnings.warn(f"{ann_file}: {lacking} of {len(anns)} annotations have no mask ('segmentation' missing, "
+                          "empty or invalid); they are left out of mask training, box included (mmdet's rule)",
+                          stacklevel=3)
+        return lacking
+
     @property
     def num_classes(self) -> int:
         return len(self.cat_ids)
@@ -82,11 +103,15 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _valid_anns(self, img_id: int) -> list[dict[str, Any]]:
+    def _valid_anns(self, img_id: int, need_mask: Optional[bool] = None) -> list[dict[str, Any]]:
+        """The image's trainable annotations (with a mask too when ``need_mask``, default ``with_masks``)."""
+        need_mask = self.with_masks if need_mask is None else need_mask
         info = self.coco.imgs[img_id]
         out = []
         for a in self.coco.imgToAnns.get(img_id, []):
             if a.get("iscrowd", 0) or a.get("ignore", 0) or a["category_id"] not in self.cat_to_label:
+                continue
+            if need_mask and not has_mask(a):
                 continue
             x, y, w, h = a["bbox"]
             x1, y1 = max(0.0, x), max(0.0, y)
@@ -115,7 +140,7 @@ class CocoDetection(Dataset):
             if (info["height"], info["width"]) != (h, w):
                 raise ValueError(f"image {info['file_name']} is {h}x{w} but the annotation says "
                                  f"{info['height']}x{info['width']}")
-            masks = [self.coco.annToMask(a) for a in anns]
+            masks = [self.coco.annToMask({**a, "segmentation": usable_segmentation(a)}) for a in anns]
             t["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
         return t
 
@@ -133,6 +158,27 @@ class CocoDetection(Dataset):
             img, target = transform_sample(self.transforms, (img, target, random.Random(hash((self.seed, self.epoch, i)))),
                                            sample)
         return img, target
+
+
+def _polygon_ok(p: Any) -> bool:
+    return isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+
+
+def usable_segmentation(ann: dict[str, Any]) -> Any:
+    """The annotation's ``segmentation`` without polygons of fewer than 3 points (pycocotools cannot
+    rasterise those); None when nothing usable is left (missing, ``[]``, an RLE without counts/size)."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        polys = [p for p in seg if _polygon_ok(p)]
+        return polys or None
+    if isinstance(seg, dict) and seg.get("size") is not None and isinstance(seg.get("counts"), (list, str, bytes)):
+        return seg
+    return None
+
+
+def has_mask(ann: dict[str, Any]) -> bool:
+    """Whether a COCO annotation carries a usable mask (polygons or RLE)."""
+    return usable_segmentation(ann) is not None
 
 
 def read_coco_json(path: str) -> dict[str, Any]:
@@ -176,6 +222,9 @@ def read_coco_json(path: str) -> dict[str, Any]:
             break
     if problems:
         raise ValueError(f"annotation file {path!r} is inconsistent: {problems[0]}")
+    for a in d["annotations"]:   # COCOeval reads both; box-only files often leave them out
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
     return d
 
 

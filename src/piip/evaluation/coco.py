@@ -67,13 +67,23 @@ def coco_evaluate(coco_gt: Any, results: list[dict[str, Any]], iou_types: list[s
     return metrics
 
 
+def mask_image_ids(coco_gt: Any, img_ids: list[int]) -> list[int]:
+    """Images (of ``img_ids``) fit for mask AP: every ground-truth annotation has a mask, and the file
+    has at least one mask (else none: a box-only file has no mask AP)."""
+    from ..data.coco import has_mask
+    if not any(has_mask(a) for a in coco_gt.anns.values()):
+        return []
+    return sorted(i for i in img_ids if all(has_mask(a) for a in coco_gt.imgToAnns.get(i, [])))
+
+
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, dataset: Any, device: torch.device | str = "cpu", batch_size: int = 2,
                       workers: int = 0, amp: Optional[bool] = None, out_dir: Optional[str] = None,
                       verbose: bool = True) -> dict[str, dict[str, float]]:
     """Run ``model`` over a :class:`~piip.data.CocoDetection` (no train transforms), sharded over
     ranks when distributed, and score on rank 0. Writes ``detections.json`` and ``metrics.json``
-    to ``out_dir`` if given. Returns {'bbox': {...}, 'segm': {...}} (segm for Mask R-CNN)."""
+    to ``out_dir`` if given. Returns {'bbox': {...}, 'segm': {...}}: segm for mask heads, over the images
+    whose ground truth has masks (:func:`mask_image_ids`); none on a box-only file."""
     device = torch.device(device)
     amp = device.type == "cuda" if amp is None else amp
     was_training = model.training
@@ -96,15 +106,19 @@ def evaluate_detector(model: nn.Module, dataset: Any, device: torch.device | str
         return {}
     results = [r for part, _ in gathered for r in part]
     seen = sorted({i for _, ids in gathered for i in ids})
-    iou_types = ["bbox", "segm"] if hasattr(model, "roi_heads") and model.roi_heads.has_mask() else ["bbox"]
     missing = len(dataset.ids) - len(seen)
     if not seen:
         raise ValueError(f"evaluation read none of the {len(dataset.ids)} image(s) in {dataset.img_dir!r} (all "
                          "unreadable); check the image folder")
-    metrics = coco_evaluate(dataset.coco, results, iou_types, img_ids=sorted(dataset.ids))
+    metrics = coco_evaluate(dataset.coco, results, ["bbox"], img_ids=sorted(dataset.ids))
+    segm_ids = mask_image_ids(dataset.coco, dataset.ids)
+    if hasattr(model, "roi_heads") and model.roi_heads.has_mask() and segm_ids:
+        metrics.update(coco_evaluate(dataset.coco, results, ["segm"], img_ids=segm_ids))
     if verbose:
-        for t in iou_types:
+        for t in metrics:
             print(f"{t}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics[t].items()))
+        if "segm" in metrics and len(segm_ids) < len(dataset.ids):
+            print(f"note: mask AP is over the {len(segm_ids)} of {len(dataset.ids)} images whose ground truth has masks")
         if missing:
             print(f"note: {missing} unreadable image(s) had no predictions (counted as misses)")
     if out_dir:
@@ -113,5 +127,6 @@ def evaluate_detector(model: nn.Module, dataset: Any, device: torch.device | str
             json.dump(results, f)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump({**metrics, "num_images": len(dataset.ids), "num_detections": len(results),
-                       "unreadable_images": missing}, f, indent=2)
+                       "unreadable_images": missing,
+                       **({"segm_images": len(segm_ids)} if "segm" in metrics else {})}, f, indent=2)
     return metrics
