@@ -3,13 +3,13 @@ resuming then fitting."""
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Optional
 
 
 def check_resume(args: argparse.Namespace) -> None:
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r} does not exist (give a checkpoint.pt, or 'auto')")
+    """Refuse a ``--resume`` that names nothing resumable now, before anything is built or written."""
+    from ..engine.checkpoint import resume_path
+    resume_path(args.resume, args.output_dir)
 
 
 def dense_backbone(args: argparse.Namespace, task: str, defaults: Optional[dict[str, Any]] = None) -> Any:

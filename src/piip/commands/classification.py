@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ._model_args import (add_model_args, add_run_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
-from ._train_common import resume_and_fit
+from ._train_common import check_resume, resume_and_fit
 
 _RECIPE_FLAGS = ["epochs", "batch_size", "lr", "new_lr_scale", "weight_decay", "decay_all", "warmup_epochs",
                  "warmup_lr", "min_lr", "auto_augment", "reprob", "mixup", "cutmix", "smoothing", "ema_decay",
@@ -150,8 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
     if rc["batch_size"] % args.accum_steps:
         raise ValueError(f"--accum-steps {args.accum_steps} must divide the batch size {rc['batch_size']}")
     check_writable(args.output_dir)
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r} does not exist (give a checkpoint.pt, or 'auto')")
+    check_resume(args)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
     dataset = ImageClassification(train_src, seed=args.seed)   # classes (and data errors) before the model

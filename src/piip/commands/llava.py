@@ -54,7 +54,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-group-by-modality", action="store_true",
                    help="stage 2: sample uniformly instead of modality/length-grouped megabatches")
     p.add_argument("--device", default="auto")
-    p.add_argument("--resume", default=None, help="a checkpoint.pt of this run ('auto': the one in --out)")
+    p.add_argument("--resume", default=None, help="a checkpoint.pt of this run or its folder ('auto': the one in --out)")
     p.set_defaults(func=run_train)
 
 
@@ -91,7 +91,10 @@ def _build(args: argparse.Namespace):  # noqa: ANN202
 
 def run_train(args: argparse.Namespace) -> int:
     from ..engine import is_main
-    from ..llava.train import LlavaTrainArgs, build_trainer, load_projector, save_stage
+    from ..engine.checkpoint import resume_path
+    from ..llava.train import STAGES, LlavaTrainArgs, build_trainer, load_projector, read_llava_json, save_stage
+    read_llava_json(args.data, args.image_folder, STAGES[args.stage]["template"])  # before anything is built or written
+    resume_path(args.resume, args.out)
     model, processor = _build(args)
     if args.projector:
         load_projector(model, args.projector)

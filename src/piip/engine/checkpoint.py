@@ -5,10 +5,12 @@ A checkpoint holds tensors and plain Python data only (no numpy objects), so tor
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
-from typing import Any
+import warnings
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -78,6 +80,33 @@ def check_writable(directory: str, flag: str = "--output-dir") -> None:
     except OSError as e:
         raise ValueError(f"{flag} {directory!r} is not writable ({probe!r}: {e.strerror or e}); choose a folder "
                          "you can write to") from None
+
+
+def resume_path(arg: Optional[str], output_dir: str, flag: str = "--resume") -> Optional[str]:
+    """The checkpoint file ``--resume ARG`` names: a checkpoint file, a run folder (its checkpoint.pt), or
+    'auto' (``output_dir``/checkpoint.pt when it exists, else None: start fresh). A missing file, or a
+    folder holding only a half-written checkpoint (``checkpoint.pt.tmp*`` of a run stopped while
+    saving), is refused before anything is written."""
+    if not arg:
+        return None
+    if arg != "auto" and not os.path.isdir(arg):
+        if not os.path.isfile(arg):
+            raise FileNotFoundError(f"{flag} {arg!r} does not exist (give a checkpoint.pt, its run folder, or 'auto')")
+        return arg
+    path = os.path.join(output_dir if arg == "auto" else arg, "checkpoint.pt")
+    if os.path.isfile(path):
+        return path
+    half = sorted(glob.glob(glob.escape(path) + ".tmp*"))
+    if arg == "auto":
+        if half:
+            warnings.warn(f"{half[0]} is a half-written checkpoint (a run stopped while saving); starting fresh",
+                          stacklevel=2)
+        return None
+    if half:
+        raise ValueError(f"{flag} {arg!r} holds only a half-written checkpoint ({os.path.basename(half[0])}, left by "
+                         "a run stopped while saving) and no checkpoint.pt: nothing to resume from; start without "
+                         "--resume, or give a complete checkpoint")
+    raise FileNotFoundError(f"{flag} {arg!r} is a folder without checkpoint.pt; give a checkpoint file or its run folder")
 
 
 def save_atomic(obj: Any, path: str) -> None:

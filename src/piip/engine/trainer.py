@@ -190,12 +190,10 @@ class Trainer:
                   f"({self.epoch_step}/{self.iters_per_epoch} into the epoch)")
 
     def resume_from(self, arg: Optional[str]) -> None:
-        """``--resume`` of the train commands: a checkpoint path, 'auto' (this run's checkpoint if
-        it exists, else start fresh), or None (start fresh)."""
-        if not arg:
-            return
-        path = self.checkpoint_path if arg == "auto" else arg
-        if arg != "auto" or os.path.exists(path):
+        """``--resume`` of the train commands: a checkpoint path, its run folder, 'auto' (this run's
+        checkpoint if it exists, else start fresh), or None (start fresh); see :func:`ckpt_io.resume_path`."""
+        path = ckpt_io.resume_path(arg, self.cfg.output_dir)
+        if path:
             self.resume(path)
 
     def _check_same_model(self, ck: dict[str, Any], path: str) -> None:

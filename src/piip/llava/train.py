@@ -31,18 +31,7 @@ class LlavaJsonDataset(Dataset):
 
     def __init__(self, json_path: str, image_folder: Optional[str], processor: PiipLlavaProcessor,
                  template: str, pad: bool) -> None:
-        with open(json_path) as f:
-            self.rows = json.load(f)
-        if not isinstance(self.rows, list) or not self.rows:
-            raise ValueError(f"{json_path}: expected a non-empty JSON list of LLaVA samples")
-        for i, r in enumerate(self.rows[:1000]):
-            if "conversations" not in r:
-                raise ValueError(f"{json_path}: sample {i} has no 'conversations'")
-        if template == "plain":
-            bad = [i for i, r in enumerate(self.rows) if r.get("image") is None]
-            if bad:
-                raise ValueError(f"{json_path}: sample {bad[0]} ({len(bad)} in all) has no image; stage 1 (the "
-                                 "'plain' template) trains on image-caption pairs only")
+        self.rows = read_llava_json(json_path, image_folder, template)
         self.folder, self.processor, self.template = image_folder, processor, template
         self.image_processor = type(processor.image_processor)(**{**processor.image_processor.to_dict(), "pad": pad})
 
@@ -57,12 +46,57 @@ class LlavaJsonDataset(Dataset):
         if row.get("image") is not None:
             if self.folder is None:
                 raise ValueError("samples have images: give --image-folder")
-            with Image.open(os.path.join(self.folder, row["image"])) as im:
-                pix = self.image_processor.preprocess_one(im)
+            path = os.path.join(self.folder, row["image"])
+            try:
+                with Image.open(path) as im:
+                    pix = self.image_processor.preprocess_one(im)
+            except (OSError, SyntaxError) as e:   # damaged after the start-up check: one line naming it
+                raise ValueError(f"sample {i}: image {path!r} cannot be read ({type(e).__name__}: {e})") from None
             if self.template == "plain":  # stage 1: the image token alone, then the caption
                 turns = [{"from": "human", "value": IMAGE}, turns[1]]
         ids, labels = self.processor.encode_conversation(turns, self.template)
         return {"input_ids": ids, "labels": labels, "pixel_values": pix}
+
+
+def read_llava_json(json_path: str, image_folder: Optional[str], template: str) -> list[dict[str, Any]]:
+    """The samples of a LLaVA-format JSON, checked before anything is built: a list of objects with a
+    ``conversations`` list, and every ``image`` a non-empty file under ``image_folder`` (the first
+    offender and the count are named). ``template='plain'`` (stage 1) needs an image in every sample."""
+    if os.path.isdir(json_path) or not os.path.isfile(json_path):
+        raise FileNotFoundError(f"--data {json_path!r}: no such JSON file (a LLaVA-format list of samples)")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--data {json_path!r} is not valid JSON ({e})") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{json_path}: expected a non-empty JSON list of LLaVA samples")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("conversations"), list) or not r["conversations"]:
+            raise ValueError(f"{json_path}: sample {i} has no 'conversations' list (each sample: {{\"image\": "
+                             "optional path, \"conversations\": [{\"from\": \"human\", \"value\": ...}, ...]})")
+    with_image = [i for i, r in enumerate(rows) if r.get("image") is not None]
+    if template == "plain" and len(with_image) < len(rows):
+        bad = next(i for i, r in enumerate(rows) if r.get("image") is None)
+        raise ValueError(f"{json_path}: sample {bad} ({len(rows) - len(with_image)} in all) has no image; stage 1 "
+                         "(the 'plain' template) trains on image-caption pairs only")
+    if with_image and image_folder is None:
+        raise ValueError(f"{json_path}: {len(with_image)} sample(s) have images: give --image-folder")
+    if with_image and not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"--image-folder {image_folder!r} is not a folder")
+    problems = []
+    for i in with_image:
+        path = os.path.join(image_folder, str(rows[i]["image"]))
+        if os.path.isdir(path):
+            problems.append(f"sample {i}: image {path!r} is a folder, not an image file")
+        elif not os.path.isfile(path):
+            problems.append(f"sample {i}: image {path!r} does not exist")
+        elif os.path.getsize(path) == 0:
+            problems.append(f"sample {i}: image {path!r} is empty (0 bytes)")
+    if problems:
+        raise ValueError(f"{json_path}: {problems[0]}" + (f" ({len(problems)} unusable images in all)"
+                                                          if len(problems) > 1 else ""))
+    return rows
 
 
 def modality_lengths(rows: list[dict[str, Any]]) -> list[int]:
