@@ -220,3 +220,19 @@ def test_a_second_ctrl_c_quits_at_once_without_saving(data, tmp_path):
     assert lines[0].startswith("SIGINT: saving a checkpoint after this step"), err
     assert lines[1:] == ["piip train classification: interrupted (second Ctrl-C: quit without saving)"], err
     assert not out.exists() or not os.listdir(out)
+
+
+def test_a_failing_worker_in_an_eval_command_is_one_line(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run(train(data, out, "--epochs", "1", "--workers", "0", "--eval-every", "0")) == 0
+    import piip.data.classification as dc
+    real = dc.build_transforms
+    monkeypatch.setattr(dc, "build_transforms", lambda size, is_train, *a, **k: Boom() if not is_train
+                        else real(size, is_train, *a, **k))
+    capsys.readouterr()
+    assert run(["eval", "classification", "--checkpoint", out / "checkpoint.pt", "--data", os.path.join(data, "val"),
+                "--workers", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("piip eval classification: error: sample "), err
+    assert "transform Boom failed: ValueError: boom from augmentation (check that file" in err[0]
+    assert multiprocessing.active_children() == []

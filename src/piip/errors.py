@@ -51,18 +51,32 @@ def require(module: str, what: str = "") -> ModuleType:
                                 f"install it with: {install_hint(module)}") from None
 
 
+def error_message(exc: BaseException) -> str:
+    """``str(exc)`` on one line; for an error re-raised from a DataLoader worker (whose message is the
+    worker's whole traceback) only the original exception's message."""
+    msg = str(exc)
+    lines = msg.rstrip().splitlines()
+    if lines and "in DataLoader worker process" in lines[0]:
+        last = max((i for i, ln in enumerate(lines) if ln.startswith(" ")), default=0)
+        msg = " ".join(ln.strip() for ln in lines[last + 1:])
+        for prefix in (f"{type(exc).__module__}.{type(exc).__qualname__}: ", f"{type(exc).__qualname__}: "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+    return " ".join(msg.split())
+
+
 def user_message(exc: BaseException) -> tuple[int, str]:
     """(exit code, one line) for an exception reaching the CLI: 2 for user errors, 1 otherwise."""
     if isinstance(exc, MissingDependency):
         return 2, str(exc)
     if isinstance(exc, RunFailed):
-        return exc.code, str(exc)
+        return exc.code, error_message(exc)
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         return 2, (f"the optional package {exc.name.split('.')[0]!r} is not installed; install it with: "
                    f"{install_hint(exc.name)}")
     if isinstance(exc, (ValueError, OSError)):
-        msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
+        msg = error_message(exc) if not isinstance(exc, OSError) or not exc.filename else \
             f"{exc.filename}: {exc.strerror or exc}"
         return 2, msg.strip().replace("\n", " ")
-    return 1, (f"internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback, "
-               "and please report it)")
+    return 1, (f"internal error: {type(exc).__name__}: {error_message(exc)} (run again with --debug for the "
+               "traceback, and please report it)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Optional, TypeVar
 
+from ..errors import RunFailed
+
 T = TypeVar("T")
 ON_ERROR = ("substitute", "none", "raise")
 
@@ -40,8 +42,8 @@ def load_or_substitute(index: int, size: int, load: Callable[[int], T], describe
     raise RuntimeError(f"no readable sample found near index {index}; check {where}")
 
 
-class SampleError(RuntimeError):
-    """A sample's transform (augmentation) failed: names the sample, the failing step and the fix."""
+class SampleError(RunFailed):
+    """A sample's transform (augmentation) failed: names the sample, the failing step and the fix (exit 1)."""
 
 
 def transform_sample(transform: Callable[..., T], args: tuple, sample: str) -> T:
@@ -53,8 +55,8 @@ def transform_sample(transform: Callable[..., T], args: tuple, sample: str) -> T
         from .augment import AugmentationError
         what = str(e) if isinstance(e, AugmentationError) else \
             f"transform {_failing_step(transform, e)} failed: {type(e).__name__}: {e}"
-        raise SampleError(f"{sample}: {' '.join(what.split())} (check that file, or train without that "
-                          "augmentation, e.g. --auto-augment none)") from e
+        raise SampleError(f"{sample}: {' '.join(what.split())} (check that file; for a training augmentation, "
+                          "train without it, e.g. --auto-augment none)") from e
 
 
 def _failing_step(transform: Callable, exc: BaseException) -> str:

@@ -428,18 +428,10 @@ def shutdown_workers(batches: Any) -> None:
 
 
 def error_text(exc: BaseException) -> str:
-    """``Type: message`` of an error in one line; for an error re-raised from a DataLoader worker
-    (whose message is the worker's whole traceback) the original exception line only. piip's own
-    data errors (whose messages name the sample) are given without their type."""
-    msg = str(exc)
-    lines = msg.rstrip().splitlines()
-    if lines and "in DataLoader worker process" in lines[0]:
-        last = max((i for i, ln in enumerate(lines) if ln.startswith(" ")), default=0)
-        msg = " ".join(ln.strip() for ln in lines[last + 1:])
-        for prefix in (f"{type(exc).__module__}.{type(exc).__qualname__}: ", f"{type(exc).__qualname__}: "):
-            if msg.startswith(prefix):
-                msg = msg[len(prefix):]
-    msg = " ".join(msg.split("\n")).strip()
+    """``Type: message`` of an error in one line (a DataLoader worker's re-raised traceback reduced to
+    the original message); piip's own data errors, whose messages name the sample, without the type."""
+    from ..errors import error_message
+    msg = error_message(exc)
     return msg if type(exc).__module__.startswith("piip.") else f"{type(exc).__name__}: {msg}"
 
 
