@@ -136,7 +136,7 @@ def test_a_failing_step_and_a_failing_evaluation(data, tmp_path, capsys, monkeyp
     out = tmp_path / "b"
     assert run(train(data, out, "--epochs", "2", "--workers", "0")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the evaluation after epoch 1 (epoch 2) failed: KeyError: 'top1'" in err[0]
+    assert len(err) == 1 and "the evaluation after epoch 1 failed: KeyError: 'top1'" in err[0]
     assert f"--resume {out / 'checkpoint.pt'}" in err[0]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
 

@@ -47,6 +47,17 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"piip: warning: {message}", file=file or sys.stderr)
 
 
+def _release(exc: Optional[BaseException]) -> None:
+    """Drop what the failed command's frames still hold (a DataLoader iterator stops and joins its
+    workers now, not at interpreter exit)."""
+    import traceback
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("PIIP_DEBUG", "") not in ("", "0")
@@ -82,6 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         code, msg = user_message(e)
         print(f"piip {name}: error: {msg}", file=sys.stderr)
+        _release(e)
         return code
     finally:
         warnings.showwarning = show

@@ -265,15 +265,17 @@ class Trainer:
     def _stop_on_signals(self):  # noqa: ANN202
         """SIGINT / SIGTERM: finish the current step, save, raise :class:`TrainingInterrupted`.
         A second SIGINT quits at once without saving (a one-line ``KeyboardInterrupt``; the workers are
-        still reaped). Processes forked meanwhile (DataLoader workers) inherit the handler: there it
-        does nothing, the main process alone decides."""
+        still reaped). Processes forked meanwhile (DataLoader workers, evaluation's included) inherit the
+        handler: there SIGINT does nothing (the main process alone decides) and SIGTERM ends them quietly."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         main_pid = os.getpid()
 
         def handler(signum: int, frame: Any) -> None:
-            if os.getpid() != main_pid:
+            if os.getpid() != main_pid:   # a forked worker: Ctrl-C is the main process's; SIGTERM ends it quietly
+                if signum == signal.SIGTERM:
+                    os._exit(0)
                 return
             name = signal.Signals(signum).name
             if self._stop is not None and signum == signal.SIGINT:
@@ -354,7 +356,7 @@ class Trainer:
                 try:
                     result = self.epoch_end(unwrap(self.model), self.epoch)
                 except Exception as e:  # noqa: BLE001
-                    raise self._failed(f"the evaluation after epoch {self.epoch}", e) from e
+                    raise self._failed(f"the evaluation after epoch {self.epoch}", e, in_epoch=False) from e
                 if result:
                     record["eval"] = result
                     self.save()
@@ -373,14 +375,15 @@ class Trainer:
                 raise self._failed(f"loading the data of step {self.step + 1}", e) from e
             yield batch
 
-    def _failed(self, what: str, exc: BaseException) -> RunFailed:
-        """One line: what failed, why, and what is on disk to resume from."""
+    def _failed(self, what: str, exc: BaseException, in_epoch: bool = True) -> RunFailed:
+        """One line: what failed (in which epoch), why, and what is on disk to resume from."""
         from ..errors import user_message
         code = user_message(exc)[0]
         path = self.checkpoint_path
         kept = (f"the last completed checkpoint {path} is kept; fix the cause and continue with --resume {path}"
                 if os.path.exists(path) else "no checkpoint was written yet")
-        return RunFailed(f"{what} (epoch {self.epoch + 1}) failed: {error_text(exc)}; {kept} "
+        where = f" (epoch {self.epoch + 1})" if in_epoch else ""
+        return RunFailed(f"{what}{where} failed: {error_text(exc)}; {kept} "
                          "(--debug shows the traceback)", code)
 
 
