@@ -303,7 +303,9 @@ class Trainer:
         raise TrainingInterrupted(self._stop, self.checkpoint_path, self.step)
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train to ``cfg.epochs`` (or ``cfg.max_steps``); returns the per-epoch records."""
+        """Train to ``cfg.epochs`` (or ``cfg.max_steps``); returns the per-epoch records. A failing
+        sample, worker, step or evaluation raises :class:`~piip.errors.RunFailed` (one line naming it and
+        the checkpoint to resume from; the original error chained as ``__cause__``), workers joined."""
         if self.epoch >= self.cfg.epochs:
             raise ValueError(f"nothing to train: the run is already at epoch {self.epoch} of {self.cfg.epochs}; "
                              "raise --epochs to continue it")
