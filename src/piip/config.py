@@ -102,6 +102,7 @@ def check_img_size(cfg: "PIIPConfig", name: str = "img_size") -> None:
     ViT, 32 for a ConvNeXt): it is the input size. One check for Python and the CLI (``name`` is how
     the caller spells the setting)."""
     size, patch = cfg.branches[0].img_size, cfg.branches[0].max_stride
+    size = round(size) if abs(size - round(size)) < 1e-6 else size   # float rounding of rescaled configs
     if size != int(size) or int(size) % patch:
         lo, hi = max(patch, int(size) // patch * patch), (int(size) // patch + 1) * patch
         what = "input stride" if cfg.branches[0].kind == "convnext" else "patch size"
@@ -177,6 +178,7 @@ class PIIPConfig:
             factor = size / self.branches[0].img_size
             for b in branches:
                 b.img_size = b.img_size * factor
+            branches[0].img_size = size   # exactly what was asked (no 63.99999 from the division)
         if "branches" in overrides:
             bo = overrides.pop("branches")
             if not isinstance(bo, (dict, list, tuple)) or not all(isinstance(o, dict) or o is None for o in
