@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         check_out_file(args.heads_out, "--heads-out")
     if args.kind == "timm":
         return run_timm(args)
+    overrides = parse_overrides(args.override, args.img_size)   # a malformed override fails before any reading
     raw = read_checkpoint(args.src, weights_only=not args.unsafe_pickle)
     sd = unwrap_state_dict(raw, args.src)
     stored = raw.get("model_config") if isinstance(raw, dict) else None
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model is required: {args.src} holds no model config (give the registered name of the "
                          "model the checkpoint was made for, see `piip models`)")
     else:
-        cfg, name = get_config(args.model, **parse_overrides(args.override, args.img_size)), args.model
+        cfg, name = get_config(args.model, **overrides), args.model
     body = piip_backbone_part(sd)
     if body is not None and args.heads_out:
         raise ValueError(f"--heads-out: {args.src} is a piip detector checkpoint, whose neck and heads are already "
