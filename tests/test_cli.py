@@ -14,13 +14,15 @@ def test_models_unknown_pattern_is_an_error(capsys):
     assert "no registered model" in capsys.readouterr().err
 
 
-def test_demo_runs_real_photo(capsys):
+def test_demo_runs_real_photo(capsys, tmp_path, monkeypatch):
     pytest.importorskip("skimage")
+    monkeypatch.chdir(tmp_path)   # the picture goes to the current folder by default
     assert main(["demo", "--img-size", "224", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "(1, 768, 56, 56)  stride 4" in out
     assert "(1, 768, 7, 7)  stride 32" in out
     assert "parameters" in out and "first forward pass" in out and "median of the 1 following" in out
+    assert f"picture    {tmp_path / 'piip_demo_features.png'}" in out
     assert main(["demo", "--img-size", "224", "--repeats", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--repeats: expected an integer >= 1, got '0'" in err

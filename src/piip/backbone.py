@@ -129,14 +129,15 @@ class PIIPBackbone(nn.Module):
                              f"width must be multiples of {stride} (e.g. {_round_up(h, stride)}x{_round_up(w, stride)})")
         dtype = next(self.branches[0].parameters()).dtype
         views = []
-        for br, bc, s in zip(self.branches, self.cfg.branches, self.scales):
+        for br, s in zip(self.branches, self.scales):
             # resized in float32 at any precision (as the released code), then cast to the weights' dtype
             v = x.to(dtype) if s >= 1 else F.interpolate(x.float(), scale_factor=s, mode="bilinear",
                                                          align_corners=False).to(dtype)
             try:
                 br.check_input(*v.shape[-2:])
             except ValueError as e:  # a view needs one patch (ViT) / one token after the last downsampling
-                need = _smallest_input(s, bc.max_stride, stride)
+                # the side every branch's view can take, not just this one's
+                need = max(_smallest_input(sc, b.max_stride, stride) for b, sc in zip(self.cfg.branches, self.scales))
                 raise ValueError(f"a {h}x{w} input is too small for this model: {e}. The smallest input it takes is "
                                  f"{need}x{need} (any height and width >= {need}, multiples of {stride})") from None
             views.append(v)

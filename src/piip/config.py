@@ -58,6 +58,8 @@ class BranchConfig:
     with_cp: bool = False                  # activation checkpointing of every block while training
 
     def __post_init__(self) -> None:
+        if not isinstance(self.img_size, (int, float)) or isinstance(self.img_size, bool) or not self.img_size > 0:
+            raise ValueError(f"branch img_size must be a positive number, got {self.img_size!r}")
         if self.kind == "convnext":
             if not self.stage_dims or not self.stage_depths or len(self.stage_dims) != 4 \
                     or len(self.stage_depths) != 4 or min(self.stage_depths) < 1:
@@ -66,6 +68,8 @@ class BranchConfig:
             self.depth = sum(self.stage_depths) + len(self.stage_depths) - 1
             self.embed_dim = self.stage_dims[-1]
             self.window_sizes = [0] * self.depth
+        else:
+            _check_vit_widths(self)
         if self.window_sizes is None:
             self.window_sizes = [0] * self.depth
         if self.interaction_groups is None and self.kind == "convnext":  # the released cuts
@@ -78,6 +82,32 @@ class BranchConfig:
     def max_stride(self) -> int:
         """Stride of the branch's coarsest tokens: its input must be a multiple of it."""
         return 4 * 2 ** (len(self.stage_dims) - 1) if self.kind == "convnext" else self.patch_size
+
+
+def _check_vit_widths(b: BranchConfig) -> None:
+    """Widths a ViT branch can be built with: checked here so a bad override is one line, not a
+    ZeroDivisionError or a shape error deep in the build."""
+    for field in ("embed_dim", "num_heads", "depth", "patch_size"):
+        v = getattr(b, field)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"branch {field} must be a positive integer, got {v!r}")
+    if b.embed_dim % b.num_heads:
+        lo = max(b.num_heads, b.embed_dim // b.num_heads * b.num_heads)
+        raise ValueError(f"branch embed_dim {b.embed_dim} is not divisible by num_heads {b.num_heads}; use "
+                         f"embed_dim {lo} or {lo + b.num_heads}, or a num_heads that divides {b.embed_dim}")
+
+
+def check_img_size(cfg: "PIIPConfig", name: str = "img_size") -> None:
+    """The finest branch's resolution must be a multiple of its input stride (the patch size of a
+    ViT, 32 for a ConvNeXt): it is the input size. One check for Python and the CLI (``name`` is how
+    the caller spells the setting)."""
+    size, patch = cfg.branches[0].img_size, cfg.branches[0].max_stride
+    size = round(size) if abs(size - round(size)) < 1e-6 else size   # float rounding of rescaled configs
+    if size != int(size) or int(size) % patch:
+        lo, hi = max(patch, int(size) // patch * patch), (int(size) // patch + 1) * patch
+        what = "input stride" if cfg.branches[0].kind == "convnext" else "patch size"
+        raise ValueError(f"{name} {size:g} is not a multiple of the finest branch's {what} {patch}; "
+                         f"use {lo} or {hi}")
 
 
 def strict_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
@@ -118,6 +148,11 @@ class PIIPConfig:
     head_token: str = "cls"
     num_classes: int = 1000
 
+    def __post_init__(self) -> None:
+        if not self.branches:
+            raise ValueError("a PIIP model needs at least one branch")
+        check_img_size(self)
+
     @property
     def img_size(self) -> float:
         return self.branches[0].img_size
@@ -143,8 +178,13 @@ class PIIPConfig:
             factor = size / self.branches[0].img_size
             for b in branches:
                 b.img_size = b.img_size * factor
+            branches[0].img_size = size   # exactly what was asked (no 63.99999 from the division)
         if "branches" in overrides:
             bo = overrides.pop("branches")
+            if not isinstance(bo, (dict, list, tuple)) or not all(isinstance(o, dict) or o is None for o in
+                                                                   ([bo] if isinstance(bo, dict) else bo)):
+                raise ValueError(f"branches override must be a dict (applied to every branch) or a list of dicts "
+                                 f"(one per branch), got {type(bo).__name__} {bo!r:.60}")
             per = [bo] * len(branches) if isinstance(bo, dict) else list(bo)
             if len(per) != len(branches):
                 raise ValueError(f"branches override has {len(per)} entries, model has {len(branches)} branches")

@@ -55,20 +55,23 @@ def build_from_config(cfg: PIIPConfig) -> nn.Module:
     raise ValueError(f"unknown task {cfg.task!r}: expected 'dense', 'features' or 'classification'")
 
 
-def create_model(name: str, pretrained_branches: Optional[list] = None, checkpoint: Optional[str] = None,
-                 **overrides: Any) -> nn.Module:
+def create_model(name: Optional[str] = None, pretrained_branches: Optional[list] = None,
+                 checkpoint: Optional[str] = None, **overrides: Any) -> nn.Module:
     """Build a registered model.
 
     Args:
-        name: a name from :func:`list_models`.
+        name: a name from :func:`list_models`; may be left out when ``checkpoint`` is a piip
+            ``.safetensors`` file that carries its config (``piip convert official``, ``save_pretrained``).
         pretrained_branches: per-branch weights (paths or timm names, ``None`` to skip), finest first.
         checkpoint: an official PIIP checkpoint or a piip safetensors file to load. Without
             ``pretrained_branches`` the model is built on the meta device and each tensor is copied
             straight from the memory-mapped file into it: one copy of the weights in memory at most.
+            When the file carries its config and ``name`` is left out or is the name it was made
+            from, that config (overrides included) is used: no overrides need retyping.
         **overrides: config fields, e.g. ``img_size=224``, ``merge='linear'``,
-            ``branches={'embed_dim': 64, 'num_heads': 2}``.
+            ``branches={'embed_dim': 64, 'num_heads': 2}``; applied on top of a carried config too.
     """
-    cfg = get_config(name, **overrides)
+    cfg = _config_for(name, checkpoint, overrides)
     if pretrained_branches is None and checkpoint is None:
         return build_from_config(cfg)
     from . import weights  # loading code lives with the weights
@@ -91,6 +94,22 @@ def create_model(name: str, pretrained_branches: Optional[list] = None, checkpoi
     if checkpoint is not None:
         weights.load_checkpoint(model, checkpoint, state_dict=sd)
     return model
+
+
+def _config_for(name: Optional[str], checkpoint: Optional[str], overrides: dict[str, Any]) -> PIIPConfig:
+    """The registered config, or the one a piip safetensors checkpoint carries (see :func:`create_model`)."""
+    carried = None
+    if checkpoint is not None:
+        from .weights.io import carried_config
+        carried = carried_config(checkpoint)
+    if carried is not None and (name is None or name == carried[0]):
+        cfg = PIIPConfig.from_dict(carried[1])
+        return cfg.replace(**overrides) if overrides else cfg
+    if name is None:
+        raise ValueError("create_model needs a model name (piip.list_models()) unless checkpoint= is a piip "
+                         ".safetensors file that carries its config (written by `piip convert official` or "
+                         f"save_pretrained){'' if checkpoint is None else f'; {checkpoint} carries none'}")
+    return get_config(name, **overrides)
 
 
 def _check_name(name: str) -> None:

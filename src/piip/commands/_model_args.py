@@ -33,10 +33,15 @@ def add_run_args(p: argparse.ArgumentParser, output_dir: str) -> argparse._Argum
     return r
 
 
-def _parse_value(v: str) -> Any:
+def _parse_value(item: str, v: str) -> Any:
+    """JSON if it parses; a bare word stays a string; text that starts like JSON but does not parse
+    is an error (a broken list must not become a string of characters)."""
     try:
         return json.loads(v)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if v and v[0] in "[{\"":
+            raise ValueError(f"--override {item!r}: the value is not valid JSON ({e.msg} at character {e.pos + 1} "
+                             f"of {v!r}); close every bracket and quote every string") from None
         return v
 
 
@@ -71,7 +76,7 @@ def parse_overrides(items: list[str], img_size: int | None = None) -> dict[str, 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--override {item!r} conflicts with an earlier override of {part!r}")
-        node[parts[-1]] = _parse_value(value.strip())
+        node[parts[-1]] = _parse_value(item, value.strip())
     if img_size is not None:
         out["img_size"] = img_size
     return out
@@ -98,11 +103,6 @@ unit_float = _typed(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def check_img_size(cfg: Any, flag: str = "--img-size") -> None:
-    """The finest branch's resolution must be a multiple of its input stride (the patch size of a
-    ViT, 32 for a ConvNeXt): it is the input size."""
-    size, patch = cfg.branches[0].img_size, cfg.branches[0].max_stride
-    if size != int(size) or int(size) % patch:
-        lo, hi = max(patch, int(size) // patch * patch), (int(size) // patch + 1) * patch
-        what = "input stride" if cfg.branches[0].kind == "convnext" else "patch size"
-        raise ValueError(f"{flag} {size:g} is not a multiple of the finest branch's {what} {patch}; "
-                         f"use {lo} or {hi}")
+    """:func:`piip.config.check_img_size` under the CLI's flag name."""
+    from ..config import check_img_size as check
+    check(cfg, flag)

@@ -33,16 +33,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--image {args.image}: no such file")
     from PIL import Image
 
-    from ..llava.loading import answer, load_model
+    from ..llava.loading import answer, byte_safe_streamer, load_model
     try:
         image = Image.open(args.image).convert("RGB")
     except OSError as e:
         raise ValueError(f"--image {args.image}: not a readable image ({e})") from None
-    from transformers import TextStreamer
     model, processor = load_model(args.model, args.dtype, args.device)
     processor.template = args.template
     pixels = processor.image_processor(image)
-    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = byte_safe_streamer(processor.tokenizer)
     history: list[tuple[str, str]] = []
 
     def turn(question: str) -> None:

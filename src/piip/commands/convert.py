@@ -56,6 +56,21 @@ def run_timm(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_out_file(path: str, flag: str = "--out") -> None:
+    """A writable ``.safetensors`` target, checked before any work (a missing folder is the user's to make)."""
+    import os
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{flag} must end with .safetensors, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name ending in .safetensors")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path) or folder} does not exist; create it "
+                         "first (mkdir -p) or write elsewhere")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.kind == "llava":
         from .llava import run_convert
@@ -67,10 +82,14 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import build_from_config, get_config
     from ..weights import check_state_dict, convert_mmdet_heads, convert_official_state_dict, fit_config_to_checkpoint
     from ..weights.io import piip_backbone_part, read_checkpoint, unwrap_state_dict
-    if not args.out.endswith(".safetensors"):
-        raise ValueError(f"--out must end with .safetensors, got {args.out!r}")
+    check_out_file(args.out)
+    if args.heads_out is not None:
+        if args.kind != "official":
+            raise ValueError(f"--heads-out only applies to 'piip convert official', not {args.kind!r}")
+        check_out_file(args.heads_out, "--heads-out")
     if args.kind == "timm":
         return run_timm(args)
+    overrides = parse_overrides(args.override, args.img_size)   # a malformed override fails before any reading
     raw = read_checkpoint(args.src, weights_only=not args.unsafe_pickle)
     sd = unwrap_state_dict(raw, args.src)
     stored = raw.get("model_config") if isinstance(raw, dict) else None
@@ -81,8 +100,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model is required: {args.src} holds no model config (give the registered name of the "
                          "model the checkpoint was made for, see `piip models`)")
     else:
-        cfg, name = get_config(args.model, **parse_overrides(args.override, args.img_size)), args.model
+        cfg, name = get_config(args.model, **overrides), args.model
     body = piip_backbone_part(sd)
+    if body is not None and args.heads_out:
+        raise ValueError(f"--heads-out: {args.src} is a piip detector checkpoint, whose neck and heads are already "
+                         "piip's own (load it whole with `piip eval detection --checkpoint`); drop --heads-out")
     cfg = fit_config_to_checkpoint(cfg, body if body is not None else sd, args.src)  # TSBL: finest width
     with torch.device("meta"):  # names and shapes only: no memory for the weights
         model = build_from_config(cfg)
@@ -101,5 +123,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {len(heads)} neck/head tensors (torchvision MaskRCNN names) to {args.heads_out}")
         else:
             print(f"skipped {len(extra)} neck/head tensors (use --heads-out to convert them)")
+    elif args.heads_out:
+        print(f"{args.src} holds no neck/head tensors: nothing written to --heads-out {args.heads_out}")
     return 0
 

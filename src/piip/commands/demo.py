@@ -1,7 +1,10 @@
-"""``piip demo``: build a PIIP backbone, run a real photo through it, print what came out."""
+"""``piip demo``: build a PIIP backbone, run a real photo through it, print what came out and draw it:
+a PNG with the input and each pyramid level's features (their first three principal components as
+RGB), so the maps can be looked at, not only their shapes."""
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -20,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="forward passes to time; with more than 1 the median of the warm passes is also printed")
+    p.add_argument("--out", default="piip_demo_features.png",
+                   help="picture of the input and of each pyramid level's features (.png / .jpg; default: "
+                        "piip_demo_features.png in the current folder)")
     p.set_defaults(func=run)
 
 
@@ -45,8 +51,53 @@ def to_input(img: np.ndarray, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pw, 0, ph))
 
 
+def pca_rgb(feat: torch.Tensor) -> np.ndarray:
+    """(C, h, w) features -> (h, w, 3) uint8: the first three principal components over positions,
+    each stretched between its 1st and 99th percentile (a common way to look at ViT features)."""
+    c, h, w = feat.shape
+    x = feat.float().reshape(c, h * w).T
+    x = x - x.mean(0, keepdim=True)
+    k = min(3, c, h * w)
+    _, _, v = torch.linalg.svd(x[:: max(1, x.shape[0] // 4096)], full_matrices=False)  # subsampled rows: fast
+    comp = x @ v[:k].T
+    lo, hi = torch.quantile(comp, 0.01, dim=0), torch.quantile(comp, 0.99, dim=0)
+    comp = ((comp - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+    if k < 3:
+        comp = torch.cat([comp, comp[:, :1].expand(-1, 3 - k)], 1)
+    return (comp.reshape(h, w, 3) * 255).round().to(torch.uint8).numpy()
+
+
+def draw_features(img: np.ndarray, feats: dict, input_width: int, path: str, tile: int = 256) -> None:
+    """One row: the input, then every returned map as PCA colours (nearest-upsampled, ``tile`` px tall)."""
+    from PIL import Image, ImageDraw
+    tiles = [("input", Image.fromarray(img))]
+    tiles += [(f"level {name} (stride {input_width / f.shape[-1]:g})", Image.fromarray(pca_rgb(f[0])))
+              for name, f in feats.items()]
+    row = [t.resize((max(1, round(t.width * tile / t.height)), tile),
+                    Image.BILINEAR if i == 0 else Image.NEAREST) for i, (_, t) in enumerate(tiles)]
+    canvas = Image.new("RGB", (sum(t.width for t in row) + 8 * (len(row) - 1), tile + 20), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for (label, _), t in zip(tiles, row):
+        canvas.paste(t, (x, 20))
+        draw.text((x + 2, 4), label, fill="black")
+        x += t.width + 8
+    canvas.save(path)
+
+
+def check_picture_path(path: str) -> None:
+    """Before any work: a picture format Pillow writes, in a folder that exists."""
+    if os.path.splitext(path)[1].lower() not in (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"--out {path}: give a .png or .jpg file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {path}: the folder {folder} does not exist; create it first or write elsewhere")
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder; give a file name ending in .png")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..registry import create_model, get_config
+    check_picture_path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"img_size": args.img_size} if args.img_size is not None else {}
@@ -74,4 +125,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"time       {times[0]:.2f} s for the first forward pass on {torch.get_num_threads()} CPU thread(s)")
     if len(times) > 1:
         print(f"           {statistics.median(times[1:]):.2f} s median of the {len(times) - 1} following pass(es)")
+    shown = img if max(img.shape[:2]) <= 1024 else img[:: max(img.shape[:2]) // 512 + 1, :: max(img.shape[:2]) // 512 + 1]
+    draw_features(np.ascontiguousarray(shown), feats, x.shape[-1], args.out)
+    print(f"picture    {os.path.abspath(args.out)}: the input, then each pyramid level's features "
+          "(first 3 principal components as RGB)")
     return 0

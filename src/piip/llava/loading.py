@@ -44,10 +44,7 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[An
         finally:
             shutil.rmtree(path, ignore_errors=True)
     if not os.path.isdir(spec):
-        if os.path.exists(spec) or spec.count("/") != 1:
-            raise ValueError(f"--model {spec}: not a model folder, a hub id (owner/name) or one of {sorted(TINY)}")
-        from huggingface_hub import snapshot_download
-        spec = snapshot_download(spec)
+        spec = _hub_snapshot(spec)
     cfg_path = os.path.join(spec, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"--model {spec}: no config.json; expected a piip.llava or released PIIP-LLaVA folder")
@@ -63,6 +60,21 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[An
     return model.to(dev).eval(), processor
 
 
+def _hub_snapshot(spec: str) -> str:
+    """The local folder of hub id ``spec`` (cache first, one-line errors); a path-looking ``spec`` that is
+    not a folder is reported as such, not as a network failure."""
+    if os.path.exists(spec):
+        raise ValueError(f"--model {spec}: is a file; give the model folder (config.json + weights)")
+    first = spec.split("/")[0]
+    if spec.count("/") != 1 or spec.startswith((".", "~", os.sep)) or os.path.isdir(first):
+        raise ValueError(f"--model {spec}: no such folder (and not a hub id owner/name or one of {sorted(TINY)})")
+    from huggingface_hub import snapshot_download
+
+    from ..weights.hub import from_hub
+    return from_hub(lambda: snapshot_download(spec), f"--model {spec} (no such local folder; as a hub id)",
+                    "check the path, or download the model on a connected machine first")
+
+
 def greedy_kwargs(processor: Any, max_new_tokens: int, temperature: float = 0.0) -> dict[str, Any]:
     """Generation settings of the official evaluation: greedy unless a temperature is given."""
     tok = processor.tokenizer
@@ -73,6 +85,28 @@ def greedy_kwargs(processor: Any, max_new_tokens: int, temperature: float = 0.0)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kw
+
+
+def byte_safe_streamer(tokenizer: Any) -> Any:
+    """A ``TextStreamer`` (prompt skipped, special tokens dropped) that prints exactly the text ``answer``
+    returns. A run of byte-fallback tokens (``<0xNN>``, how Llama tokenizers spell characters outside
+    the vocabulary) is decoded as a whole: a later byte can turn the characters already shown into
+    U+FFFD, and transformers >= 5.2x prints letters and digits as soon as they appear. So nothing is
+    printed while the newest token is a byte token; the run is shown once it is complete."""
+    import re
+
+    from transformers import TextStreamer
+    byte_ids = {i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)}
+
+    class ByteSafeStreamer(TextStreamer):
+        def put(self, value: torch.Tensor) -> None:
+            row = value[0] if value.dim() > 1 else value
+            if not (self.skip_prompt and self.next_tokens_are_prompt) and row.numel() and int(row[-1]) in byte_ids:
+                self.token_cache.extend(row.tolist())   # held back; printed with the next non-byte token or at end()
+                return
+            super().put(value)
+
+    return ByteSafeStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def answer(model: Any, processor: Any, prompt: str, pixel_values: Optional[torch.Tensor], max_new_tokens: int,

@@ -20,6 +20,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..backbone import PIIPBackbone
 from .configuration import PiipLlavaConfig
 
+# transformers renamed the KV cache argument and output field ``past_key_values`` -> ``cache`` (5.2x; the old
+# name warns, and setting both makes the LLM ignore one): piip speaks whichever name the installed release uses.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _pop_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache generate handed over, under either name (removed from ``kwargs``)."""
+    cache = kwargs.pop("cache", None)
+    old = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else old
+
 
 class BranchProjector(nn.Module):
     """One branch's MLP on an NCHW map: Linear -> GroupNorm -> GELU -> Linear (channels-last Linears)."""
@@ -65,7 +76,7 @@ class PiipLlavaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["PIIPBackbone", "TwoBranchProjector"]  # plus the LLM's own (collected from it)
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -133,15 +144,16 @@ class PiipLlavaModel(PiipLlavaPreTrainedModel):
 
     def forward(self, input_ids: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                past_key_values: Any = None, inputs_embeds: Optional[Tensor] = None,
-                use_cache: Optional[bool] = None, **kwargs: Any) -> BaseModelOutputWithPast:
+                inputs_embeds: Optional[Tensor] = None, use_cache: Optional[bool] = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
+        """``cache`` (or ``past_key_values`` on older transformers) goes to the LLM under the name it expects."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
+        kwargs[CACHE_NAME] = _pop_cache(kwargs)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   position_ids=position_ids, past_key_values=past_key_values,
-                                   use_cache=use_cache, **kwargs)
+                                   position_ids=position_ids, use_cache=use_cache, **kwargs)
 
 
 class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixin):
@@ -203,12 +215,10 @@ class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixi
 
     def forward(self, input_ids: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                past_key_values: Any = None, inputs_embeds: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, use_cache: Optional[bool] = None,
-                logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+                inputs_embeds: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                use_cache: Optional[bool] = None, logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache, **kwargs)
+                         position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -217,8 +227,8 @@ class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixi
         if labels is not None:  # next-token cross-entropy, -100 ignored
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=self.config.ignore_index)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      attentions=out.attentions, **{CACHE_NAME: getattr(out, CACHE_NAME)})
 
     @torch.no_grad()
     def generate(self, input_ids: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,

@@ -54,6 +54,30 @@ def read_checkpoint(path: str, weights_only: bool = True, map_location: object =
     return obj
 
 
+def carried_config(path: str) -> Optional[tuple[str, dict]]:
+    """(model name, ``PIIPConfig.to_dict()``) stored in a piip ``.safetensors`` file's metadata (written by
+    ``piip convert official`` and :func:`~piip.weights.save_pretrained`), or None for any other file.
+    Only the header is read."""
+    path = os.fspath(path)
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    import json
+
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None   # the weight reader reports what is wrong with the file
+    if meta.get("library") != "piip" or "config" not in meta:
+        return None
+    try:
+        cfg = json.loads(meta["config"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {path!r}: its 'config' metadata is not valid JSON ({e})") from None
+    return str(meta.get("model") or ""), cfg
+
+
 def _numpy_array_globals() -> list:
     """What plain numpy arrays pickle to (piip 0.1 training checkpoints held the numpy RNG state):
     data only, no code, so the safe loader may rebuild them."""

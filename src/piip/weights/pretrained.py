@@ -28,7 +28,9 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
-    save_state_dict(model, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "library": "piip"})
+    # the config also travels inside the weights file: create_model(checkpoint=...) rebuilds from it alone
+    save_state_dict(model, os.path.join(directory, WEIGHTS_NAME),
+                    metadata={"format": "pt", "library": "piip", "config": json.dumps(cfg.to_dict())})
 
 
 def from_pretrained(directory: str) -> nn.Module:

@@ -81,7 +81,10 @@ def _entry_state_dict(entry: Entry, index: int) -> tuple[dict[str, Tensor], str]
         import timm
         if timm.is_model(path.split(".")[0]) or timm.is_model(path):
             # may download from the Hugging Face hub: user code only, never tests
-            return dict(timm.create_model(path, pretrained=True).state_dict()), f"timm:{path}"
+            from .hub import from_hub
+            model = from_hub(lambda: timm.create_model(path, pretrained=True), f"pretrained_branches[{index}] = {path!r}",
+                             "download it on a connected machine first, or give a weights file path")
+            return dict(model.state_dict()), f"timm:{path}"
         raise ValueError(f"pretrained_branches[{index}] = {path!r} is neither an existing file nor a timm model name")
     raise ValueError(f"pretrained_branches[{index}] must be a path, a timm model name, a state dict, a timm model "
                      f"or None; got {type(entry).__name__}")
