@@ -73,9 +73,21 @@ def test_onnx_vit_backbone_gridsample(tmp_path):
     assert "GridSample" in ops and "Loop" not in ops   # the deformable op as one standard node
 
 
+def tiny_hybrid():
+    """ConvNeXt / ViT / ConvNeXt with regular-FPN merging: 4 interaction groups, out_groups 0-2 kept."""
+    conv = dict(stage_depths=[1, 1, 1, 1], interaction_groups=[[0, 0], [1, 2], [3, 4], [5, 6]])
+    branches = [dict(conv, stage_dims=[32, 32, 64, 64]),
+                dict(embed_dim=64, num_heads=2, depth=4, interaction_groups=[[i, i] for i in range(4)],
+                     window_sizes=[0] * 4),
+                dict(conv, stage_dims=[64, 64, 128, 128])]
+    torch.manual_seed(0)
+    return piip.create_model("piip_ct_vs_cb_1024_672_448", img_size=128, branches=branches,
+                             deform_num_heads=2, out_groups=[0, 1, 2]).eval()
+
+
 @needs_onnx
 def test_onnx_hybrid_convnext_vit(tmp_path):
-    _exported(tiny("piip_ct_vs_cb_1024_672_448"), "onnx", tmp_path / "hybrid.onnx", (128, 160), (192, 128))
+    _exported(tiny_hybrid(), "onnx", tmp_path / "hybrid.onnx", (160, 192), (224, 160))
 
 
 @needs_onnx
