@@ -182,6 +182,8 @@ def export_model(model: nn.Module, format: str, out: str, example_size: Union[in
     folder = check_out_path(out, format)
     require_export_deps(format)
     spec = find_task(model, task)
+    if format == "onnx" and dynamic and spec.onnx_dynamic_refusal:
+        raise ValueError(spec.onnx_dynamic_refusal)
     model.eval()
     m, lo = size_bounds(spec, model)
     size = _pair(example_size if example_size is not None else int(spec.backbone(model).cfg.branches[0].img_size))
