@@ -22,6 +22,11 @@ from .layers.merge import BranchMerge
 from .layers.pyramid import LEVEL_STRIDES, SimpleFeaturePyramid
 
 
+TRACE_REFUSAL = ("PIIP models cannot be traced by torch.jit.trace or the TorchScript-based torch.onnx.export "
+                 "(dynamo=False): the traced graph would hold one input size's branch sizes and be wrong at "
+                 "others; use torch.export.export, torch.onnx.export(..., dynamo=True) or `piip export`")
+
+
 class PIIPBackbone(nn.Module):
     """Parameter-inverted image pyramid backbone.
 
@@ -116,6 +121,8 @@ class PIIPBackbone(nn.Module):
     # ------------------------------------------------------------------ inputs
     def resize_inputs(self, x: Tensor) -> list[Tensor]:
         """Validate the input and produce each branch's view (finest branch gets ``x`` itself)."""
+        if torch.jit.is_tracing():
+            raise ValueError(TRACE_REFUSAL)
         if not isinstance(x, Tensor):
             raise ValueError(f"PIIP input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != 3:
@@ -142,6 +149,11 @@ class PIIPBackbone(nn.Module):
                                  f"{need}x{need} (any height and width >= {need}, multiples of {stride})") from None
             views.append(v)
         return views
+
+    def smallest_input(self) -> int:
+        """Smallest side (a multiple of the input stride) every branch's view of it still covers."""
+        stride = self.cfg.branches[0].max_stride
+        return max(_smallest_input(s, bc.max_stride, stride) for bc, s in zip(self.cfg.branches, self.scales))
 
     # ------------------------------------------------------------------ forward
     def forward_branches(self, x: Tensor) -> list[Tokens]:
