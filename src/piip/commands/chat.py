@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
     model, processor = load_model(args.model, args.dtype, args.device)
     processor.template = args.template
-    pixels = processor.image_processor(image)
+    pixels = processor.image_processor.pixel_values(image)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     history: list[tuple[str, str]] = []
 
