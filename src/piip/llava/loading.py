@@ -46,8 +46,8 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[An
     if not os.path.isdir(spec):
         if os.path.exists(spec) or spec.count("/") != 1:
             raise ValueError(f"--model {spec}: not a model folder, a hub id (owner/name) or one of {sorted(TINY)}")
-        from huggingface_hub import snapshot_download
-        spec = snapshot_download(spec)
+        from ..weights.hub import snapshot   # cached; HF_HUB_OFFLINE=1 reads the cache; one-line errors
+        spec = snapshot(spec)
     cfg_path = os.path.join(spec, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"--model {spec}: no config.json; expected a piip.llava or released PIIP-LLaVA folder")
