@@ -30,7 +30,9 @@ def register() -> None:
     AutoModel.register(PiipLlavaConfig, PiipLlavaModel, exist_ok=True)
     AutoModelForImageTextToText.register(PiipLlavaConfig, PiipLlavaForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(PiipLlavaConfig, PiipLlavaProcessor, exist_ok=True)
-    AutoImageProcessor.register(PiipLlavaConfig, image_processor_classes={"pil": PiipLlavaImageProcessor},
+    # one class for both backends: its pixels are computed with PIL + torch either way
+    AutoImageProcessor.register(PiipLlavaConfig, image_processor_classes={"pil": PiipLlavaImageProcessor,
+                                                                          "torchvision": PiipLlavaImageProcessor},
                                 exist_ok=True)
 
 
