@@ -121,8 +121,8 @@ class PiipLlavaProcessor(ProcessorMixin):
 
     def __init__(self, image_processor: Optional[PiipLlavaImageProcessor] = None, tokenizer: Any = None,
                  image_seq_length: int = 576, template: str = "vicuna_v1", image_token_id: int = IMAGE_TOKEN_ID,
-                 model_max_length: int = 2048, ignore_index: int = -100, chat_template: Optional[str] = None,
-                 **kwargs: Any) -> None:
+                 model_max_length: int = 2048, ignore_index: int = -100, chat_template: Optional[str] = None
+                 ) -> None:
         get_template(template)
         if image_processor is None or tokenizer is None:
             raise ValueError("PiipLlavaProcessor needs an image_processor and a tokenizer "
