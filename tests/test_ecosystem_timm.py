@@ -34,6 +34,8 @@ def test_timm_create_model_dense_backbone_features_and_data_config():
     full = timm.data.resolve_model_data_config(timm.create_model("piip_tsb_1568_896_448", pretrained=False,
                                                                  branches=SMALL, deform_num_heads=2))
     assert full["input_size"] == (3, 1568, 1568)
+    built = piip.build_from_config(piip.get_config("piip_tsb_1120_896_448", **{**DENSE, "img_size": 224}))
+    assert timm.data.resolve_model_data_config(built)["input_size"] == (3, 224, 224)   # no create_model needed
     assert m.pretrained_cfg["hf_hub_id"] == "OpenGVLab/PIIP" and m.pretrained_cfg["hf_hub_filename"] == \
         "detection/mask_rcnn_deit_tsb_1120_896_448_fpn_1x_coco_bs16.pth"
     x = torch.randn(1, 3, 128, 128)

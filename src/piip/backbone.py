@@ -15,6 +15,7 @@ from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
 from .branches import Branch, Tokens, build_branch
+from .integrations.timm import PretrainedCfgMixin
 from .config import PIIPConfig
 from .layers.deform_attn import MSDeformAttn
 from .layers.interaction import InteractionGroup, default_edges, validate_edges
@@ -22,7 +23,7 @@ from .layers.merge import BranchMerge
 from .layers.pyramid import LEVEL_STRIDES, SimpleFeaturePyramid
 
 
-class PIIPBackbone(nn.Module):
+class PIIPBackbone(PretrainedCfgMixin, nn.Module):
     """Parameter-inverted image pyramid backbone.
 
     Input: one batch (B, 3, H, W) at the finest branch's resolution; every other branch gets it

@@ -95,7 +95,7 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     if new_head is not None and new_head != model.num_classes:
         model.reset_classifier(new_head)
     from .integrations.timm import pretrained_cfg
-    model.pretrained_cfg = model.default_cfg = pretrained_cfg(name, model.cfg)
+    model.pretrained_cfg = pretrained_cfg(name, model.cfg)   # also its default_cfg
     if features_only:
         from timm.models._features import FeatureGetterNet
         n = len(model.feature_info)

@@ -26,7 +26,7 @@ default_cfgs: dict[str, Any] = {}   # read by timm's register_model (module attr
 _registered = False
 
 
-def pretrained_cfg(name: str, cfg: PIIPConfig) -> dict[str, Any]:
+def pretrained_cfg(name: Optional[str], cfg: PIIPConfig) -> dict[str, Any]:
     """timm's data / head description of model ``name`` built with ``cfg``: input size, mean / std
     (what piip feeds it: ImageNet statistics for classifiers, the config's ``image_norm`` otherwise),
     crop (none: the whole image), and the released weights' Hub file."""
@@ -34,7 +34,7 @@ def pretrained_cfg(name: str, cfg: PIIPConfig) -> dict[str, Any]:
     side = int(round(cfg.img_size))
     cls = cfg.task == "classification"
     mean, std = IMAGENET if cls else IMAGE_NORMS[cfg.image_norm]
-    filename = released_file(name)
+    filename = released_file(name) if name else None
     out = {"architecture": name, "input_size": (3, side, side), "fixed_input_size": False,
            "interpolation": "bicubic" if cls else "bilinear", "crop_pct": 1.0, "crop_mode": "center",
            "mean": mean, "std": std, "num_classes": cfg.num_classes if cls else 0,
@@ -43,6 +43,23 @@ def pretrained_cfg(name: str, cfg: PIIPConfig) -> dict[str, Any]:
     if filename is not None:
         out.update(hf_hub_id=REPO, hf_hub_filename=filename, url=f"https://huggingface.co/{REPO}/resolve/main/{filename}")
     return out
+
+
+class PretrainedCfgMixin:
+    """timm's ``pretrained_cfg`` / ``default_cfg``: the one :func:`piip.create_model` set (with the
+    model's name and released file), else derived from the model's own config, so that
+    ``timm.data.resolve_model_data_config`` answers the real input size of any piip model (loaded
+    with ``from_pretrained``, built from a config...)."""
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        return self.__dict__.get("_pretrained_cfg") or pretrained_cfg(None, self.cfg)  # type: ignore[attr-defined]
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, value: dict[str, Any]) -> None:
+        self.__dict__["_pretrained_cfg"] = dict(value)
+
+    default_cfg = pretrained_cfg
 
 
 def _entrypoint(name: str) -> Callable[..., Any]:

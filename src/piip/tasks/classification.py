@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..backbone import PIIPBackbone, _to_map, group_matcher, take_intermediates
 from ..branches import Tokens
 from ..config import PIIPConfig
+from ..integrations.timm import PretrainedCfgMixin
 
 
 class ClsHead(nn.Module):
@@ -27,7 +28,7 @@ class ClsHead(nn.Module):
         return self.fc(self.norm(x))
 
 
-class PIIPClassifier(nn.Module):
+class PIIPClassifier(PretrainedCfgMixin, nn.Module):
     def __init__(self, cfg: PIIPConfig) -> None:
         super().__init__()
         if cfg.head_token not in ("cls", "first_patch"):
@@ -117,3 +118,5 @@ class PIIPClassifier(nn.Module):
                 nn.init.zeros_(h.fc.bias)
         self.num_classes = num_classes
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+        if "_pretrained_cfg" in self.__dict__:
+            self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
