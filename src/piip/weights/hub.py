@@ -129,7 +129,11 @@ def released_detector(name: str, cache_dir: Optional[str] = None, **overrides) -
     from ..tasks.detection import build_detector
     from .io import read_state_dict
     from .mmdet_heads import convert_mmdet_heads
-    det = build_detector(create_model(name, checkpoint=path, **overrides), len(COCO_CLASSES), "mask_rcnn")
+    import warnings
+    with warnings.catch_warnings():   # "neck/head tensors not loaded": they are, just below
+        warnings.filterwarnings("ignore", message=".*neck/head tensors")
+        body = create_model(name, checkpoint=path, **overrides)
+    det = build_detector(body, len(COCO_CLASSES), "mask_rcnn")
     heads = convert_mmdet_heads(read_state_dict(path))
     missing, unexpected = det.load_state_dict(heads, strict=False)
     missing = [k for k in missing if not k.startswith("backbone.body.")]   # loaded with the backbone above
