@@ -13,7 +13,8 @@ pytest.importorskip("sentencepiece", reason="the tiny tokenizer needs sentencepi
 from PIL import Image  # noqa: E402
 from transformers import AutoImageProcessor, AutoProcessor  # noqa: E402
 
-from piip.llava import IMAGE_TOKEN_ID, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor, PiipLlavaProcessor  # noqa: E402
+from piip.llava import (IMAGE_TOKEN_ID, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor,  # noqa: E402
+                        PiipLlavaProcessor)
 from piip.llava.tiny import save_tiny_model  # noqa: E402
 
 

@@ -41,7 +41,8 @@ def pretrained_cfg(name: Optional[str], cfg: PIIPConfig) -> dict[str, Any]:
            "first_conv": "branches.0.patch_embed.proj" if not cls else "backbone.branches.0.patch_embed.proj",
            "classifier": "heads" if cls else None, "license": "mit", "paper_ids": "arXiv:2406.04330"}
     if filename is not None:
-        out.update(hf_hub_id=REPO, hf_hub_filename=filename, url=f"https://huggingface.co/{REPO}/resolve/main/{filename}")
+        out.update(hf_hub_id=REPO, hf_hub_filename=filename,
+                   url=f"https://huggingface.co/{REPO}/resolve/main/{filename}")
     return out
 
 

@@ -47,7 +47,8 @@ RELEASES: dict[str, str] = _releases()
 # PIIP-LLaVA towers: the released whole models that contain them (7B first)
 LLAVA_RELEASES: dict[str, list[str]] = {
     "piip_llava_clip_bl_512_256": ["OpenGVLab/PIIP-LLaVA_CLIP-BL_512-256_7B"],
-    "piip_llava_clip_bl_512_448": ["OpenGVLab/PIIP-LLaVA_CLIP-BL_512-448_7B", "OpenGVLab/PIIP-LLaVA_CLIP-BL_512-448_13B"],
+    "piip_llava_clip_bl_512_448": ["OpenGVLab/PIIP-LLaVA_CLIP-BL_512-448_7B",
+                                   "OpenGVLab/PIIP-LLaVA_CLIP-BL_512-448_13B"],
     "piip_llava_convnext_b_clip_l_640_224": ["OpenGVLab/PIIP-LLaVA_ConvNeXt-B_CLIP-L_640-224_7B"],
     "piip_llava_convnext_b_clip_l_1024_336": ["OpenGVLab/PIIP-LLaVA_ConvNeXt-B_CLIP-L_1024-336_7B",
                                               "OpenGVLab/PIIP-LLaVA_ConvNeXt-B_CLIP-L_1024-336_13B"],
