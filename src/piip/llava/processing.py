@@ -1,8 +1,9 @@
 """Text for PIIP-LLaVA: the conversation templates (and the equivalent Jinja chat template), the
 processor that expands ``<image>`` and builds labels, and the training collator (llava_spec §3.2-3.4);
 the image processor is in :mod:`piip.llava.image_processing`. Labels come from character offsets in
-one tokenization per text chunk: every token overlapping an assistant answer (its leading space included) or the ``</s>`` after it
-is supervised. The official length arithmetic is tokenizer-version specific; offsets are not.
+one tokenization per text chunk: every token overlapping an assistant answer (its leading space
+included) or the ``</s>`` after it is supervised. The official length arithmetic is
+tokenizer-version specific; offsets are not.
 """
 from __future__ import annotations
 
