@@ -81,7 +81,7 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     """
     cfg = get_config(name)
     if "num_classes" in overrides and cfg.task != "classification":
-        raise ValueError(f"num_classes: {name} is a {cfg.task} backbone without a classifier; pick a '_cls' model "
+        raise ValueError(f"num_classes: {name} is a {cfg.task} model without a classifier; pick a '_cls' model "
                          "or put a head on its feature maps")
     new_head = None
     if pretrained:
