@@ -12,7 +12,8 @@ def tiny_overrides(name: str, img_size: int = 64) -> dict:
     cfg = piip.get_config(name)
     branches = [{"stage_dims": [32 * (i + 1)] * 2 + [64 * (i + 1)] * 2} if b.kind == "convnext"
                 else {"embed_dim": 32 * (i + 1), "num_heads": 2} for i, b in enumerate(cfg.branches)]
-    return dict(img_size=img_size, branches=branches, deform_num_heads=2, num_classes=7)
+    head = {"num_classes": 7} if cfg.task == "classification" else {}   # a backbone refuses num_classes
+    return dict(img_size=img_size, branches=branches, deform_num_heads=2, **head)
 
 
 def tiny_input_size(name: str) -> tuple[int, int]:

@@ -77,7 +77,7 @@ def test_cli_train_both_stages_then_eval_and_chat(data, tmp_path):
     assert (s1 / "mm_projector.safetensors").is_file()
     assert main(["train", "llava", "--stage", "finetune", "--out", str(s2), "--projector",
                  str(s1 / "mm_projector.safetensors"), "--data", str(data / "data.json")] + common) == 0
-    assert (s2 / "config.json").is_file() and (s2 / "piip_llava_processor.json").is_file()
+    assert (s2 / "config.json").is_file() and (s2 / "processor_config.json").is_file()
 
     # POPE: 3 questions with images, labels in the official per-category jsonl files
     q = tmp_path / "pope.jsonl"
@@ -113,7 +113,7 @@ def test_cli_train_both_stages_then_eval_and_chat(data, tmp_path):
     from piip.llava.loading import answer, load_model
     model, proc = load_model(str(s2), "fp32", "cpu")
     img = Image.open(data / "1.png").convert("RGB")
-    want = answer(model, proc, proc.prompt("What is in the image?"), proc.image_processor(img), 6)
+    want = answer(model, proc, proc.prompt("What is in the image?"), proc.image_processor.pixel_values(img), 6)
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "piip.cli", "chat", "--model", str(s2), "--image", str(data / "1.png"),
                           "--prompt", "What is in the image?", "--max-new-tokens", "6", "--device", "cpu"],

@@ -78,7 +78,7 @@ def test_forward_backward_and_loss_ignores_masked_tokens(tok):
     ids, labels = proc.encode_conversation(turns)
     assert ids.count(IMAGE_TOKEN_ID) == m.config.image_seq_length == 16
     batch = LlavaCollator(tok.pad_token_id, proc.image_processor.blank())(
-        [{"input_ids": ids, "labels": labels, "pixel_values": proc.image_processor(_image())[0]}])
+        [{"input_ids": ids, "labels": labels, "pixel_values": proc.image_processor.pixel_values(_image())[0]}])
     out = m(**batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -99,7 +99,7 @@ def test_text_only_sample_in_a_batch_keeps_the_tower_in_the_graph(tok):
                                   {"from": "gpt", "value": "a dog runs"}])
     b = proc.encode_conversation([{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}])
     col = LlavaCollator(tok.pad_token_id, proc.image_processor.blank())
-    batch = col([{"input_ids": a[0], "labels": a[1], "pixel_values": proc.image_processor(_image())[0]},
+    batch = col([{"input_ids": a[0], "labels": a[1], "pixel_values": proc.image_processor.pixel_values(_image())[0]},
                  {"input_ids": b[0], "labels": b[1]}])
     assert batch["attention_mask"][1].sum() == len(b[0]) and (batch["labels"][1, len(b[0]):] == -100).all()
     m(**batch).loss.backward()
@@ -151,14 +151,14 @@ def test_truncation_after_expansion_never_cuts_an_image(tok):
 def test_image_processor_pads_resizes_and_normalises_like_numpy():
     img = _image(50, 30)
     ip = PiipLlavaImageProcessor(24)
-    got = ip(img)[0]
+    got = ip(img)["pixel_values"][0]
     canvas = np.zeros((50, 50, 3), np.uint8)
     canvas[:] = (123, 116, 103)
     canvas[10:40] = np.asarray(img)
     ref = np.asarray(Image.fromarray(canvas).resize((24, 24), Image.BICUBIC)).astype(np.float32) / 255.0
     ref = (ref - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     assert np.abs(got.permute(1, 2, 0).numpy() - ref).max() < 1e-5
-    sq = PiipLlavaImageProcessor(24, pad=False)(img)[0]   # square: shortest edge 24, centre crop
+    sq = PiipLlavaImageProcessor(24, pad=False)(img)["pixel_values"][0]   # square: shortest edge 24, centre crop
     ref2 = np.asarray(img.resize((40, 24), Image.BICUBIC))[:, 8:32].astype(np.float32) / 255.0
     ref2 = (ref2 - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     assert np.abs(sq.permute(1, 2, 0).numpy() - ref2).max() < 1e-5

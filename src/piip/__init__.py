@@ -7,6 +7,9 @@ from .ops import ms_deform_attn
 from .registry import build_from_config, create_model, describe_model, get_config, list_models, register_model
 from .tasks.classification import PIIPClassifier
 from .weights import from_pretrained, save_pretrained
+from .integrations.timm import install as _install_timm
+
+_install_timm()   # piip names in timm's registry (when timm is imported, which piip itself does not do)
 
 __version__ = "0.1.0"
 

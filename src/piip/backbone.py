@@ -15,6 +15,7 @@ from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
 from .branches import Branch, Tokens, build_branch
+from .integrations.timm import PretrainedCfgMixin
 from .config import PIIPConfig
 from .layers.deform_attn import MSDeformAttn
 from .layers.interaction import InteractionGroup, default_edges, validate_edges
@@ -27,7 +28,7 @@ TRACE_REFUSAL = ("PIIP models cannot be traced by torch.jit.trace or the TorchSc
                  "others; use torch.export.export, torch.onnx.export(..., dynamo=True) or `piip export`")
 
 
-class PIIPBackbone(nn.Module):
+class PIIPBackbone(PretrainedCfgMixin, nn.Module):
     """Parameter-inverted image pyramid backbone.
 
     Input: one batch (B, 3, H, W) at the finest branch's resolution; every other branch gets it
@@ -212,6 +213,84 @@ class PIIPBackbone(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters()
                 if n.endswith(("pos_embed", "cls_token")) or "gamma" in n or ".weights." in n}
+
+    # ------------------------------------------------------------------ timm model interface
+    # (timm.create_model, features_only, resolve_model_data_config, create_optimizer_v2(layer_decay=...))
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's per-feature metadata: the pyramid levels forward returns (dense models), else each
+        branch's final map (towers, classifiers); ``reduction`` is the stride w.r.t. the input."""
+        if self.cfg.task == "dense":
+            levels = self.pyramid.levels if self.pyramid is not None else range(len(self.out_channels))
+            return [{"num_chs": self.out_channels[lv], "reduction": self.out_strides[lv], "module": f"level{lv}"}
+                    for lv in levels]
+        return [{"num_chs": br.out_dim, "reduction": _exact(br.group_strides[-1] / s), "module": f"branches.{i}"}
+                for i, (br, s) in enumerate(zip(self.branches, self.scales))]
+
+    @property
+    def num_features(self) -> int:
+        """Channels of the last feature map (timm's ``num_features`` of a headless model)."""
+        return self.feature_info[-1]["num_chs"]
+
+    def forward_intermediates(self, x: Tensor, indices: Any = None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False) -> Any:
+        """timm's signature: the :attr:`feature_info` maps picked by ``indices`` (None: all, int: the
+        last n, list: those), with the final features unless ``intermediates_only``. PIIP computes
+        every level together, so ``stop_early`` saves nothing; there is no extra ``norm``."""
+        if self.cfg.task == "dense":
+            maps = list(self(x).values())
+            final: Any = maps[-1]
+        else:
+            final = self.forward_branches(x)
+            maps = [_to_map(t) for t in final]
+        return take_intermediates(maps, final, indices, norm, output_fmt, intermediates_only)
+
+    def group_matcher(self, coarse: bool = False) -> Any:
+        return group_matcher(self)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every ViT branch block in the backward pass (``with_cp``); ConvNeXt branches run as is."""
+        vits = [br for br in self.branches if getattr(br.cfg, "kind", None) == "vit"]
+        if enable and not vits:
+            raise ValueError("gradient checkpointing is implemented for ViT branches; this model has none")
+        for br in vits:
+            br.cfg.with_cp = bool(enable)
+
+    def get_classifier(self) -> nn.Module:
+        return nn.Identity()
+
+    def reset_classifier(self, num_classes: int = 0, global_pool: Optional[str] = None) -> None:
+        if num_classes:
+            raise ValueError(f"a {self.cfg.task} PIIP backbone has no classifier (num_classes={num_classes}); build a "
+                             "'_cls' model or put a head on its feature maps")
+
+
+def take_intermediates(maps: list[Tensor], final: Any, indices: Any, norm: bool, output_fmt: str,
+                       intermediates_only: bool) -> Any:
+    """The ``indices`` of ``maps`` in ``output_fmt`` ('NCHW' or 'NLC'), as timm's forward_intermediates."""
+    from timm.models._features import feature_take_indices
+    if norm:
+        raise ValueError("norm=True: PIIP feature maps have no separate final norm to apply")
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    take, _ = feature_take_indices(len(maps), indices)
+    out = [maps[i] for i in take]
+    if output_fmt == "NLC":
+        out = [m.flatten(2).transpose(1, 2) for m in out]
+    return out if intermediates_only else (final, out)
+
+
+def group_matcher(model: nn.Module) -> Any:
+    """timm's layer grouping as a callable: the layer id piip's own layer-wise lr decay gives each
+    parameter (embeddings 0, ViT blocks by depth, everything else last)."""
+    from .engine.optim import layer_ids
+    ids, _ = layer_ids(model)
+    top = max(ids.values())
+    return lambda name: ids.get(name, top)
+
+
+def _exact(v: float) -> Any:
+    return int(v) if float(v).is_integer() else round(v, 3)
 
 
 def _to_map(t: Tokens) -> Tensor:

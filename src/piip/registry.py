@@ -10,6 +10,13 @@ from .config import PIIPConfig
 
 _REGISTRY: dict[str, Callable[[], PIIPConfig]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_REGISTER_HOOKS: list[Callable[[str], None]] = []   # e.g. the timm registry mirror
+
+
+def add_register_hook(fn: Callable[[str], None]) -> None:
+    """Call ``fn(name)`` for every model registered from now on."""
+    if fn not in _REGISTER_HOOKS:
+        _REGISTER_HOOKS.append(fn)
 
 
 def register_model(name: str, description: str = "") -> Callable[[Callable[[], PIIPConfig]], Callable[[], PIIPConfig]]:
@@ -21,6 +28,8 @@ def register_model(name: str, description: str = "") -> Callable[[Callable[[], P
         _REGISTRY[name] = fn
         doc_lines = (fn.__doc__ or "").strip().splitlines()
         _DESCRIPTIONS[name] = description or (doc_lines[0] if doc_lines else "")
+        for hook in _REGISTER_HOOKS:
+            hook(name)
         return fn
 
     return deco
@@ -55,8 +64,52 @@ def build_from_config(cfg: PIIPConfig) -> nn.Module:
     raise ValueError(f"unknown task {cfg.task!r}: expected 'dense', 'features' or 'classification'")
 
 
-def create_model(name: Optional[str] = None, pretrained_branches: Optional[list] = None,
-                 checkpoint: Optional[str] = None, **overrides: Any) -> nn.Module:
+def create_model(name: Optional[str] = None, pretrained: bool = False, features_only: bool = False,
+                 out_indices: Optional[Any] = None, cache_dir: Optional[str] = None,
+                 pretrained_branches: Optional[list] = None, checkpoint: Optional[str] = None,
+                 **overrides: Any) -> nn.Module:
+    """Build a registered model (``timm.create_model(name, ...)`` calls this too).
+
+    Args:
+        pretrained: load the checkpoint released for ``name`` from the Hugging Face Hub (cached;
+            ``HF_HUB_OFFLINE=1`` reads the cache; needs ``piip[hub]``). With ``num_classes`` the
+            released classifier is loaded, then given a new head.
+        features_only: return timm's feature wrapper (forward gives the list of ``out_indices``
+            maps of :attr:`feature_info`: pyramid levels, or per-branch maps).
+        cache_dir: Hugging Face cache folder for ``pretrained``.
+        pretrained_branches, checkpoint, overrides: see :func:`build_model`.
+    """
+    task = get_config(name).task if name is not None else None
+    if "num_classes" in overrides and task not in (None, "classification"):
+        raise ValueError(f"num_classes: {name} is a {task} model without a classifier; pick a '_cls' model "
+                         "or put a head on its feature maps")
+    new_head = None
+    if pretrained:
+        if checkpoint is not None or pretrained_branches is not None:
+            raise ValueError("pretrained=True loads the released checkpoint: do not also pass checkpoint / "
+                             "pretrained_branches")
+        if name is None:
+            raise ValueError("pretrained=True needs a model name (piip.list_models())")
+        from .weights.hub import download
+        checkpoint = download(name, cache_dir)
+        new_head = overrides.pop("num_classes", None)
+    model = build_model(name, pretrained_branches, checkpoint, **overrides)
+    if new_head is not None and new_head != model.num_classes:
+        model.reset_classifier(new_head)
+    from .integrations.timm import pretrained_cfg
+    model.pretrained_cfg = pretrained_cfg(name or getattr(model, "name", None), model.cfg)   # also its default_cfg
+    if features_only:
+        from timm.models._features import FeatureGetterNet
+        n = len(model.feature_info)
+        return FeatureGetterNet(model, out_indices=tuple(range(n)) if out_indices is None else out_indices,
+                                prune=False)
+    if out_indices is not None:
+        raise ValueError("out_indices picks feature maps: pass features_only=True too")
+    return model
+
+
+def build_model(name: Optional[str] = None, pretrained_branches: Optional[list] = None, checkpoint: Optional[str] = None,
+                **overrides: Any) -> nn.Module:
     """Build a registered model.
 
     Args:

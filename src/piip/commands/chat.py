@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--image {args.image}: not a readable image ({e})") from None
     model, processor = load_model(args.model, args.dtype, args.device)
     processor.template = args.template
-    pixels = processor.image_processor(image)
+    pixels = processor.image_processor.pixel_values(image)
     streamer = byte_safe_streamer(processor.tokenizer)
     history: list[tuple[str, str]] = []
 

@@ -30,7 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="run a trained detector or segmentor on an image and save a picture of the "
                                        "results, or print a classifier's top-k classes")
     p.add_argument("image", help="input image file")
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (or a plain state dict + --model)")
+    p.add_argument("--checkpoint", default=None, help="training checkpoint (or a plain state dict + --model)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="instead of --checkpoint: the released Mask R-CNN of --model from the Hugging Face Hub "
+                        "(cached; HF_HUB_OFFLINE=1 reads the cache; needs piip[hub])")
     add_model_args(p)
     p.add_argument("--kind", default="mask_rcnn", choices=["mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn"],
                    help="for a plain state dict only")
@@ -73,9 +76,13 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks.classification_train import is_classification_checkpoint
     from ..tasks.detection import load_detector
     from .segmentation import is_segmentation_checkpoint, run_predict
-    if os.path.isfile(args.checkpoint) and is_segmentation_checkpoint(args.checkpoint):
+    if (args.checkpoint is None) == (not args.pretrained):
+        raise ValueError("give --checkpoint FILE, or --pretrained with --model NAME (a released Mask R-CNN)")
+    if args.pretrained and args.model is None:
+        raise ValueError("--pretrained needs --model NAME (e.g. piip_tsb_1120_896_448)")
+    if args.checkpoint and os.path.isfile(args.checkpoint) and is_segmentation_checkpoint(args.checkpoint):
         return run_predict(args)   # colour-coded classes + legend (detection-only options are unused)
-    if os.path.isfile(args.checkpoint) and is_classification_checkpoint(args.checkpoint):
+    if args.checkpoint and os.path.isfile(args.checkpoint) and is_classification_checkpoint(args.checkpoint):
         from .classification import predict_topk
         device, _, _ = init_distributed(args.device)
         for name, p in predict_topk(args.image, args.checkpoint, args.topk, str(device)):
@@ -86,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
     img = read_rgb(args.image)                  # before the (slower) model
     device, _, _ = init_distributed(args.device)
     overrides = parse_overrides(args.override, args.img_size)
-    model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).eval().to(device)
+    if args.pretrained:
+        from ..weights.hub import released_detector
+        model = released_detector(args.model, **overrides).eval().to(device)
+    else:
+        model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).eval().to(device)
     names = model.det_cfg.class_names or (COCO_CLASSES if model.det_cfg.num_classes == 80 else [])
     h, w = img.shape[-2:]
     with torch.no_grad():

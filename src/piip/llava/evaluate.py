@@ -75,7 +75,7 @@ def run_answers(model: Any, processor: Any, benchmark: str, question_file: str, 
                     raise ValueError("the questions reference image files: give --image-folder")
                 with Image.open(os.path.join(image_folder, img)) as im:
                     img = im.convert("RGB")
-            pix = processor.image_processor(img) if img is not None else None
+            pix = processor.image_processor.pixel_values(img) if img is not None else None
             prompt = processor.prompt(q["text"], image=img is not None)
             text = answer(model, processor, prompt, pix, MAX_NEW_TOKENS.get(benchmark, 128))
             row = {"question_id": q["question_id"], "prompt": q["text"], "text": text,

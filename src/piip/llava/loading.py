@@ -68,11 +68,10 @@ def _hub_snapshot(spec: str) -> str:
     first = spec.split("/")[0]
     if spec.count("/") != 1 or spec.startswith((".", "~", os.sep)) or os.path.isdir(first):
         raise ValueError(f"--model {spec}: no such folder (and not a hub id owner/name or one of {sorted(TINY)})")
-    from huggingface_hub import snapshot_download
-
-    from ..weights.hub import from_hub
-    return from_hub(lambda: snapshot_download(spec), f"--model {spec} (no such local folder; as a hub id)",
-                    "check the path, or download the model on a connected machine first")
+    from ..weights.hub import _hub, from_hub
+    hf = _hub()
+    return from_hub(lambda: hf.snapshot_download(spec), f"--model {spec} (no such local folder; as a hub id)",
+                    "check the path, or download the model on a connected machine first", error=OSError)
 
 
 def greedy_kwargs(processor: Any, max_new_tokens: int, temperature: float = 0.0) -> dict[str, Any]:

@@ -109,10 +109,12 @@ class PiipLlavaModel(PiipLlavaPreTrainedModel):
 
     def get_image_features(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, S, S) normalised images -> (B, N_img, H) visual tokens in the LLM's dtype."""
-        tower = next(self.vision_tower.parameters())
-        proj = next(self.multi_modal_projector.parameters())
-        states = self.vision_tower.forward_branches(pixel_values.to(tower.device))
-        maps = [t.x.transpose(1, 2).reshape(t.x.shape[0], t.x.shape[2], *t.hw).to(proj.device, proj.dtype)
+        from .offload import execution_device, onloaded   # device_map / disk offload (accelerate)
+        proj_dev = execution_device(self.multi_modal_projector)
+        proj_dtype = next(self.multi_modal_projector.parameters()).dtype
+        with onloaded(self.vision_tower):
+            states = self.vision_tower.forward_branches(pixel_values.to(execution_device(self.vision_tower)))
+        maps = [t.x.transpose(1, 2).reshape(t.x.shape[0], t.x.shape[2], *t.hw).to(proj_dev, proj_dtype)
                 for t in states]
         return self.multi_modal_projector(maps).to(self.get_input_embeddings().weight.dtype)
 

@@ -202,7 +202,7 @@ def from_official(path: str, variant: Optional[str] = None, dtype: Any = None, o
         convert_official(path, out, variant=variant, tower=tower)
         kw = {"dtype": dtype} if dtype is not None else {}
         model = PiipLlavaForConditionalGeneration.from_pretrained(out, **kw).eval()
-        has_tok = os.path.isfile(os.path.join(out, "piip_llava_processor.json"))
+        has_tok = os.path.isfile(os.path.join(out, "processor_config.json"))
         processor = PiipLlavaProcessor.from_pretrained(out) if has_tok else None
     finally:
         if tmp is not None:

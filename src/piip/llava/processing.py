@@ -1,10 +1,9 @@
-"""Images and text for PIIP-LLaVA: the image processor, the conversation templates, the processor
-that expands ``<image>`` and builds labels, and the training collator (llava_spec §1.4, §3.2-3.4).
-
-The image processor is pure PIL + torch (no transformers image-processor backend, whose defaults
-changed between v4 and v5). Labels come from character offsets in one tokenization per text chunk:
-every token overlapping an assistant answer (its leading space included) or the ``</s>`` after it
-is supervised. The official length arithmetic is tokenizer-version specific; offsets are not.
+"""Text for PIIP-LLaVA: the conversation templates (and the equivalent Jinja chat template), the
+processor that expands ``<image>`` and builds labels, and the training collator (llava_spec §3.2-3.4);
+the image processor is in :mod:`piip.llava.image_processing`. Labels come from character offsets in
+one tokenization per text chunk: every token overlapping an assistant answer (its leading space
+included) or the ``</s>`` after it is supervised. The official length arithmetic is
+tokenizer-version specific; offsets are not.
 """
 from __future__ import annotations
 
@@ -16,7 +15,11 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .configuration import IMAGE_TOKEN_ID, IMAGENET_MEAN, IMAGENET_STD, PAD_COLOR
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration import IMAGE_TOKEN_ID
+from .image_processing import PiipLlavaImageProcessor, _flatten, expand2square  # noqa: F401  (re-exported)
 
 IMAGE = "<image>"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -80,99 +83,86 @@ def render(turns: Sequence[dict[str, str]], template: str = "vicuna_v1",
     return text, spans
 
 
-def expand2square(img: Any, color: Sequence[int]) -> Any:
-    """Paste ``img`` centred on a square canvas of ``color`` (the official pad preprocessing)."""
-    from PIL import Image
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    canvas = Image.new(img.mode, (side, side), tuple(color))
-    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-    return canvas
+def jinja_template(template: str) -> Optional[str]:
+    """The Jinja chat template that renders Hugging Face messages exactly as :func:`render` renders
+    LLaVA turns (``None`` for 'plain', which has no conversation). Messages are ``{"role", "content"}``
+    with string content or a list of ``{"type": "text"|"image"}`` parts; a system message replaces
+    the template's system prompt."""
+    t = get_template(template)
+    if t.plain:
+        return None
+    q = json.dumps
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set sys = messages[0]['content'] if messages[0]['content'] is string else "
+        "messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
+        "{%- set msgs = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set sys = {q(t.system)} -%}}{{%- set msgs = messages -%}}{{%- endif -%}}"
+        f"{{{{ sys }}}}{{{{ {q(t.sep)} }}}}"
+        "{%- for m in msgs -%}"
+        "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('messages must alternate user / assistant, starting with user') }}{%- endif -%}"
+        "{%- if m['content'] is string -%}{%- set text = m['content'] -%}{%- set img = '<image>' in text -%}"
+        "{%- else -%}{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+        "| join('\\n') -%}{%- set img = (m['content'] | selectattr('type', 'equalto', 'image') | list | length > 0)"
+        " or '<image>' in text -%}{%- endif -%}"
+        "{%- if img -%}{%- set text = '<image>\\n' + (text | replace('<image>', '') | trim) -%}{%- endif -%}"
+        f"{{%- if m['role'] == 'user' -%}}{{{{ {q(t.roles[0] + ': ')} + text + {q(t.sep)} }}}}"
+        f"{{%- else -%}}{{{{ {q(t.roles[1] + ': ')} + text + {q(t.sep2)} }}}}{{%- endif -%}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {q(t.roles[1] + ':')} }}}}{{%- endif -%}}")
 
 
-class PiipLlavaImageProcessor:
-    """RGB -> (pad to square) -> bicubic resize of the shortest edge to ``size`` -> centre crop -> /255
-    -> ImageNet normalisation (the official CLIPImageProcessor settings, llava_spec §1.4)."""
-
-    def __init__(self, size: int, image_mean: Sequence[float] = IMAGENET_MEAN,
-                 image_std: Sequence[float] = IMAGENET_STD, pad: bool = True,
-                 pad_color: Sequence[int] = PAD_COLOR) -> None:
-        self.size, self.pad = int(size), bool(pad)
-        self.image_mean, self.image_std, self.pad_color = list(image_mean), list(image_std), list(pad_color)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "image_mean": self.image_mean, "image_std": self.image_std, "pad": self.pad,
-                "pad_color": self.pad_color}
-
-    def preprocess_one(self, img: Any) -> Tensor:
-        from PIL import Image
-        img = img.convert("RGB")
-        if self.pad:
-            img = expand2square(img, self.pad_color)
-        w, h = img.size
-        s = self.size
-        nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - s) // 2, (nh - s) // 2
-        img = img.crop((left, top, left + s, top + s))
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(s, s, 3)
-        x = x.permute(2, 0, 1).float() / 255.0
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
-        return (x - mean) / std
-
-    def __call__(self, images: Any) -> Tensor:
-        images = images if isinstance(images, (list, tuple)) else [images]
-        return torch.stack([self.preprocess_one(im) for im in images])
-
-    def blank(self) -> Tensor:
-        """The zero image a text-only sample gets (normalised zeros, as the official collator)."""
-        return torch.zeros(3, self.size, self.size)
+class PiipLlavaProcessor(ProcessorMixin):
+    """Image processor + tokenizer + template: text with ``<image>`` -> ids with the image expanded to
+    ``image_seq_length`` placeholders, plus offset-based labels. A transformers ``ProcessorMixin``:
+    ``save_pretrained`` / ``AutoProcessor.from_pretrained`` round-trip it (with its chat template),
+    ``apply_chat_template`` and the ``image-text-to-text`` pipeline use it."""
 
 
-class PiipLlavaProcessor:
-    """Tokenizer + image processor + template: text with ``<image>`` -> ids with the image expanded to
-    ``image_seq_length`` placeholders, plus offset-based labels."""
-
-    def __init__(self, tokenizer: Any, image_processor: PiipLlavaImageProcessor, image_seq_length: int,
-                 template: str = "vicuna_v1", image_token_id: int = IMAGE_TOKEN_ID,
-                 model_max_length: int = 2048, ignore_index: int = -100) -> None:
+    def __init__(self, image_processor: Optional[PiipLlavaImageProcessor] = None, tokenizer: Any = None,
+                 image_seq_length: int = 576, template: str = "vicuna_v1", image_token_id: int = IMAGE_TOKEN_ID,
+                 model_max_length: int = 2048, ignore_index: int = -100, chat_template: Optional[str] = None
+                 ) -> None:
         get_template(template)
-        self.tokenizer, self.image_processor = tokenizer, image_processor
+        if image_processor is None or tokenizer is None:
+            raise ValueError("PiipLlavaProcessor needs an image_processor and a tokenizer "
+                             "(PiipLlavaProcessor.from_config(tokenizer, model.config) builds both)")
         self.image_seq_length, self.template, self.image_token_id = int(image_seq_length), template, int(image_token_id)
         self.model_max_length, self.ignore_index = int(model_max_length), int(ignore_index)
         if tokenizer.pad_token_id is None:  # the official rule: pad = unk (id 0)
             tokenizer.pad_token = tokenizer.unk_token
+        super().__init__(image_processor, tokenizer,
+                         chat_template=chat_template if chat_template is not None else jinja_template(template))
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
 
     @classmethod
     def from_config(cls, tokenizer: Any, config: Any, template: Optional[str] = None) -> "PiipLlavaProcessor":
         """Everything but the tokenizer from a :class:`PiipLlavaConfig`."""
         ip = PiipLlavaImageProcessor(config.image_size, config.image_mean, config.image_std,
                                      config.image_aspect_ratio == "pad", config.pad_color)
-        return cls(tokenizer, ip, config.image_seq_length, template or config.conv_template, config.image_token_id,
-                   config.model_max_length, config.ignore_index)
-
-    def save_pretrained(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
-        self.tokenizer.save_pretrained(path)
-        with open(os.path.join(path, "piip_llava_processor.json"), "w") as f:
-            json.dump({"image_processor": self.image_processor.to_dict(), "image_seq_length": self.image_seq_length,
-                       "template": self.template, "image_token_id": self.image_token_id,
-                       "model_max_length": self.model_max_length, "ignore_index": self.ignore_index}, f, indent=1)
+        return cls(ip, tokenizer, image_seq_length=config.image_seq_length,
+                   template=template or config.conv_template, image_token_id=config.image_token_id,
+                   model_max_length=config.model_max_length, ignore_index=config.ignore_index)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "PiipLlavaProcessor":
+    def from_pretrained(cls, path: str, **kwargs: Any) -> "PiipLlavaProcessor":
+        """A saved processor; folders written by earlier piip versions (``piip_llava_processor.json``)
+        or holding only a model config and a tokenizer load too."""
+        if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "processor_config.json")):
+            return super().from_pretrained(path, **kwargs)
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(path)
-        cfg_path = os.path.join(path, "piip_llava_processor.json")
-        if not os.path.isfile(cfg_path):
+        legacy = os.path.join(path, LEGACY_FILE)
+        if not os.path.isfile(legacy):
             from .configuration import PiipLlavaConfig
             return cls.from_config(tok, PiipLlavaConfig.from_pretrained(path))
-        with open(cfg_path) as f:
+        with open(legacy) as f:
             d = json.load(f)
-        return cls(tok, PiipLlavaImageProcessor(**d.pop("image_processor")), **d)
+        return cls(PiipLlavaImageProcessor(**d.pop("image_processor")), tok, **d)
 
     # ------------------------------------------------------------------ text
     def tokenize(self, text: str, spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
@@ -222,10 +212,36 @@ class PiipLlavaProcessor:
                 turns.append({"from": "gpt", "value": a})
         return render(turns, self.template, add_generation_prompt=True)[0]
 
-    def __call__(self, text: str | Sequence[str], images: Any = None, return_labels: bool = False
-                 ) -> dict[str, Tensor]:
-        """Prompt text(s) with ``<image>`` (+ images) -> a left-padded batch for ``generate`` / ``forward``."""
+    def __call__(self, text: Any = None, images: Any = None, return_labels: bool = False,
+                 return_tensors: Optional[str] = "pt", padding: Any = True, add_special_tokens: bool = True,
+                 **kwargs: Any) -> BatchFeature:
+        """Prompt text(s) with ``<image>`` (+ one image per text) -> a left-padded batch for ``generate``
+        / ``forward``. Text comes first; ``processor(images, text)`` (transformers' order) works too.
+        Every ``<image>`` is expanded to the model's visual tokens; an image without its ``<image>`` is
+        an error, never silently dropped."""
+        if _is_text(images) or (text is not None and not _is_text(text)):
+            images, text = text, images
+        if text is None:
+            raise ValueError("PiipLlavaProcessor needs text (a prompt holding <image> where the image goes)")
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS)
+        if unknown:
+            raise ValueError(f"PiipLlavaProcessor does not take {unknown}")
+        if padding not in (True, "longest"):
+            raise ValueError(f"padding={padding!r}: PiipLlavaProcessor always left-pads to the longest prompt")
         texts = [text] if isinstance(text, str) else list(text)
+        n_img = [t.count(IMAGE) for t in texts]
+        pixel_values = self.image_processor.pixel_values(images) if images is not None and \
+            any(True for _ in _flatten(images)) else None
+        n_given = 0 if pixel_values is None else pixel_values.shape[0]
+        # prompts with <image> and no images give ids only (pixel_values come separately; the model
+        # refuses placeholders without them); images without their tag would be dropped: refused
+        if any(n > 1 for n in n_img) or (n_given and n_given != sum(n_img)):
+            raise ValueError(f"{n_given} image(s) for prompts holding {n_img} <image> tags: each prompt takes at "
+                             "most one <image> and one image per <image> (processor.prompt(question) or "
+                             "apply_chat_template writes the tag)")
+        if n_given and n_given != len(texts):
+            raise ValueError(f"{n_given} image(s) for {len(texts)} prompts: batch prompts with an image each, or "
+                             "run text-only prompts separately")
         rows = [self.tokenize(t) for t in texts]
         n = max(len(r[0]) for r in rows)
         pad = self.tokenizer.pad_token_id
@@ -234,13 +250,43 @@ class PiipLlavaProcessor:
         for b, (r, _) in enumerate(rows):
             ids[b, n - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[b, n - len(r):] = 1
-        out = {"input_ids": ids, "attention_mask": mask}
-        if images is not None:
-            out["pixel_values"] = self.image_processor(images)
-        return out
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if return_labels:
+            lab = torch.full((len(rows), n), self.ignore_index, dtype=torch.long)
+            for b, (_, r) in enumerate(rows):
+                lab[b, n - len(r):] = torch.tensor(r, dtype=torch.long)
+            out["labels"] = lab
+        if pixel_values is not None:
+            out["pixel_values"] = pixel_values
+        return BatchFeature(out, tensor_type=return_tensors)
 
-    def decode(self, ids: Any) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    def decode(self, ids: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.tokenizer.decode(_drop_placeholders(ids), **kwargs).strip()
+
+    def batch_decode(self, ids: Any, **kwargs: Any) -> list[str]:
+        return [self.decode(row, **kwargs) for row in ids]
+
+    def post_process_image_text_to_text(self, generated_outputs: Any, skip_special_tokens: bool = True,
+                                        **kwargs: Any) -> list[str]:
+        """Decode (the pipeline also decodes the prompt: its image placeholders are dropped)."""
+        return [self.tokenizer.decode(_drop_placeholders(row), skip_special_tokens=skip_special_tokens, **kwargs)
+                for row in generated_outputs]
+
+
+LEGACY_FILE = "piip_llava_processor.json"   # written by piip before the processor was a ProcessorMixin
+# options transformers' callers (apply_chat_template, pipelines) pass that do not change this processor's output
+_IGNORED_KWARGS = {"truncation", "max_length", "videos", "audio", "text_kwargs", "images_kwargs", "common_kwargs",
+                   "processor_kwargs"}
+
+
+def _is_text(x: Any) -> bool:
+    return isinstance(x, str) or (isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, str) for t in x))
+
+
+def _drop_placeholders(ids: Any) -> list[int]:
+    """Token ids without the image placeholders (negative, outside every vocabulary)."""
+    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids) if int(i) >= 0]
 
 
 @dataclass

@@ -12,9 +12,10 @@ import torch
 from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
-from ..backbone import PIIPBackbone
+from ..backbone import PIIPBackbone, _to_map, group_matcher, take_intermediates
 from ..branches import Tokens
 from ..config import PIIPConfig
+from ..integrations.timm import PretrainedCfgMixin
 
 
 class ClsHead(nn.Module):
@@ -27,7 +28,7 @@ class ClsHead(nn.Module):
         return self.fc(self.norm(x))
 
 
-class PIIPClassifier(nn.Module):
+class PIIPClassifier(PretrainedCfgMixin, nn.Module):
     def __init__(self, cfg: PIIPConfig) -> None:
         super().__init__()
         if cfg.head_token not in ("cls", "first_patch"):
@@ -71,3 +72,51 @@ class PIIPClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------ timm model interface
+    @property
+    def feature_info(self) -> list[dict]:
+        """Each branch's final map (see :attr:`PIIPBackbone.feature_info`)."""
+        return self.backbone.feature_info
+
+    @property
+    def num_features(self) -> int:
+        """Width of what the classifier reads (``forward_head(..., pre_logits=True)``)."""
+        return sum(h.norm.normalized_shape[0] for h in self.heads)
+
+    head_hidden_size = num_features
+
+    def forward_intermediates(self, x: Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's signature: per-branch final maps; the final features go to :meth:`forward_head`."""
+        states = self.backbone.forward_branches(x)
+        final = states if self.cfg.head == "cls_token" else self.backbone.merge_tokens(states)
+        return take_intermediates([_to_map(t) for t in states], final, indices, norm, output_fmt, intermediates_only)
+
+    def group_matcher(self, coarse: bool = False):
+        return group_matcher(self)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"backbone." + n for n in self.backbone.no_weight_decay()}
+
+    def get_classifier(self) -> nn.Module:
+        """The linear layer(s): one per branch for the class-token head (their logits are averaged)."""
+        return self.heads[0].fc if len(self.heads) == 1 else nn.ModuleList(h.fc for h in self.heads)
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        """New, freshly initialised linear layer(s) for ``num_classes`` (0: none, features out)."""
+        if global_pool not in (None, "", "token", "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: a PIIP classifier pools as its head ({self.cfg.head}) says")
+        for h in self.heads:
+            dim = h.norm.normalized_shape[0]
+            h.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+            if num_classes > 0:
+                trunc_normal_(h.fc.weight, std=0.02)
+                nn.init.zeros_(h.fc.bias)
+        self.num_classes = num_classes
+        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+        if "_pretrained_cfg" in self.__dict__:
+            self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}

@@ -136,6 +136,21 @@ class PIIPFPN(nn.Module):
         return self.fpn(OrderedDict((k, feats[k]) for k in self.levels))
 
 
+def backbone_with_fpn(name: str, out_channels: int = 256, **overrides: Any) -> PIIPFPN:
+    """torchvision's custom-backbone contract (as ``BackboneWithFPN`` + ``LastLevelMaxPool``): a module
+    with an int ``out_channels`` whose forward gives an OrderedDict of 5 maps ('0'..'3' at strides
+    4..32, 'pool' at 64), so ``FasterRCNN(bb, num_classes=K)`` / ``MaskRCNN(bb, num_classes=K)`` work
+    with torchvision's default anchors and RoI pooling. ``overrides`` go to :func:`piip.create_model`
+    (``pretrained=True``, ``img_size=...``, config fields)."""
+    from ..registry import create_model
+    body = create_model(name, **overrides)
+    if not isinstance(body, PIIPBackbone) or body.cfg.task != "dense" or body.pyramid is None \
+            or body.pyramid.levels != [0, 1, 2, 3]:
+        raise ValueError(f"{name} is not a dense backbone with all four pyramid levels; torchvision's detectors "
+                         "need one (e.g. piip_tsb_1120_896_448)")
+    return PIIPFPN(body, out_channels)
+
+
 class FixedStrideAnchorGenerator(AnchorGenerator):
     """Anchors at the nominal level strides (mmdet), not ``padded_size // grid`` (torchvision),
     which is off for the max-pooled level when the padded size is not a multiple of 64."""
