@@ -9,26 +9,38 @@ import torch
 from piip.tasks.detection import DetectorConfig, build_detector, paste_masks, resize_keep_ratio
 from piip.tasks.detection_export import check_detector_export, export_detector, export_program
 
-TINY = dict(img_size=96, branches={"embed_dim": 32, "num_heads": 2, "depth": 1}, deform_num_heads=2)
+TINY = dict(branches={"embed_dim": 32, "num_heads": 2, "depth": 1}, deform_num_heads=2)
 HEADS = DetectorConfig(fpn_channels=32, box_head_dim=64, mask_head_dim=32, detections_per_img=20,
                        num_queries=12, transformer_dim=32, transformer_heads=2, transformer_ffn=64,
                        enc_layers=1, dec_layers=2, dn_queries=6)
 MODELS = {"dino": "piip_sbl_1792_1120_672_dino"}
-EXAMPLE = (64, 96)                     # export size; the transform keeps it (long side = 96)
-SIZES = [(128, 160), (96, 64)]         # resized to 77x96 and kept as is
-GAIN = {"retinanet": 3000.0, "dino": 1.0}   # class-logit gain that spreads the random scores out
+# the smallest resolution whose coarsest maps are >= 2 px (stride 64; RetinaNet's P7: 128)
+IMG = {"retinanet": 256}
+# class-logit gains (by parameter name) that spread the random scores out
+GAINS = {"rpn.head.cls_logits": 1000.0, "classification_head.cls_logits": 3000.0, "cls_score": 4.0,
+         "cls_branches": 1.0}
+
+
+def sizes(kind: str) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """(export example, two other sizes): S x S, then 2S x 1.5S (resized to S x 0.75S) and
+    0.75S x S (kept as is), S = the model's resolution. The resized sizes need no padding: anchors
+    over zero padding score exactly alike and onnxruntime's TopK breaks such ties its own way."""
+    s = IMG.get(kind, 128)
+    return (s, s), [(2 * s, s * 3 // 2), (s * 3 // 4, s)]
 
 
 def sharpened(kind: str, seed: int = 0):
-    """A tiny random detector whose class logits are spread out (weights x GAIN, no low prior bias),
+    """A tiny random detector whose class logits are spread out (weights x GAINS, no low prior bias),
     so that scores have no near-ties: float-rounding differences between runtimes then cannot
     reorder the detections."""
     torch.manual_seed(seed)
-    model = build_detector(MODELS.get(kind, "piip_tsb_1120_896_448"), 3, kind, HEADS, **TINY).eval()
+    model = build_detector(MODELS.get(kind, "piip_tsb_1120_896_448"), 3, kind, HEADS,
+                           img_size=IMG.get(kind, 128), **TINY).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(k in name for k in ("cls_logits", "cls_score", "cls_branches")):
-                p.mul_(GAIN.get(kind, 4.0)) if name.endswith("weight") else p.zero_()
+            gain = next((g for k, g in GAINS.items() if k in name), None)
+            if gain is not None:
+                p.mul_(gain) if name.endswith("weight") else p.zero_()
     return model
 
 
@@ -53,10 +65,11 @@ def test_resize_and_paste_match_torchvision():
 @pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn", "retinanet", "cascade_mask_rcnn", "dino"])
 def test_export_pt2_and_onnx_at_other_sizes(kind, tmp_path):
     model = sharpened(kind)
+    example, others = sizes(kind)
     with torch.no_grad():
-        counts = [len(model([torch.rand(3, *s)])[0]["boxes"]) for s in SIZES]
+        counts = [len(model([torch.rand(3, *s)])[0]["boxes"]) for s in others]
     assert all(c > 0 for c in counts), counts            # the comparison compares detections
-    program = export_program(model, EXAMPLE)
+    program = export_program(model, example)
     formats = ["pt2"]
     try:
         import onnxruntime  # noqa: F401
@@ -66,10 +79,10 @@ def test_export_pt2_and_onnx_at_other_sizes(kind, tmp_path):
         pass
     for fmt in formats:
         path = str(tmp_path / f"{kind}.{fmt}")
-        info = export_detector(model, fmt, path, EXAMPLE, program=program)
+        info = export_detector(model, fmt, path, example, program=program)
         assert info["outputs"][:3] == ["boxes", "labels", "scores"]
         assert ("masks" in info["outputs"]) == (kind in ("mask_rcnn", "cascade_mask_rcnn"))
-        diffs = check_detector_export(model, path, fmt, SIZES)
+        diffs = check_detector_export(model, path, fmt, others)
         print(kind, fmt, diffs)
         for d in diffs.values():
             assert d["boxes"] <= 1e-3 and d["labels"] == 0 and d["scores"] <= 1e-4
@@ -87,3 +100,7 @@ def test_bad_export_arguments(tmp_path):
         export_detector(model, "pt2", str(tmp_path / "missing" / "m.pt2"))
     with pytest.raises(ValueError, match="outside"):
         export_program(model, (8, 96))
+    small = build_detector("piip_tsb_1120_896_448", 3, "faster_rcnn", HEADS, img_size=96, **TINY)
+    with pytest.raises(ValueError, match="stride-64 maps are 1 px"):
+        export_program(small)               # 96 x 96: the stride-64 level is one pixel
+

@@ -40,6 +40,7 @@ KINDS = ("mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn")
 MASK_KINDS = ("mask_rcnn", "cascade_mask_rcnn")
 # pixel normalisations (mean, std) on [0, 1] RGB, selected by PIIPConfig.image_norm
 AUGS = ("single", "ms")
+ROI_STRIDES = (4, 8, 16, 32)     # the FPN levels '0'..'3' that RoIAlign reads
 DINO_PYRAMID_LEVELS = (1, 2, 3)   # strides 8 / 16 / 32, the released is_dino outputs
 IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
                "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
@@ -161,7 +162,21 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
 
 class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
     """MultiScaleRoIAlign with ``aligned=True`` (half-pixel offset), as mmcv's RoIAlign in mmdet.
-    Level assignment (canonical 224 at level 4) equals mmdet's finest_scale=56 rule."""
+    Level assignment (canonical 224 at level 4) equals mmdet's finest_scale=56 rule.
+
+    ``strides`` (one per level) fix the scales up front; torchvision infers them from the first
+    batch's sizes through ``float(size)``, which torch.export turns into a fixed image size."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int,
+                 strides: Optional[tuple[int, ...]] = None) -> None:
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        if strides is not None:
+            from torchvision.ops.poolers import initLevelMapper
+            if len(strides) != len(featmap_names):
+                raise ValueError(f"{len(featmap_names)} feature maps but {len(strides)} strides")
+            self.scales = [1.0 / s for s in strides]
+            self.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
+                                              self.canonical_scale, self.canonical_level)
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         feats = [v for k, v in x.items() if k in self.featmap_names]
@@ -278,7 +293,7 @@ def resize_keep_ratio(image: Tensor, min_size: int, max_size: int) -> Tensor:
     size ``floor(side x scale)``: torchvision's eval resize with sizes kept symbolic (sym_min)."""
     h, w = image.shape[-2:]
     scale = torch.sym_min(min_size / torch.sym_min(h, w), max_size / torch.sym_max(h, w))
-    size = [math.floor(h * scale), math.floor(w * scale)]
+    size = [torch.sym_int(h * scale), torch.sym_int(w * scale)]   # = floor (positive); serialisable in .pt2
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
@@ -350,7 +365,7 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
                                              (ratios,) * 5,
                                              (4, 8, 16, 32, 64))
         from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
-        box_pool = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=0)
+        box_pool = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=0, strides=ROI_STRIDES)
         common = dict(
             rpn_anchor_generator=anchors,
             rpn_pre_nms_top_n_train=det.rpn_pre_nms_train, rpn_pre_nms_top_n_test=det.rpn_pre_nms_test,
@@ -365,7 +380,7 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
             box_positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0))
         if kind in MASK_KINDS:
             from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-            masks = dict(mask_roi_pool=AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0),
+            masks = dict(mask_roi_pool=AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0, ROI_STRIDES),
                          mask_head=MaskRCNNHeads(det.fpn_channels, [det.mask_head_dim] * 4, 1),
                          mask_predictor=MaskRCNNPredictor(det.mask_head_dim, det.mask_head_dim, n_out))
             if kind == "cascade_mask_rcnn":

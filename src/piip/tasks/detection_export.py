@@ -80,20 +80,50 @@ def _example(example_size: Sequence[int], device: torch.device) -> Tensor:
     return torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def export_program(model: nn.Module, example_size: Sequence[int] = (96, 128),
+def coarsest_stride(model: nn.Module) -> int:
+    """Stride of the detector's coarsest feature map (RetinaNet P7 = 128, otherwise 64)."""
+    return 128 if model.det_cfg.kind == "retinanet" else 64
+
+
+def default_example_size(model: nn.Module) -> tuple[int, int]:
+    """A square image at the detector's resize target (the finest branch's resolution)."""
+    s = int(model.transform.max_size)
+    return s, s
+
+
+def _check_example(model: nn.Module, image: Tensor) -> None:
+    """torch.export fixes every size that is 1 at the example; the coarsest maps of a small image
+    are 1 px, so such an example would give a program that only takes that shape class."""
+    with torch.no_grad():
+        padded = model.transform([image])[0].tensors.shape[-2:]
+    stride = coarsest_stride(model)
+    if min(padded) < 2 * stride:
+        raise ValueError(f"example size {image.shape[-2]}x{image.shape[-1]} is {padded[0]}x{padded[1]} after the "
+                         f"detector's resize and pad, so its stride-{stride} maps are 1 px (torch.export would fix "
+                         f"them at 1 for every input); export with a larger example (each side >= {2 * stride} "
+                         f"after resize, i.e. a model --img-size >= {2 * stride})")
+
+
+def export_program(model: nn.Module, example_size: Optional[Sequence[int]] = None,
                    static: bool = False) -> "torch.export.ExportedProgram":
-    """``torch.export`` of :class:`DetectorForExport` with dynamic H and W (unless ``static``).
-    An exporter failure becomes one ValueError line naming the upstream error."""
+    """``torch.export`` of :class:`DetectorForExport` with dynamic H and W (unless ``static``);
+    ``example_size`` defaults to :func:`default_example_size`. An exporter failure becomes one
+    ValueError line naming the upstream error."""
+    from torch.fx.experimental import _config as fx_config
     model = model.eval()
     wrapper = DetectorForExport(model).eval()
     device = next(model.parameters()).device
-    image = _example(example_size, device)
+    image = _example(example_size or default_example_size(model), device)
+    if not static:
+        _check_example(model, image)
     dims = None
     if not static:
         dims = ({1: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
                  2: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)},)
     try:
-        with torch.no_grad(), exportable_torchvision():
+        # size-oblivious: a feature map that is 1 pixel at the example (the stride-64/128 levels of a
+        # small image) stays symbolic instead of being fixed to 1 for every input size
+        with torch.no_grad(), exportable_torchvision(), fx_config.patch(backed_size_oblivious=True):
             return torch.export.export(wrapper, (image,), dynamic_shapes=dims, strict=False)
     except Exception as e:  # noqa: BLE001 - any exporter failure is reported as one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -101,7 +131,7 @@ def export_program(model: nn.Module, example_size: Sequence[int] = (96, 128),
                          f"{'' if static else ' with a dynamic height/width'}: {type(e).__name__}: {first}") from e
 
 
-def export_detector(model: nn.Module, fmt: str, out: str, example_size: Sequence[int] = (96, 128),
+def export_detector(model: nn.Module, fmt: str, out: str, example_size: Optional[Sequence[int]] = None,
                     static: bool = False, opset: Optional[int] = None,
                     program: Optional["torch.export.ExportedProgram"] = None) -> dict[str, Any]:
     """Write ``model`` as ``fmt`` ('pt2' = torch.export archive, 'onnx') to ``out``.
@@ -128,7 +158,7 @@ def export_detector(model: nn.Module, fmt: str, out: str, example_size: Sequence
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ValueError(f"ONNX conversion of the exported {model.det_cfg.kind} detector failed: "
                              f"{type(e).__name__}: {first}") from e
-    hw = "H x W" if not static else "x".join(str(int(s)) for s in example_size)
+    hw = "H x W" if not static else "x".join(str(int(s)) for s in example_size or default_example_size(model))
     return {"path": out, "format": fmt, "inputs": {"image": f"(3, {hw}) float32 RGB in [0, 1]"},
             "outputs": list(output_names(model)), "dynamic": not static}
 

@@ -69,27 +69,25 @@ def _float32(x: Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
-def encoder_reference_points(sizes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(shapes: Tensor, valid_ratios: Tensor) -> Tensor:
     """(N, S, L, 2): every position's pixel centre, normalised by its level's valid size, then
-    scaled to each level's valid ratio (Deformable-DETR). ``sizes`` = (H, W) per level, Python
-    (or symbolic) ints, never read back from a tensor."""
+    scaled to each level's valid ratio (Deformable-DETR)."""
     refs = []
-    dev = valid_ratios.device
-    for lvl, (h, w) in enumerate(sizes):
-        ry, rx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32) + 0.5,
-                                torch.arange(w, device=dev, dtype=torch.float32) + 0.5, indexing="ij")
+    for lvl, (h, w) in enumerate(shapes.tolist()):
+        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=valid_ratios.device),
+                                torch.linspace(0.5, w - 0.5, w, device=valid_ratios.device), indexing="ij")
         ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
         rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((rx, ry), -1))
     return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
 
-def encoder_proposals(memory: Tensor, mask: Tensor, sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+def encoder_proposals(memory: Tensor, mask: Tensor, shapes: Tensor) -> tuple[Tensor, Tensor]:
     """Per position a box logit (centre = pixel centre in the valid area, side 0.05 x 2^level) and
     the memory with padded / border positions zeroed; those positions' boxes are +inf (never picked)."""
     n = memory.shape[0]
     props, start = [], 0
-    for lvl, (h, w) in enumerate(sizes):
+    for lvl, (h, w) in enumerate(shapes.tolist()):
         m = mask[:, start:start + h * w].view(n, h, w)
         valid_h = (~m[:, :, 0]).sum(1).to(memory.dtype)
         valid_w = (~m[:, 0, :]).sum(1).to(memory.dtype)
@@ -151,7 +149,6 @@ class DeformableTransformer(nn.Module):
         attention mask) of denoising queries put before the matching ones. Returns per-layer
         ``logits`` (layers, N, T, C) and ``boxes`` (layers, N, T, 4) over all T queries and the
         selected encoder proposals ``enc_logits`` / ``enc_boxes``."""
-        sizes = [(f.shape[-2], f.shape[-1]) for f in feats]
         shapes = torch.tensor([f.shape[-2:] for f in feats], dtype=torch.long, device=feats[0].device)
         starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
@@ -160,14 +157,14 @@ class DeformableTransformer(nn.Module):
         # box geometry (valid ratios, reference points, proposals, box logits) stays float32 under autocast
         valid_ratios = torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
                                     for m in masks], 1).float()               # (N, L, 2) as (x, y)
-        ref = encoder_reference_points(sizes, valid_ratios)
+        ref = encoder_reference_points(shapes, valid_ratios)
         memory = src
         for layer in self.encoder:
             memory = layer(memory, pos_all, ref, shapes, starts, mask)
 
         # two-stage: the top-scoring encoder proposals become the decoder's initial boxes (positions);
         # the content queries are learned (mixed query selection)
-        prop_logits, out_mem = encoder_proposals(memory.float(), mask, sizes)
+        prop_logits, out_mem = encoder_proposals(memory.float(), mask, shapes)
         with _float32(out_mem):
             out_mem = self.enc_output_norm(self.enc_output(out_mem))
             enc_cls = self.cls_branches[-1](out_mem)
