@@ -9,8 +9,9 @@ torchvision's detectors are written for its legacy TorchScript ONNX path; under 
 its helpers stop at a data-dependent branch: ``batched_nms`` (``GuardOnDataDependentSymNode: Could
 not guard on data-dependent expression Eq(4*u1, 0)`` at ``torchvision/ops/boxes.py`` in
 ``_batched_nms_coordinate_trick``, its ``boxes.numel() == 0`` test) and ``_topk_min`` (Python
-``min`` of k and a dynamic count). :func:`exportable_torchvision` swaps both, while exporting only,
-for versions without the branch that return the same result. ONNX is written from the exported
+``min`` of k and a dynamic count). :func:`exportable_torchvision` swaps both, inside
+:class:`DetectorForExport`'s forward only, for versions without the branch that return the same
+result (the coordinate-trick NMS torchvision itself runs on CPU for up to 1000 boxes). ONNX is written from the exported
 program (``torch.onnx.export(..., dynamo=True)``), so both formats share one trace.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ class DetectorForExport(nn.Module):
         self.names = output_names(model)
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        out = self.model([image])[0]
+        with exportable_torchvision():       # whichever exporter traces this forward sees the swap
+            out = self.model([image])[0]
         return tuple(out[k] for k in self.names)
 
 
@@ -109,7 +111,6 @@ def export_program(model: nn.Module, example_size: Optional[Sequence[int]] = Non
     """``torch.export`` of :class:`DetectorForExport` with dynamic H and W (unless ``static``);
     ``example_size`` defaults to :func:`default_example_size`. An exporter failure becomes one
     ValueError line naming the upstream error."""
-    from torch.fx.experimental import _config as fx_config
     model = model.eval()
     wrapper = DetectorForExport(model).eval()
     device = next(model.parameters()).device
@@ -121,9 +122,7 @@ def export_program(model: nn.Module, example_size: Optional[Sequence[int]] = Non
         dims = ({1: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
                  2: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)},)
     try:
-        # size-oblivious: a feature map that is 1 pixel at the example (the stride-64/128 levels of a
-        # small image) stays symbolic instead of being fixed to 1 for every input size
-        with torch.no_grad(), exportable_torchvision(), fx_config.patch(backed_size_oblivious=True):
+        with torch.no_grad():
             return torch.export.export(wrapper, (image,), dynamic_shapes=dims, strict=False)
     except Exception as e:  # noqa: BLE001 - any exporter failure is reported as one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -209,3 +208,34 @@ def check_detector_export(model: nn.Module, path: str, fmt: str, sizes: Sequence
         if diffs.get("count") == float("inf") or diffs["boxes"] > box_tol or diffs["labels"] > 0:
             raise ValueError(f"the exported {fmt} detector differs from eager at {size[0]}x{size[1]}: {diffs}")
     return results
+
+
+def is_detector(model: nn.Module) -> bool:
+    from .detection import KINDS
+    cfg = getattr(model, "det_cfg", None)
+    return cfg is not None and getattr(cfg, "kind", None) in KINDS
+
+
+def _task_inputs(model: nn.Module, batch: int, size: tuple[int, int]) -> tuple[Tensor, ...]:
+    """One (3, H, W) image: detectors export unbatched (``batch`` is ignored)."""
+    return (_example(size, next(model.parameters()).device),)
+
+
+def _task_dims(model: nn.Module, batch: object, height: object, width: object) -> dict[str, object]:
+    return {"image": {1: height, 2: width}}
+
+
+def _close(got: Tensor, want: Tensor) -> tuple[bool, str]:
+    """Same detections: same count and every value (boxes in pixels, labels, scores, mask
+    probabilities) within 1e-3."""
+    if got.shape != want.shape:
+        return False, f"{tuple(got.shape[:1])} detections, eager has {tuple(want.shape[:1])}"
+    diff = float((got.float() - want.float()).abs().max()) if got.numel() else 0.0
+    return diff <= 1e-3, f"max abs diff {diff:.3g}"
+
+
+def export_task() -> Any:
+    """The detectors' entry in ``piip export``'s task table (:mod:`piip.export.tasks`)."""
+    from ..export.tasks import ExportTask
+    return ExportTask("detection", is_detector, DetectorForExport, ["image"], lambda m: list(output_names(m)),
+                      lambda m: m.backbone.body, inputs=_task_inputs, dynamic_shapes=_task_dims, close=_close)
