@@ -76,8 +76,10 @@ def encoder_reference_points(shapes: LevelShapes, valid_ratios: Tensor) -> Tenso
     scaled to each level's valid ratio (Deformable-DETR)."""
     refs = []
     for lvl, (h, w) in enumerate(shapes):
-        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=valid_ratios.device),
-                                torch.linspace(0.5, w - 0.5, w, device=valid_ratios.device), indexing="ij")
+        # pixel centres 0.5 .. size - 0.5 (= linspace's values; linspace fixes a symbolic size)
+        dev = valid_ratios.device
+        ry, rx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32) + 0.5,
+                                torch.arange(w, device=dev, dtype=torch.float32) + 0.5, indexing="ij")
         ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
         rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((rx, ry), -1))
