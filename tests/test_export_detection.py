@@ -108,3 +108,14 @@ def test_bad_export_arguments(tmp_path):
     with pytest.raises(ValueError, match="stride-64 maps are 1 px"):
         export_program(small)               # 96 x 96: the stride-64 level is one pixel
 
+
+
+def test_detectors_are_in_the_export_task_table():
+    from piip.export.tasks import find_task
+    model = build_detector("piip_tsb_1120_896_448", 3, "mask_rcnn", HEADS, img_size=128, **TINY)
+    task = find_task(model)
+    assert task.name == "detection" and task.input_names == ["image"]
+    assert task.output_names(model) == ["boxes", "labels", "scores", "masks"]
+    assert task.backbone(model) is model.backbone.body
+    (image,) = task.inputs(model, 2, (96, 128))
+    assert image.shape == (3, 96, 128)

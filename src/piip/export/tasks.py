@@ -105,6 +105,8 @@ def _register_builtins() -> None:
                    lambda m: ["logits"], lambda m: m.backbone),
     ):
         register_task(task, first=False)
+    from ..tasks.detection_export import export_task as detection_task   # one image in, detections out
+    register_task(detection_task(), first=False)
 
 
 _register_builtins()
