@@ -98,7 +98,7 @@ def test_export_pt2_and_onnx_at_other_sizes(kind, tmp_path):
 
 def test_bad_export_arguments(tmp_path):
     model = sharpened("faster_rcnn")
-    with pytest.raises(ValueError, match="--format"):
+    with pytest.raises(ValueError, match="unknown export format"):
         export_detector(model, "tflite", str(tmp_path / "m"))
     with pytest.raises(ValueError, match="does not exist"):
         export_detector(model, "pt2", str(tmp_path / "missing" / "m.pt2"))

@@ -17,13 +17,11 @@ program (``torch.onnx.export(..., dynamo=True)``), so both formats share one tra
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-FORMATS = ("pt2", "onnx")
 OUTPUTS = ("boxes", "labels", "scores")
 MIN_SIDE = 32          # smallest image side the exported program accepts
 MAX_SIDE = 4096        # largest
@@ -138,11 +136,8 @@ def export_detector(model: nn.Module, fmt: str, out: str, example_size: Optional
     ``program``: an :func:`export_program` result to write instead of exporting again (both
     formats from one trace). Returns {path, format, inputs, outputs, dynamic}. The caller checks
     the written file against eager with :func:`check_detector_export` at other sizes."""
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise ValueError(f"output folder {folder} does not exist; create it or choose another --out")
+    from ..export.core import check_out_path
+    check_out_path(out, fmt)
     ep = program if program is not None else export_program(model, example_size, static)
     if fmt == "pt2":
         torch.export.save(ep, out)
@@ -160,17 +155,6 @@ def export_detector(model: nn.Module, fmt: str, out: str, example_size: Optional
     hw = "H x W" if not static else "x".join(str(int(s)) for s in example_size or default_example_size(model))
     return {"path": out, "format": fmt, "inputs": {"image": f"(3, {hw}) float32 RGB in [0, 1]"},
             "outputs": list(output_names(model)), "dynamic": not static}
-
-
-def load_runner(path: str, fmt: str) -> Any:
-    """A callable image -> tuple of output tensors for a written ``.pt2`` or ``.onnx`` file."""
-    if fmt == "pt2":
-        module = torch.export.load(path).module()
-        return lambda image: tuple(t.detach() for t in module(image))
-    from ..errors import require
-    ort = require("onnxruntime", "checking the ONNX export")
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return lambda image: tuple(torch.from_numpy(a) for a in session.run(None, {"image": image.cpu().numpy()}))
 
 
 def compare_detections(eager: Sequence[Tensor], exported: Sequence[Tensor]) -> dict[str, float]:
@@ -195,7 +179,8 @@ def check_detector_export(model: nn.Module, path: str, fmt: str, sizes: Sequence
                           box_tol: float = 1e-3) -> dict[tuple[int, int], dict[str, float]]:
     """Run the written model and eager on random images of ``sizes``; ValueError (one line) when a
     size gives a different number of detections, labels, or boxes off by more than ``box_tol``."""
-    run = load_runner(path, fmt)
+    from ..export.core import _runner
+    run = _runner(fmt, path)
     model = model.eval()
     device = next(model.parameters()).device
     results = {}
@@ -203,7 +188,7 @@ def check_detector_export(model: nn.Module, path: str, fmt: str, sizes: Sequence
         image = _example(size, device)
         with torch.no_grad():
             eager = DetectorForExport(model)(image)
-        diffs = compare_detections(eager, run(image))
+        diffs = compare_detections(eager, run((image,)))
         results[(int(size[0]), int(size[1]))] = diffs
         if diffs.get("count") == float("inf") or diffs["boxes"] > box_tol or diffs["labels"] > 0:
             raise ValueError(f"the exported {fmt} detector differs from eager at {size[0]}x{size[1]}: {diffs}")
