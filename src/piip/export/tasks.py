@@ -113,6 +113,8 @@ def _register_builtins() -> None:
                    lambda m: ["logits"], lambda m: m.backbone, onnx_dynamic_refusal=SEGMENTOR_ONNX_REFUSAL),
     ):
         register_task(task, first=False)
+    from ..tasks.detection_export import export_task as detection_task   # one image in, detections out
+    register_task(detection_task(), first=False)
 
 
 _register_builtins()

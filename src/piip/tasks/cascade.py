@@ -117,7 +117,7 @@ class CascadeRoIHeads(RoIHeads):
 
     def _infer(self, features: dict[str, Tensor], boxes: list[Tensor],
                image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        counts = [len(b) for b in boxes]
+        counts = [b.shape[0] for b in boxes]   # symbolic (len() would fix it under torch.export)
         all_logits = []
         for i in range(len(self.stage_weights)):
             self._use_stage(i)

@@ -15,11 +15,15 @@ Labels follow torchvision: foreground classes are ``1..num_classes`` and ``num_c
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -36,6 +40,7 @@ KINDS = ("mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn")
 MASK_KINDS = ("mask_rcnn", "cascade_mask_rcnn")
 # pixel normalisations (mean, std) on [0, 1] RGB, selected by PIIPConfig.image_norm
 AUGS = ("single", "ms")
+ROI_STRIDES = (4, 8, 16, 32)     # the FPN levels '0'..'3' that RoIAlign reads
 DINO_PYRAMID_LEVELS = (1, 2, 3)   # strides 8 / 16 / 32, the released is_dino outputs
 IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
                "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
@@ -172,7 +177,21 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
 
 class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
     """MultiScaleRoIAlign with ``aligned=True`` (half-pixel offset), as mmcv's RoIAlign in mmdet.
-    Level assignment (canonical 224 at level 4) equals mmdet's finest_scale=56 rule."""
+    Level assignment (canonical 224 at level 4) equals mmdet's finest_scale=56 rule.
+
+    ``strides`` (one per level) fix the scales up front; torchvision infers them from the first
+    batch's sizes through ``float(size)``, which torch.export turns into a fixed image size."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int,
+                 strides: Optional[tuple[int, ...]] = None) -> None:
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        if strides is not None:
+            from torchvision.ops.poolers import initLevelMapper
+            if len(strides) != len(featmap_names):
+                raise ValueError(f"{len(featmap_names)} feature maps but {len(strides)} strides")
+            self.scales = [1.0 / s for s in strides]
+            self.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
+                                              self.canonical_scale, self.canonical_level)
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         feats = [v for k, v in x.items() if k in self.featmap_names]
@@ -187,10 +206,9 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
         levels = self.map_levels(boxes)
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + tuple(self.output_size))
         for lvl, (f, scale) in enumerate(zip(feats, self.scales)):
-            idx = torch.where(levels == lvl)[0]
-            if idx.numel():
-                out[idx] = roi_align(f, rois[idx], self.output_size, scale, self.sampling_ratio,
-                                     aligned=True).to(out.dtype)
+            idx = torch.where(levels == lvl)[0]   # may be empty: no numel() branch, which torch.export cannot follow
+            out[idx] = roi_align(f, rois[idx], self.output_size, scale, self.sampling_ratio,
+                                 aligned=True).to(out.dtype)
         return out
 
 
@@ -216,10 +234,82 @@ class PIIPDetectionTransform(GeneralizedRCNNTransform):
         self.resize_train = resize_train
 
     def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):  # noqa: ANN201
-        """No resize of training images when the data pipeline chose their scale (``aug='ms'``)."""
+        """No resize of training images when the data pipeline chose their scale (``aug='ms'``).
+        Inference images take :func:`resize_keep_ratio` (torchvision's rule, written so that
+        torch.export keeps the size symbolic); the legacy ONNX tracer keeps torchvision's path."""
         if self.training and not self.resize_train:
             return image, target
+        if target is None and not self.training and not torchvision._is_tracing():
+            return resize_keep_ratio(image, self.min_size[-1], self.max_size), None
         return super().resize(image, target)
+
+    def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
+        """Zero-pad bottom/right to a common multiple of ``size_divisible`` (torchvision's result;
+        its version turns the size into a float, which fixes it under torch.export)."""
+        if torchvision._is_tracing():
+            return super().batch_images(images, size_divisible)
+        h = functools.reduce(torch.sym_max, [im.shape[-2] for im in images])
+        w = functools.reduce(torch.sym_max, [im.shape[-1] for im in images])
+        h, w = -(-h // size_divisible) * size_divisible, -(-w // size_divisible) * size_divisible
+        return torch.stack([F.pad(im, (0, w - im.shape[-1], 0, h - im.shape[-2])) for im in images])
+
+    def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
+                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Boxes back to the original image (and masks pasted there); the ratios are Python
+        scalars, not ``torch.tensor(size)`` (a constant under torch.export)."""
+        if self.training or torchvision._is_tracing():
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        for pred, (h, w), (oh, ow) in zip(result, image_shapes, original_image_sizes):
+            x0, y0, x1, y1 = pred["boxes"].unbind(1)
+            rw, rh = ow / w, oh / h
+            pred["boxes"] = torch.stack((x0 * rw, y0 * rh, x1 * rw, y1 * rh), 1)
+            if "masks" in pred:
+                pred["masks"] = paste_masks(pred["masks"], pred["boxes"], oh, ow)
+        return result
+
+
+def _paste_weights(lo: Tensor, size: Tensor, length: Any, m: int) -> Tensor:
+    """(N, length, m) weights of a bilinear (align_corners=False) resize of m cells onto the
+    integer span [lo, lo + size) of a line of ``length`` pixels; zero outside the span."""
+    pix = torch.arange(length, device=lo.device, dtype=torch.float32)[None] - lo[:, None].float()  # (N, length)
+    scale = m / size.float()[:, None]
+    src = ((pix + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor()
+    frac = src - i0
+    i0 = i0.long().clamp(max=m - 1)
+    i1 = (i0 + 1).clamp(max=m - 1)
+    inside = ((pix >= 0) & (pix < size.float()[:, None])).float()
+    cells = torch.arange(m, device=lo.device)
+    return inside[..., None] * ((1 - frac)[..., None] * (cells == i0[..., None]).float()
+                                + frac[..., None] * (cells == i1[..., None]).float())
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, height: Any, width: Any, padding: int = 1) -> Tensor:
+    """(N, 1, M, M) mask probabilities pasted into (N, 1, height, width) images at ``boxes``.
+
+    torchvision's ``paste_masks_in_image`` (pad the mask by one cell, widen the box to match,
+    round it to integers, bilinear-resize the mask onto it) as one separable product
+    ``Wy @ mask @ Wx^T`` instead of a loop over detections, so that torch.export can follow a
+    data-dependent number of detections. Values agree with torchvision to float rounding."""
+    m = masks.shape[-1] + 2 * padding
+    padded = F.pad(masks[:, 0], (padding,) * 4)
+    scale = m / (m - 2 * padding)
+    half = (boxes[:, 2:] - boxes[:, :2]) * 0.5 * scale
+    centre = (boxes[:, 2:] + boxes[:, :2]) * 0.5
+    lo, hi = (centre - half).long(), (centre + half).long()
+    size = (hi - lo + 1).clamp(min=1)
+    wy = _paste_weights(lo[:, 1], size[:, 1], height, m)
+    wx = _paste_weights(lo[:, 0], size[:, 0], width, m)
+    return (wy @ padded.float() @ wx.transpose(1, 2))[:, None].to(masks.dtype)
+
+
+def resize_keep_ratio(image: Tensor, min_size: int, max_size: int) -> Tensor:
+    """(C, H, W) resized by ``min(min_size / short side, max_size / long side)``, bilinear, output
+    size ``floor(side x scale)``: torchvision's eval resize with sizes kept symbolic (sym_min)."""
+    h, w = image.shape[-2:]
+    scale = torch.sym_min(min_size / torch.sym_min(h, w), max_size / torch.sym_max(h, w))
+    size = [torch.sym_int(h * scale), torch.sym_int(w * scale)]   # = floor (positive); serialisable in .pt2
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def _as_backbone(backbone: Union[PIIPBackbone, str, PIIPConfig], overrides: dict[str, Any],
@@ -290,7 +380,7 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
                                              (ratios,) * 5,
                                              (4, 8, 16, 32, 64))
         from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
-        box_pool = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=0)
+        box_pool = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=0, strides=ROI_STRIDES)
         common = dict(
             rpn_anchor_generator=anchors,
             rpn_pre_nms_top_n_train=det.rpn_pre_nms_train, rpn_pre_nms_top_n_test=det.rpn_pre_nms_test,
@@ -305,7 +395,7 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
             box_positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0))
         if kind in MASK_KINDS:
             from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-            masks = dict(mask_roi_pool=AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0),
+            masks = dict(mask_roi_pool=AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0, ROI_STRIDES),
                          mask_head=MaskRCNNHeads(det.fpn_channels, [det.mask_head_dim] * 4, 1),
                          mask_predictor=MaskRCNNPredictor(det.mask_head_dim, det.mask_head_dim, n_out))
             if kind == "cascade_mask_rcnn":

@@ -75,7 +75,7 @@ class DINO(nn.Module):
         dn_in = None
         if dn is not None:
             content, anchors, meta = dn
-            k = min(self.transformer.num_queries, sum(int(f.shape[-2] * f.shape[-1]) for f in feats))
+            k = torch.sym_min(self.transformer.num_queries, sum(f.shape[-2] * f.shape[-1] for f in feats))
             dn_in = (content, anchors, denoising_attn_mask(meta, k, x.device))
         out = self.transformer(feats, masks, pos, dn_in)
         if dn is not None:
@@ -103,11 +103,11 @@ class DINO(nn.Module):
         out = []
         for lg, bx, (h, w) in zip(logits, boxes, sizes):
             scores = lg.float().sigmoid().flatten()
-            k = min(self.detections_per_img, scores.numel())
+            k = torch.sym_min(self.detections_per_img, scores.numel())   # symbolic under torch.export
             top, idx = scores.topk(k)
             q = torch.div(idx, lg.shape[-1], rounding_mode="floor")
-            xyxy = cxcywh_to_xyxy(bx[q].float()) * bx.new_tensor([w, h, w, h]).float()
-            xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
-            xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
+            x0, y0, x1, y1 = cxcywh_to_xyxy(bx[q].float()).unbind(-1)
+            xyxy = torch.stack([(x0 * w).clamp(0, w), (y0 * h).clamp(0, h), (x1 * w).clamp(0, w),
+                                (y1 * h).clamp(0, h)], -1)
             out.append({"boxes": xyxy, "scores": top, "labels": idx % lg.shape[-1] + 1})
         return out

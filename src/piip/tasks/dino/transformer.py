@@ -4,6 +4,7 @@ iterative box refinement, all from :class:`piip.layers.deform_attn.MSDeformAttn`
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional
 
 import torch
@@ -75,8 +76,10 @@ def encoder_reference_points(shapes: LevelShapes, valid_ratios: Tensor) -> Tenso
     scaled to each level's valid ratio (Deformable-DETR)."""
     refs = []
     for lvl, (h, w) in enumerate(shapes):
-        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=valid_ratios.device),
-                                torch.linspace(0.5, w - 0.5, w, device=valid_ratios.device), indexing="ij")
+        # pixel centres 0.5 .. size - 0.5 (= linspace's values; linspace fixes a symbolic size)
+        dev = valid_ratios.device
+        ry, rx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32) + 0.5,
+                                torch.arange(w, device=dev, dtype=torch.float32) + 0.5, indexing="ij")
         ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
         rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((rx, ry), -1))
@@ -138,7 +141,7 @@ class DeformableTransformer(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
-        prior = -torch.log(torch.tensor((1 - 0.01) / 0.01)).item()   # class prior 0.01
+        prior = -math.log((1 - 0.01) / 0.01)   # class prior 0.01
         for c, r in zip(self.cls_branches, self.reg_branches):
             nn.init.constant_(c.bias, prior)
             nn.init.zeros_(r[-1].weight)
@@ -170,7 +173,7 @@ class DeformableTransformer(nn.Module):
             out_mem = self.enc_output_norm(self.enc_output(out_mem))
             enc_cls = self.cls_branches[-1](out_mem)
             enc_box = self.reg_branches[-1](out_mem) + prop_logits
-        k = min(self.num_queries, enc_cls.shape[1])
+        k = torch.sym_min(self.num_queries, enc_cls.shape[1])   # symbolic: no guard on the image size
         top = enc_cls.max(-1)[0].topk(k, dim=1)[1]
         top_box = torch.gather(enc_box, 1, top[..., None].expand(-1, -1, 4))
         enc_logits = torch.gather(enc_cls, 1, top[..., None].expand(-1, -1, enc_cls.shape[-1]))
