@@ -15,8 +15,8 @@ vs ViT-B 640 UperNet, eval forward); the DINO step (PIIP-TSB 1120 vs ViTDet-B 10
 head, forward + backward on one image with 6 boxes; compiled = the backbone compiled, the head eager).
 
 Method: the two models of a case and their compiled versions (``torch.compile`` of the same module,
-default settings) warm up first (the eager warm-up also counts FLOPs with ``torch.utils.flop_counter``;
-the compiled one is timed as the compile time), then the four run interleaved ``--repeats`` times and
+default settings) warm up first (eager: one pass counting FLOPs with ``torch.utils.flop_counter`` and
+one plain pass; compiled: two passes, the first timed as the compile time), then the four run interleaved ``--repeats`` times and
 the medians are printed. Ratios are PIIP / baseline latency of the same run next to the FLOPs ratio of
 ``piip.complexity`` (``piip flops``: paper convention for ``trunk``, as built otherwise; for the
 segmentor and DINO the backbone as built, heads not counted) and the ratio torch's counter saw in the
@@ -244,6 +244,7 @@ def measure_case(case: Case, quick: bool, repeats: int, device: torch.device, co
         with FlopCounterMode(display=False) as fc:   # eager warm-up = FLOP count
             steps[w]()
         counted[w] = fc.get_total_flops() / 2
+        steps[w]()   # a warm-up outside the counter too
     if compile_ is not None:
         for w in ("piip", "base"):
             try:
@@ -301,12 +302,12 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(table: str, path: Path = DOCS) -> None:
-    """Replace the block between the latency markers of ``path`` with ``table``."""
+def update_docs(table: str, path: Path = DOCS, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between the markers ``begin`` / ``end`` of ``path`` with ``table``."""
     text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{path} has no {BEGIN} ... {END} block to regenerate")
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{table}{END}", text, flags=re.S)
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} has no {begin} ... {end} block to regenerate")
+    new = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{table}{end}", text, flags=re.S)
     path.write_text(new)
 
 

@@ -12,11 +12,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 latency = pytest.importorskip("latency")
 
-TINY_VIT = {"embed_dim": 32, "num_heads": 2}
+TINY_VIT = {"embed_dim": 32, "num_heads": 2, "depth": 2}
 
 
 def _tiny(n_branches: int) -> dict:
-    return {"branches": [{"embed_dim": 32 * (i + 1), "num_heads": 2} for i in range(n_branches)],
+    return {"branches": [{"embed_dim": 32 * (i + 1), "num_heads": 2, "depth": 2} for i in range(n_branches)],
             "deform_num_heads": 2}
 
 
@@ -31,7 +31,7 @@ def _check_row(row: dict) -> None:
 
 
 def test_trunk_case_eager_and_compiled(tmp_path):
-    row = latency.measure_case(_case("tsb-1120", 1 / 16), True, 1, torch.device("cpu"), {"backend": "eager"},
+    row = latency.measure_case(_case("tsb-1120", 1 / 16), True, 1, torch.device("cpu"), {"backend": "aot_eager"},
                                overrides={"piip": _tiny(3), "base": {"branches": [TINY_VIT]}})
     _check_row(row)
     assert (row["piip_side"], row["base_side"]) == (64, 64)
