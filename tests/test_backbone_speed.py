@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import piip
-from piip.layers.interaction import deform_inputs
 
 TINY = dict(img_size=128, branches={"embed_dim": 32, "num_heads": 2}, deform_num_heads=2)
 
@@ -52,14 +51,8 @@ def test_bf16_autocast_end_to_end():
 
 
 def test_per_shape_constants_are_cached():
-    model, x = tiny(), torch.randn(1, 3, 128, 128)
-    deform_inputs.cache_clear()
-    with torch.no_grad():
-        model(x)
-        info = deform_inputs.cache_info()
-        model(x)
-    after = deform_inputs.cache_info()
-    assert after.misses == info.misses and after.hits > info.hits  # second pass only hits
+    """Only the resized position table, eagerly (deform_inputs is rebuilt from the sizes: traceable)."""
+    model = tiny()
     branch = model.branches[1]
     with torch.no_grad():
         a = branch.pos_embed_for((3, 3))

@@ -142,6 +142,11 @@ class PIIPBackbone(nn.Module):
             views.append(v)
         return views
 
+    def smallest_input(self) -> int:
+        """Smallest side (a multiple of the input stride) every branch's view of it still covers."""
+        stride = self.cfg.branches[0].max_stride
+        return max(_smallest_input(s, bc.max_stride, stride) for bc, s in zip(self.cfg.branches, self.scales))
+
     # ------------------------------------------------------------------ forward
     def forward_branches(self, x: Tensor) -> list[Tokens]:
         """Run all branches with interactions; returns each branch's final tokens."""

@@ -15,6 +15,7 @@ from ..layers.attention import Attention
 from ..layers.drop import DropPath
 from ..layers.mlp import Mlp
 from ..layers.norm import make_norm
+from ..ops.symbolic import concrete, real, same_sizes, tracing
 from .base import Branch, Tokens
 from .flavours import FLAVOURS, POS_LAYOUTS
 
@@ -62,7 +63,7 @@ class PatchEmbed(nn.Module):
 
 def resize_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
     """(1, h*w, C) position table -> (1, H*W, C) by bicubic interpolation (float32, no corners)."""
-    if tuple(src_grid) == tuple(dst_grid):
+    if same_sizes(src_grid, dst_grid):
         return pos
     c = pos.shape[-1]
     grid = pos.float().reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2)
@@ -151,7 +152,8 @@ class ViTBranch(Branch):
     def pos_embed_for(self, hw: tuple[int, int]) -> Tensor:
         """Position table at grid ``hw`` (class slot dropped); cached in eval mode while the parameter is unchanged."""
         pos = self.pos_embed[:, self.pos_slot:]
-        if torch.is_grad_enabled() and self.pos_embed.requires_grad:
+        if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or tracing() or not concrete(hw) \
+                or not real(self.pos_embed):  # traced / symbolic / meta: computed from the sizes, no cache
             return resize_pos_embed(pos, self.pos_grid, hw)
         key = (hw, self.pos_embed._version, self.pos_embed.dtype, self.pos_embed.device, self.pos_embed.data_ptr())
         hit = self._pos_cache.get(hw)

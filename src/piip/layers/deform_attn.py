@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.ms_deform_attn import ms_deform_attn
+from ..ops.ms_deform_attn import ShapesArg, StartsArg, level_layout, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -51,11 +51,14 @@ class MSDeformAttn(nn.Module):
         nn.init.zeros_(self.output_proj.bias)
 
     def forward(self, query: Tensor, reference_points: Tensor, feat: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+                spatial_shapes: ShapesArg, level_start_index: StartsArg = None,
+                padding_mask: Optional[Tensor] = None) -> Tensor:
         """query (N, Lq, C); feat (N, S, C_feat); reference_points (1 or N, Lq, L, 2) points in [0, 1],
         or (N, Lq, L, 4) boxes (cx, cy, w, h): then offsets are in units of half the box over the
         number of points (Deformable-DETR box refinement); padding_mask (N, S) True = padded
-        position, whose value is zeroed."""
+        position, whose value is zeroed. ``spatial_shapes``: (h, w) int pairs per level (an (L, 2)
+        tensor is accepted eagerly; see :func:`piip.ops.ms_deform_attn.level_layout`)."""
+        spatial_shapes, level_start_index = level_layout(spatial_shapes, level_start_index)
         n, lq, _ = query.shape
         s = feat.shape[1]
         value = self.value_proj(feat)
@@ -69,9 +72,16 @@ class MSDeformAttn(nn.Module):
             ref = reference_points[:, :, None, :, None]
             locations = ref[..., :2] + offsets / self.num_points * ref[..., 2:] * 0.5
         else:
-            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            locations = reference_points[:, :, None, :, None, :] + offsets / _normalizer(spatial_shapes, offsets)
         # sampling runs in at least float32, as the released code does, for bf16/fp16 models
         dt = torch.promote_types(value.dtype, torch.float32)
         out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))
         return self.output_proj(out.to(value.dtype))
+
+
+def _normalizer(shapes: tuple[tuple[int, int], ...], like: Tensor) -> Tensor:
+    """(L, 2) tensor of each level's (W, H) in ``like``'s dtype, built from (symbolic) ints by
+    tensor-scalar products (a traced graph computes it from the input's sizes), broadcastable
+    against (N, Lq, M, L, P, 2) offsets."""
+    one = like.new_ones(())
+    return torch.stack([torch.stack([one * w, one * h]) for h, w in shapes]).view(len(shapes), 1, 2)

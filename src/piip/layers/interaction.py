@@ -6,7 +6,6 @@ adjacent edges are the paper's default, any directed set expresses the direction
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -18,18 +17,19 @@ from .drop import DropPath
 from .mlp import ConvFFN
 
 
-@lru_cache(maxsize=64)
 def deform_inputs(query_hw: tuple[int, int], feat_hw: tuple[int, int],
-                  device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                  device: torch.device) -> tuple[Tensor, tuple[tuple[int, int]], tuple[int]]:
     """Reference points at the query tokens' centres (normalised to [0, 1]) and the one-level
-    shape/start index of the feature map; cached because they only depend on shapes."""
+    shape / start index of the feature map, as ints.
+
+    Rebuilt on every call from the (possibly symbolic) sizes, never cached by size: a trace then
+    computes the points from its input's sizes (an arange of H*W elements costs next to nothing
+    beside the attention)."""
     h, w = query_hw
     ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
     ref = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(1, h * w, 1, 2)
-    shapes = torch.tensor([feat_hw], dtype=torch.long, device=device)
-    start = torch.zeros(1, dtype=torch.long, device=device)
-    return ref, shapes, start
+    return ref, (tuple(feat_hw),), (0,)
 
 
 class Injector(nn.Module):
@@ -61,7 +61,7 @@ class Injector(nn.Module):
     def forward(self, query: Tensor, query_hw: tuple[int, int], feat: Tensor, feat_hw: tuple[int, int]) -> Tensor:
         q, f = self.query_norm(query), self.feat_norm(feat)
         if self.attn_type == "deform":
-            ref, shapes, start = deform_inputs(tuple(query_hw), tuple(feat_hw), query.device)
+            ref, shapes, start = deform_inputs(query_hw, feat_hw, query.device)
             attn = self.attn(q, ref, f, shapes, start)
         else:
             attn = self.attn(q, f)

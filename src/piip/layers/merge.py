@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.symbolic import same_sizes
+
 
 class _TokenNormLinear(nn.Module):
     """The paper's light merge on a (B, C, H, W) map: LayerNorm -> Linear -> LayerNorm over C.
@@ -105,7 +107,8 @@ class BranchMerge(nn.Module):
         out = None
         for x, proj, w in zip(maps, self.projs, self.weights):
             x = proj(x)
-            if x.shape[-2:] != size:
+            # symbolic sizes (export) compare without a guard: resizing an equal size is exact anyway
+            if not same_sizes(x.shape[-2:], size):
                 x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).to(x.dtype)
             out = x * w if out is None else out + x * w
         return out

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.symbolic import tracing
+
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW map, computed in float32."""
@@ -38,7 +40,7 @@ class Upsample2x(nn.ConvTranspose2d):
         weight = self.weight.permute(2, 3, 1, 0).reshape(4 * cout, c)       # rows (i, j, c_out)
         y = F.linear(x.permute(0, 2, 3, 1), weight)                           # (B, H, W, 4*C_out)
         y = y.view(b, h, w, 2, 2, cout).transpose(2, 3)                       # (B, H, i, W, j, C_out)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (y.requires_grad or self.bias.requires_grad)):
+        if tracing() or (torch.is_grad_enabled() and (y.requires_grad or self.bias.requires_grad)):
             # autograd needs the plain expression; Inductor fuses the add into the reshape copy
             # itself and mishandles the out= strides below
             out = (y + self.bias).reshape(b, 2 * h, 2 * w, cout)

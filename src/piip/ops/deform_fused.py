@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ms_deform_attn import register_impl
+from .ms_deform_attn import ShapesArg, StartsArg, level_layout, register_impl
 
 
 class _Geometry(NamedTuple):
@@ -44,8 +44,10 @@ def _geometry(loc: Tensor, h: int, w: int) -> _Geometry:
     # fractions in the op's dtype, relative to the cell the float32 coordinate picked
     x, y = (x32, y32) if loc.dtype == torch.float32 else (loc[..., 0] * w - 0.5, loc[..., 1] * h - 0.5)
     # padded coordinates of the top-left corner; masked samples point at row 0 (weight 0)
-    # int32 rows when they fit: half the index traffic (embedding_bag / index_select accept them)
-    itype = torch.int32 if n * (h + 2) * (w + 2) * m < 2 ** 31 else torch.int64
+    # int32 rows when they fit: half the index traffic (embedding_bag / index_select accept them);
+    # symbolic sizes (export / compile) take int64 rather than guard on the size
+    total = n * (h + 2) * (w + 2) * m
+    itype = torch.int32 if isinstance(total, int) and total < 2 ** 31 else torch.int64
     xp = torch.where(inside, x0 + 1, 0).to(itype)
     yp = torch.where(inside, y0 + 1, 0).to(itype)
     base = torch.arange(n, device=loc.device, dtype=itype).view(n, 1, 1, 1) * ((h + 2) * (w + 2))
@@ -179,14 +181,15 @@ def _value_grad(g: Tensor, geo: _Geometry, a: Tensor, pad_shape: torch.Size) -> 
 
 
 @register_impl("fused")
-def ms_deform_attn_fused(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+def ms_deform_attn_fused(value: Tensor, spatial_shapes: ShapesArg, level_start_index: StartsArg,
                          sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Patch-row gather-reduce sampling with an analytic backward; any device, >= float32 math."""
     dt = torch.promote_types(value.dtype, torch.float32)
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     out = None
-    for lvl, ((h, w), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
+    shapes, starts = level_layout(spatial_shapes, level_start_index)
+    for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
         v = value[:, start:start + h * w].to(dt).reshape(n, h, w, m, d)
         part = _FusedLevel.apply(v, sampling_locations[:, :, :, lvl].to(dt),
                                  attention_weights[:, :, :, lvl].to(dt))

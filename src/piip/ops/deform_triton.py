@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor
 
-from .ms_deform_attn import register_impl
+from .ms_deform_attn import ShapesArg, StartsArg, level_layout, register_impl
 
 try:  # Triton ships with the CUDA wheels of torch; the op is simply not offered without it
     import triton
@@ -179,14 +179,18 @@ def _supports(value: Tensor) -> bool:
 
 if HAS_TRITON:
     @register_impl("triton")
-    def ms_deform_attn_triton(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+    def ms_deform_attn_triton(value: Tensor, spatial_shapes: ShapesArg, level_start_index: StartsArg,
                               sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
         """Triton kernels (CUDA, or the CPU interpreter under TRITON_INTERPRET=1); >= float32 math."""
         if not _runnable(value):
             raise ValueError("ms_deform_attn impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), "
                              f"got value on {value.device}")
         dt = torch.promote_types(value.dtype, torch.float32)
-        out = _TritonDeformAttn.apply(value.to(dt).contiguous(), spatial_shapes, level_start_index,
+        shapes, starts = level_layout(spatial_shapes, level_start_index)
+        # the kernels read the level table from device memory: built from the ints here
+        shapes_t = torch.tensor([list(hw) for hw in shapes], dtype=torch.int64, device=value.device)
+        starts_t = torch.tensor(list(starts), dtype=torch.int64, device=value.device)
+        out = _TritonDeformAttn.apply(value.to(dt).contiguous(), shapes_t, starts_t,
                                       sampling_locations.to(dt).contiguous(),
                                       attention_weights.to(dt).contiguous())
         return out.to(value.dtype)

@@ -8,14 +8,15 @@ consulted only by the automatic choice; ``impl=`` or ``PIIP_DEFORM_IMPL`` force 
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "register_impl", "available_impls"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "register_impl", "available_impls", "level_layout", "use_impl"]
 
 _IMPLS: Dict[str, Callable[..., Tensor]] = {}
 
@@ -34,17 +35,53 @@ def available_impls() -> list[str]:
     return sorted(_IMPLS)
 
 
-def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                  sampling_locations: Tensor, attention_weights: Tensor) -> None:
+LevelShapes = Tuple[Tuple[int, int], ...]
+"""(H, W) of each level as Python ints, or symbolic ints (``torch.SymInt``) while tracing."""
+ShapesArg = Union[Tensor, Sequence[Sequence[int]]]
+StartsArg = Union[Tensor, Sequence[int], None]
+
+
+def level_layout(spatial_shapes: ShapesArg,
+                 level_start_index: StartsArg = None) -> tuple[LevelShapes, Tuple[int, ...]]:
+    """Levels' (H, W) and start offsets in S as ints.
+
+    Shapes are metadata: a caller that knows them passes a sequence of ``(h, w)`` ints (or the
+    SymInts of a traced input's sizes), which keeps torch.export / torch.compile / meta-device
+    forwards free of data-dependent reads. The (L, 2) / (L,) tensors of the Deformable-DETR API
+    are still accepted; they are read back here once (``.tolist()``), which is fine eagerly but
+    freezes (or breaks) a trace. ``level_start_index`` defaults to the running sum of H * W.
+    """
+    if isinstance(spatial_shapes, Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+            raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2), got {tuple(spatial_shapes.shape)}")
+        shapes: LevelShapes = tuple((h, w) for h, w in spatial_shapes.tolist())
+    else:
+        shapes = tuple(tuple(hw) for hw in spatial_shapes)  # type: ignore[misc]
+        if not shapes or any(len(hw) != 2 for hw in shapes):
+            raise ValueError(f"ms_deform_attn: spatial_shapes must be a non-empty sequence of (h, w) pairs, "
+                             f"got {spatial_shapes!r}")
+    if level_start_index is None:
+        starts, acc = [], 0
+        for h, w in shapes:
+            starts.append(acc)
+            acc = acc + h * w
+        return shapes, tuple(starts)
+    if isinstance(level_start_index, Tensor):
+        if level_start_index.shape != (len(shapes),):
+            raise ValueError(f"ms_deform_attn: level_start_index must be ({len(shapes)},), "
+                             f"got {tuple(level_start_index.shape)}")
+        return shapes, tuple(level_start_index.tolist())
+    starts_t = tuple(level_start_index)
+    if len(starts_t) != len(shapes):
+        raise ValueError(f"ms_deform_attn: level_start_index must be ({len(shapes)},), got {len(starts_t)} entries")
+    return shapes, starts_t
+
+
+def _check_inputs(value: Tensor, shapes: LevelShapes, sampling_locations: Tensor, attention_weights: Tensor) -> None:
     if value.dim() != 4:
         raise ValueError(f"ms_deform_attn: value must be (N, S, M, D), got shape {tuple(value.shape)}")
     n, s, m, _ = value.shape
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-        raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2), got {tuple(spatial_shapes.shape)}")
-    num_levels = spatial_shapes.shape[0]
-    if level_start_index.shape != (num_levels,):
-        raise ValueError(f"ms_deform_attn: level_start_index must be ({num_levels},), "
-                         f"got {tuple(level_start_index.shape)}")
+    num_levels = len(shapes)
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
         raise ValueError("ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), "
                          f"got {tuple(sampling_locations.shape)}")
@@ -55,14 +92,17 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
     if attention_weights.shape != (n, lq, m, num_levels, p):
         raise ValueError(f"ms_deform_attn: attention_weights must be {(n, lq, m, num_levels, p)}, "
                          f"got {tuple(attention_weights.shape)}")
-    if int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum()) != s:
-        raise ValueError(f"ms_deform_attn: spatial_shapes cover "
-                         f"{int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())} positions "
-                         f"but value has S={s}")
+    total = sum(h * w for h, w in shapes)
+    if isinstance(total, int) and isinstance(s, int):
+        if total != s:
+            raise ValueError(f"ms_deform_attn: spatial_shapes cover {total} positions but value has S={s}")
+    else:  # symbolic sizes: a check the tracer proves (or keeps as a runtime assertion), never a read-back
+        torch._check(total == s, lambda: f"ms_deform_attn: spatial_shapes cover {total} positions but value has S={s}")
 
 
 @register_impl("reference")
-def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+def ms_deform_attn_reference(value: Tensor, spatial_shapes: ShapesArg,
+                             level_start_index: StartsArg,
                              sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Per-level bilinear ``grid_sample`` (align_corners=False, zero padding), then weighted sum.
 
@@ -75,8 +115,7 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     grids = 2.0 * sampling_locations - 1.0  # [0, 1] -> [-1, 1]
-    shapes = spatial_shapes.tolist()
-    starts = level_start_index.tolist()
+    shapes, starts = level_layout(spatial_shapes, level_start_index)
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
         v = value[:, starts[lvl]:starts[lvl] + h * w]  # (N, HW, M, D)
@@ -90,8 +129,24 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()
 
 
+_FORCED: list[str] = []  # innermost use_impl() last
+
+
+@contextlib.contextmanager
+def use_impl(name: str) -> Iterator[None]:
+    """Run every call without an explicit ``impl=`` on implementation ``name`` inside the block
+    (what an exporter uses to pick the implementation that its target format represents)."""
+    if name not in _IMPLS:
+        raise ValueError(f"unknown deformable-attention implementation {name!r}; available: {available_impls()}")
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
 def _select_impl(impl: Optional[str], value: Tensor) -> str:
-    name = impl or os.environ.get("PIIP_DEFORM_IMPL") or ""
+    name = impl or (_FORCED[-1] if _FORCED else "") or os.environ.get("PIIP_DEFORM_IMPL") or ""
     if not name:
         # Best available, fastest first; each declares what it supports.
         for candidate in ("triton", "fused", "reference"):
@@ -110,15 +165,17 @@ def _supports(name: str, value: Tensor) -> bool:
     return True if check is None else bool(check(value))
 
 
-def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+def ms_deform_attn(value: Tensor, spatial_shapes: ShapesArg,
+                   level_start_index: StartsArg,
                    sampling_locations: Tensor, attention_weights: Tensor,
                    impl: Optional[str] = None) -> Tensor:
     """Multi-scale deformable attention.
 
     Args:
         value: (N, S, M, D) values of all levels, flattened row-major per level.
-        spatial_shapes: (L, 2) long, (H, W) of each level.
-        level_start_index: (L,) offset of each level in S.
+        spatial_shapes: (H, W) of each level: a sequence of int pairs (what traced / exported code
+            must pass, e.g. built from the input's sizes), or an (L, 2) long tensor.
+        level_start_index: offset of each level in S: ints, an (L,) tensor, or None (running sum).
         sampling_locations: (N, Lq, M, L, P, 2), (x, y) normalised to [0, 1]; outside reads zeros.
         attention_weights: (N, Lq, M, L, P).
         impl: ``reference`` or another registered name; default from ``PIIP_DEFORM_IMPL`` or the
@@ -126,6 +183,6 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     Returns:
         (N, Lq, M * D)
     """
-    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return _IMPLS[_select_impl(impl, value)](value, spatial_shapes, level_start_index,
-                                            sampling_locations, attention_weights)
+    shapes, starts = level_layout(spatial_shapes, level_start_index)
+    _check_inputs(value, shapes, sampling_locations, attention_weights)
+    return _IMPLS[_select_impl(impl, value)](value, shapes, starts, sampling_locations, attention_weights)

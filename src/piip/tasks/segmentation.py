@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..backbone import PIIPBackbone
 from ..config import PIIPConfig, strict_from_dict
+from ..ops.symbolic import concrete
 from .detection import IMAGE_NORMS, _as_backbone
 
 IGNORE_INDEX = 255
@@ -228,7 +229,7 @@ class PIIPSegmentor(nn.Module):
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         d = self.size_divisor
         ph, pw = (-h) % d, (-w) % d
-        if ph or pw:
+        if not concrete((ph, pw)) or ph or pw:  # symbolic sizes (export): pad, maybe by 0, rather than guard
             x = F.pad(x, (0, pw, 0, ph))
         feats = list(self.backbone(x).values())
         hp, wp = x.shape[-2:]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ...layers.deform_attn import MSDeformAttn
+from ...ops.ms_deform_attn import LevelShapes, level_layout
 from .matcher import inverse_sigmoid
 from .neck import sine_box_encoding
 
@@ -40,7 +41,8 @@ class EncoderLayer(nn.Module):
         self.ffn = FFN(dim, ffn)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, src: Tensor, pos: Tensor, ref: Tensor, shapes: Tensor, starts: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor, ref: Tensor, shapes: LevelShapes, starts: tuple[int, ...],
+                mask: Tensor) -> Tensor:
         src = self.norm1(src + self.self_attn(src + pos, ref, src, shapes, starts, mask))
         return self.norm2(src + self.ffn(src))
 
@@ -55,7 +57,7 @@ class DecoderLayer(nn.Module):
         self.ffn = FFN(dim, ffn)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, tgt: Tensor, pos: Tensor, ref: Tensor, memory: Tensor, shapes: Tensor, starts: Tensor,
+    def forward(self, tgt: Tensor, pos: Tensor, ref: Tensor, memory: Tensor, shapes: LevelShapes, starts: tuple[int, ...],
                 mask: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
         q = tgt + pos
         tgt = self.norm1(tgt + self.self_attn(q, q, tgt, attn_mask=attn_mask, need_weights=False)[0])
@@ -68,11 +70,11 @@ def _float32(x: Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
-def encoder_reference_points(shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(shapes: LevelShapes, valid_ratios: Tensor) -> Tensor:
     """(N, S, L, 2): every position's pixel centre, normalised by its level's valid size, then
     scaled to each level's valid ratio (Deformable-DETR)."""
     refs = []
-    for lvl, (h, w) in enumerate(shapes.tolist()):
+    for lvl, (h, w) in enumerate(shapes):
         ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=valid_ratios.device),
                                 torch.linspace(0.5, w - 0.5, w, device=valid_ratios.device), indexing="ij")
         ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -81,12 +83,12 @@ def encoder_reference_points(shapes: Tensor, valid_ratios: Tensor) -> Tensor:
     return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
 
-def encoder_proposals(memory: Tensor, mask: Tensor, shapes: Tensor) -> tuple[Tensor, Tensor]:
+def encoder_proposals(memory: Tensor, mask: Tensor, shapes: LevelShapes) -> tuple[Tensor, Tensor]:
     """Per position a box logit (centre = pixel centre in the valid area, side 0.05 x 2^level) and
     the memory with padded / border positions zeroed; those positions' boxes are +inf (never picked)."""
     n = memory.shape[0]
     props, start = [], 0
-    for lvl, (h, w) in enumerate(shapes.tolist()):
+    for lvl, (h, w) in enumerate(shapes):
         m = mask[:, start:start + h * w].view(n, h, w)
         valid_h = (~m[:, :, 0]).sum(1).to(memory.dtype)
         valid_w = (~m[:, 0, :]).sum(1).to(memory.dtype)
@@ -148,8 +150,8 @@ class DeformableTransformer(nn.Module):
         attention mask) of denoising queries put before the matching ones. Returns per-layer
         ``logits`` (layers, N, T, C) and ``boxes`` (layers, N, T, 4) over all T queries and the
         selected encoder proposals ``enc_logits`` / ``enc_boxes``."""
-        shapes = torch.tensor([f.shape[-2:] for f in feats], dtype=torch.long, device=feats[0].device)
-        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+        # level sizes as ints from the maps' sizes (symbolic under torch.export), never read from a tensor
+        shapes, starts = level_layout([(f.shape[-2], f.shape[-1]) for f in feats])
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         pos_all = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i] for i, p in enumerate(pos)], 1)
@@ -184,8 +186,8 @@ class DeformableTransformer(nn.Module):
         out["enc_logits"], out["enc_boxes"] = enc_logits, top_box.sigmoid()
         return out
 
-    def decode(self, tgt: Tensor, ref: Tensor, memory: Tensor, shapes: Tensor, starts: Tensor, mask: Tensor,
-               valid_ratios: Tensor, attn_mask: Optional[Tensor]) -> dict[str, Tensor]:
+    def decode(self, tgt: Tensor, ref: Tensor, memory: Tensor, shapes: LevelShapes, starts: tuple[int, ...],
+               mask: Tensor, valid_ratios: Tensor, attn_mask: Optional[Tensor]) -> dict[str, Tensor]:
         """Look forward twice: layer i samples around the detached boxes of layer i-1, while its
         predicted boxes refine layer i-1's undetached ones (so its loss also trains layer i-1's head)."""
         logits, boxes = [], []

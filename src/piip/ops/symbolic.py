@@ -1,0 +1,36 @@
+"""Shape helpers for code that runs both eagerly and under tracers (torch.compile, torch.export,
+torch.jit.trace, FakeTensor / meta forwards), where sizes may be symbolic and caches or
+size-dependent branches would freeze one size into the traced graph."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def tracing() -> bool:
+    """True while a tracer records the forward (Dynamo / torch.export, or the TorchScript tracer of
+    torch.jit.trace and the legacy ONNX exporter)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def concrete(sizes: Sequence[object]) -> bool:
+    """All sizes are plain Python ints (not SymInts, not the 0-dim tensors jit.trace hands out)."""
+    return all(type(s) is int for s in sizes)
+
+
+def real(t: Tensor) -> bool:
+    """``t`` holds data (not a meta or fake tensor): it may key a cache and be read back."""
+    from torch._subclasses.fake_tensor import is_fake
+    return t.device.type != "meta" and not is_fake(t)
+
+
+def same_sizes(a: Sequence[object], b: Sequence[object]) -> bool:
+    """``a == b`` when both are concrete; for symbolic sizes only when provably equal (no guard)."""
+    if concrete(a) and concrete(b):
+        return tuple(a) == tuple(b)
+    if len(a) != len(b) or torch.jit.is_tracing():
+        return False
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return all(statically_known_true(x == y) for x, y in zip(a, b))
