@@ -22,6 +22,11 @@ from .layers.merge import BranchMerge
 from .layers.pyramid import LEVEL_STRIDES, SimpleFeaturePyramid
 
 
+TRACE_REFUSAL = ("PIIP models cannot be traced by torch.jit.trace or the TorchScript-based torch.onnx.export "
+                 "(dynamo=False): the traced graph would hold one input size's branch sizes and be wrong at "
+                 "others; use torch.export.export, torch.onnx.export(..., dynamo=True) or `piip export`")
+
+
 class PIIPBackbone(nn.Module):
     """Parameter-inverted image pyramid backbone.
 
@@ -116,6 +121,8 @@ class PIIPBackbone(nn.Module):
     # ------------------------------------------------------------------ inputs
     def resize_inputs(self, x: Tensor) -> list[Tensor]:
         """Validate the input and produce each branch's view (finest branch gets ``x`` itself)."""
+        if torch.jit.is_tracing():
+            raise ValueError(TRACE_REFUSAL)
         if not isinstance(x, Tensor):
             raise ValueError(f"PIIP input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != 3:

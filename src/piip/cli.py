@@ -22,6 +22,7 @@ COMMANDS = [
     "piip.commands.flops",
     "piip.commands.train", "piip.commands.eval", "piip.commands.predict",
     "piip.commands.chat",
+    "piip.commands.export",
 ]
 
 
