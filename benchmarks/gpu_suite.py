@@ -71,7 +71,7 @@ def check_triton(shapes: dict, device: str, dtypes: list[torch.dtype]) -> list[d
     for name, (lq, levels, heads, width) in shapes.items():
         for dt in dtypes:
             inp = make_inputs(lq, levels, width, device, heads=heads, dtype=dt)
-            inp32 = tuple(t.detach().float().requires_grad_() if t.is_floating_point() else t for t in inp)
+            inp32 = tuple(t.detach().float().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inp)
             ref = _run_op(inp32, "reference", True)
             tri = _run_op(inp, "triton", True)
             errs = {}
