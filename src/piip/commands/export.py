@@ -69,15 +69,14 @@ def load_for_export(args: argparse.Namespace):  # noqa: ANN201
 
 def run(args: argparse.Namespace) -> int:
     from ..export import export_model
-    from ..export.core import _check_out, require_export_deps
-    _check_out(args.out, args.format)          # bad paths and missing extras fail before a model is built
+    from ..export.core import check_out_path, require_export_deps
+    check_out_path(args.out, args.format)          # bad paths and missing extras fail before a model is built
     require_export_deps(args.format)
     if args.example_size is not None and len(args.example_size) > 2:
         raise ValueError(f"--example-size takes H or H W, got {len(args.example_size)} values")
     model = load_for_export(args)
     size = args.example_size if args.example_size is None or len(args.example_size) == 2 else args.example_size[0]
-    task = args.task if args.task not in (None, "segmentation") or args.checkpoint else None
     result = export_model(model, args.format, args.out, size, dynamic=not args.static, opset=args.opset,
-                          task=task, deform_impl=args.deform_impl)
+                          task=args.task, deform_impl=args.deform_impl)
     print(result.summary())
     return 0

@@ -24,6 +24,8 @@ from ..errors import MissingDependency
 from ..ops.ms_deform_attn import use_impl
 from .tasks import ExportTask, find_task
 
+__all__ = ["export_model", "ExportResult", "ExportCheckError", "check_out_path", "require_export_deps"]
+
 FORMATS = ("onnx", "pt2")
 EXTRA = "pip install 'piip[export]'"
 # the deformable op as each format represents it: ONNX's GridSample (grid_sample, opset >= 16)
@@ -94,7 +96,7 @@ def _check_size(size: tuple[int, int], m: int, lo: int, what: str) -> None:
                              f"{lo} for this model (e.g. {near})")
 
 
-def _check_out(out: str, fmt: str) -> str:
+def check_out_path(out: str, fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     folder = os.path.dirname(os.path.abspath(out))
@@ -177,9 +179,11 @@ def export_model(model: nn.Module, format: str, out: str, example_size: Union[in
     Raises ValueError (bad size / format / path, export impossible), ExportCheckError (the written
     model disagrees with eager; nothing kept) and MissingDependency (the ``export`` extra).
     """
-    folder = _check_out(out, format)
+    folder = check_out_path(out, format)
     require_export_deps(format)
     spec = find_task(model, task)
+    if format == "onnx" and dynamic and spec.onnx_dynamic_refusal:
+        raise ValueError(spec.onnx_dynamic_refusal)
     model.eval()
     m, lo = size_bounds(spec, model)
     size = _pair(example_size if example_size is not None else int(spec.backbone(model).cfg.branches[0].img_size))

@@ -23,7 +23,8 @@ class ExportTask:
     dims given the three ``torch.export.Dim`` (``batch`` None for unbatched inputs).
     ``backbone(model)`` is the PIIP backbone (its stride and smallest input bound the sizes).
     ``close(got, want)`` -> (ok, error text) compares one output with eager (default: 1e-4
-    relative to the output's largest magnitude).
+    relative to the output's largest magnitude). ``onnx_dynamic_refusal``: the one-line reason a
+    dynamic-size ONNX export of this task is refused (it would be wrong at other sizes).
     """
 
     name: str
@@ -35,6 +36,7 @@ class ExportTask:
     inputs: Callable[[nn.Module, int, tuple[int, int]], tuple[Tensor, ...]] = None  # type: ignore[assignment]
     dynamic_shapes: Callable[..., object] = None  # type: ignore[assignment]
     close: Optional[Callable[[Tensor, Tensor], tuple[bool, str]]] = None
+    onnx_dynamic_refusal: Optional[str] = None   # why a dynamic-size ONNX export is refused (None: allowed)
 
     def __post_init__(self) -> None:
         self.inputs = self.inputs or batched_images
@@ -42,6 +44,12 @@ class ExportTask:
 
 
 TASKS: list[ExportTask] = []
+
+# measured: exported at 96x128, onnxruntime differed from eager by 5.7e-2 (relative) at 112x160,
+# while the .pt2 program of the same model matches (tests/test_export.py)
+SEGMENTOR_ONNX_REFUSAL = ("a segmentor's ONNX graph is wrong at sizes other than the example's (relative error "
+                          "5.7e-2 measured; UperNet's adaptive average pooling is the suspect): export it with "
+                          "--static, or as a torch.export program with --format pt2")
 
 
 def register_task(task: ExportTask, first: bool = True) -> ExportTask:
@@ -102,7 +110,7 @@ def _register_builtins() -> None:
         ExportTask("classification", lambda m: isinstance(m, PIIPClassifier), TupleOutputs, ["images"],
                    lambda m: ["logits"], lambda m: m.backbone),
         ExportTask("segmentation", lambda m: isinstance(m, PIIPSegmentor), TupleOutputs, ["images"],
-                   lambda m: ["logits"], lambda m: m.backbone),
+                   lambda m: ["logits"], lambda m: m.backbone, onnx_dynamic_refusal=SEGMENTOR_ONNX_REFUSAL),
     ):
         register_task(task, first=False)
 
