@@ -26,15 +26,20 @@ SHAPES = {
 HEADS, POINTS = 16, 4
 
 
-def make_inputs(lq: int, hw: tuple[int, int], width: int, device: str) -> tuple[torch.Tensor, ...]:
+def make_inputs(lq: int, hw, width: int, device: str, heads: int = HEADS, points: int = POINTS,
+                dtype: torch.dtype = torch.float32, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    """Random op inputs (leaves that require grad); ``hw`` is one (H, W) level or a list of levels."""
+    levels = [tuple(hw)] if isinstance(hw[0], int) else [tuple(h) for h in hw]
     g = torch.Generator().manual_seed(0)
-    d = width // HEADS
-    value = torch.randn(1, hw[0] * hw[1], HEADS, d, generator=g).to(device).requires_grad_()
-    loc = torch.rand(1, lq, HEADS, 1, POINTS, 2, generator=g).to(device).requires_grad_()
-    attn = torch.rand(1, lq, HEADS, 1, POINTS, generator=g).softmax(-1).to(device).requires_grad_()
-    shapes = torch.tensor([hw], device=device)
-    start = torch.zeros(1, dtype=torch.long, device=device)
-    return value, shapes, start, loc, attn
+    d, nl = width // heads, len(levels)
+    s = sum(h * w for h, w in levels)
+    leaf = lambda t: t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    value = leaf(torch.randn(batch, s, heads, d, generator=g))
+    loc = leaf(torch.rand(batch, lq, heads, nl, points, 2, generator=g))
+    attn = leaf(torch.rand(batch, lq, heads, nl, points, generator=g).flatten(-2).softmax(-1).view(batch, lq, heads,
+                                                                                                    nl, points))
+    starts = [sum(h * w for h, w in levels[:i]) for i in range(nl)]
+    return value, tuple(levels), tuple(starts), loc, attn   # level layout as ints: no read-back per call
 
 
 def timed_interleaved(fns: dict, repeats: int, sync) -> dict:

@@ -30,6 +30,7 @@ def add_run_args(p: argparse.ArgumentParser, output_dir: str) -> argparse._Argum
     r.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="multi-process training under torchrun: ddp (replicated) or fsdp (weights, gradients and "
                         "optimizer state sharded per block / interaction unit; sharded checkpoints)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the PIIP backbone (piip.engine.compile)")
     return r
 
 

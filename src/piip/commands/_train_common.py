@@ -31,7 +31,9 @@ def dense_backbone(args: argparse.Namespace, task: str, defaults: Optional[dict[
 
 def resume_and_fit(trainer: Any, args: argparse.Namespace) -> None:
     """``--resume PATH`` or ``auto`` (output-dir/checkpoint.pt when it exists), then train."""
+    from ..engine.compile import maybe_compile
     from ..engine.distributed import cleanup
+    maybe_compile(trainer.model, getattr(args, "compile", False))
     trainer.resume_from(args.resume)
     trainer.fit()
     cleanup()

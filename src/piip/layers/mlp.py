@@ -44,7 +44,11 @@ class DWConv(nn.Module):
         b, n, c = x.shape
         x = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
         # the (B, N, C) -> NCHW view above is channels-last strided and so is the conv's output:
-        # permute back instead of flatten(2), which would force a copy
+        # permute back instead of flatten(2), which would force a copy. Compiled, Inductor cannot order
+        # that view's strides once H / W are symbolic ("cannot determine truth value of Relational:
+        # 8*s12 < 8"), so it gets a contiguous map there
+        if torch.compiler.is_compiling():
+            x = x.contiguous()
         return self.dwconv(x).permute(0, 2, 3, 1).reshape(b, n, c)
 
 

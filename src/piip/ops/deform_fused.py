@@ -199,8 +199,10 @@ def ms_deform_attn_fused(value: Tensor, spatial_shapes: ShapesArg, level_start_i
 
 def _supports(value: Tensor) -> bool:
     """Auto-selection: CPU, inference and training (faster than grid_sample for both there, see
-    docs/performance.md); never CUDA, where the Triton kernels (or grid_sample) are used."""
-    return not value.is_cuda
+    docs/performance.md); never CUDA, where the Triton kernels (or grid_sample) are used; never
+    while torch.compile traces (its backward sorts and counts samples, data-dependent shapes that
+    break the graph; Inductor compiles grid_sample's decomposition instead)."""
+    return not value.is_cuda and not torch.compiler.is_compiling()
 
 
 ms_deform_attn_fused.supports = _supports  # type: ignore[attr-defined]

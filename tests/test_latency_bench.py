@@ -1,0 +1,68 @@
+"""benchmarks/latency.py runs its cases end to end (tiny widths, eager and a cheap compile backend),
+reports the ratios it promises and regenerates its docs block. No timing is asserted."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+latency = pytest.importorskip("latency")
+
+TINY_VIT = {"embed_dim": 32, "num_heads": 2, "depth": 2}
+
+
+def _tiny(n_branches: int) -> dict:
+    return {"branches": [{"embed_dim": 32 * (i + 1), "num_heads": 2, "depth": 2} for i in range(n_branches)],
+            "deform_num_heads": 2}
+
+
+def _case(key: str, scale: float) -> "latency.Case":
+    return dataclasses.replace(latency.CASES[key], quick_scale=scale)
+
+
+def _check_row(row: dict) -> None:
+    for k in ("piip_eager_s", "base_eager_s", "eager_ratio", "flops_ratio", "counted_ratio"):
+        assert row[k] > 0, k
+    assert row["eager_ratio"] == pytest.approx(row["piip_eager_s"] / row["base_eager_s"])
+
+
+def test_trunk_case_eager_and_compiled(tmp_path):
+    row = latency.measure_case(_case("tsb-1120", 1 / 16), True, 1, torch.device("cpu"), {"backend": "aot_eager"},
+                               overrides={"piip": _tiny(3), "base": {"branches": [TINY_VIT]}})
+    _check_row(row)
+    assert (row["piip_side"], row["base_side"]) == (64, 64)
+    assert not row["compile_errors"], row["compile_errors"]
+    assert row["compiled_ratio"] == pytest.approx(row["piip_compiled_s"] / row["base_compiled_s"])
+    # the FLOPs ratio is piip.complexity's (papers' convention) at the sizes that ran
+    from piip.complexity import count
+    expect = (count("piip_tsb_1120_896_448", img_size=[64], merge="linear", **_tiny(3)).flops
+              / count("vitdet_b_1024", img_size=[64], branches=[TINY_VIT]).flops)
+    assert row["flops_ratio"] == pytest.approx(expect)
+    doc = tmp_path / "perf.md"
+    doc.write_text(f"intro\n{latency.BEGIN}\nold\n{latency.END}\ntail\n")
+    latency.update_docs(latency.markdown([row], "header"), doc)
+    text = doc.read_text()
+    assert "old" not in text and "| tsb-1120 |" in text and text.startswith("intro") and text.endswith("tail\n")
+
+
+def test_dino_training_case_eager():
+    """The DINO step (training, the backbone swapped in for the compiled variant); the classifier's
+    train step is the same pattern on a plain model."""
+    head = {"det": dict(num_queries=10, transformer_dim=32, transformer_heads=2, transformer_ffn=64,
+                        enc_layers=1, dec_layers=1, dn_queries=4)}
+    over = {"piip": {**_tiny(3), **head}, "base": {"branches": [TINY_VIT], **head}}
+    row = latency.measure_case(_case("dino", 1 / 8), True, 1, torch.device("cpu"), None, overrides=over)
+    _check_row(row)
+    assert "compiled_ratio" not in row
+
+
+def test_cli_list_and_bad_case(capsys):
+    assert latency.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(k in out for k in ("tsb-1120", "sbl-1344", "tsbl-1792-built", "cls", "seg", "dino"))
+    with pytest.raises(SystemExit, match="unknown case"):
+        latency.main(["--cases", "nope"])
