@@ -24,7 +24,7 @@ def hf_clip() -> torch.nn.Module:
 
 
 def clip_backbone(patch: int = 14) -> PIIPBackbone:
-    branch = BranchConfig(img_size=56, embed_dim=64, depth=2, num_heads=2, patch_size=patch, pos_grid=4,
+    branch = BranchConfig(img_size=56 if patch == 14 else 64, embed_dim=64, depth=2, num_heads=2, patch_size=patch, pos_grid=4,
                           **flavour_settings("clip"))
     return PIIPBackbone(PIIPConfig(branches=[branch], merge=None, pyramid=None)).eval()
 

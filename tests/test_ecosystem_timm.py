@@ -16,7 +16,9 @@ CLS = dict(img_size=64, branches=SMALL, deform_num_heads=2)
 
 
 def test_import_piip_leaves_timm_alone_and_registers_when_timm_loads():
-    code = ("import sys, piip; assert 'timm' not in sys.modules; import timm; "
+    # an availability probe first (transformers runs one on import): the hook must survive it
+    code = ("import sys, importlib.util, piip; assert 'timm' not in sys.modules; importlib.util.find_spec('timm'); "
+            "import timm; "
             "print(timm.is_model('piip_tsb_1120_896_448'), len(timm.list_models('piip_*')) + "
             "len(timm.list_models('vit*_1024')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

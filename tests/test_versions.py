@@ -102,7 +102,7 @@ def tiny_llava(tmp_path_factory):
     path = save_tiny_model(str(tmp_path_factory.mktemp("tiny_llava")), "clip")
     model, proc = load_model(path, "fp32", "cpu")
     inputs = proc(proc.prompt("What is in the image?"))
-    inputs["pixel_values"] = proc.image_processor(__import__("PIL.Image").Image.new("RGB", (64, 64), "red"))
+    inputs["pixel_values"] = proc.image_processor.pixel_values(__import__("PIL.Image").Image.new("RGB", (64, 64), "red"))
     return model, proc, inputs
 
 

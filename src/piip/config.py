@@ -178,7 +178,8 @@ class PIIPConfig:
             factor = size / self.branches[0].img_size
             for b in branches:
                 b.img_size = b.img_size * factor
-            branches[0].img_size = size   # exactly what was asked (no 63.99999 from the division)
+            # (branches[0] keeps size * 1.0: check_img_size allows its float rounding; setting it to `size` exactly
+            # changed the coarser branches' scale factors by an ulp, and with them the exported ONNX graph)
         if "branches" in overrides:
             bo = overrides.pop("branches")
             if not isinstance(bo, (dict, list, tuple)) or not all(isinstance(o, dict) or o is None for o in

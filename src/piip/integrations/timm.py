@@ -109,19 +109,31 @@ def on_register(name: str) -> None:
 
 
 class _AfterTimmImport(importlib.abc.MetaPathFinder):
-    """Finds ``timm`` with the normal machinery and runs :func:`register_all` once it has loaded."""
+    """Finds ``timm`` with the normal machinery and runs :func:`register_all` once it has loaded.
+
+    It stays in ``sys.meta_path`` until timm is really executed: availability probes such as
+    ``importlib.util.find_spec("timm")`` (transformers runs one on import) also come here, and
+    removing the hook at the first lookup would leave the later real import unregistered."""
+
+    _busy = False
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != "timm":
+        if fullname != "timm" or self._busy:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec("timm")   # the other finders (this one answers None while busy)
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None:
             return spec
         loader_exec = spec.loader.exec_module
+        hook = self
 
         def exec_module(module: Any) -> None:
             loader_exec(module)
+            if hook in sys.meta_path:
+                sys.meta_path.remove(hook)
             _safe_register_all()
 
         spec.loader.exec_module = exec_module   # type: ignore[method-assign]
