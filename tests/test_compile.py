@@ -22,7 +22,7 @@ def _tiny(name: str, depth: int = 2, **extra) -> torch.nn.Module:
     if all("embed_dim" in b for b in over["branches"]):   # ViT branches: fewer blocks (ConvNeXt's are fixed)
         over["branches"] = [dict(b, depth=depth) for b in over["branches"]]
     if not name.endswith("_cls"):
-        over.pop("num_classes")
+        over.pop("num_classes", None)   # tiny_overrides gives it to classifiers only
     return piip.create_model(name, **over, **extra)
 
 
