@@ -80,3 +80,18 @@ def user_message(exc: BaseException) -> tuple[int, str]:
         return 2, msg.strip().replace("\n", " ")
     return 1, (f"internal error: {type(exc).__name__}: {error_message(exc)} (run again with --debug for the "
                "traceback, and please report it)")
+
+
+def check_output_file(path: str, flag: str = "--out", example: str = "out.png") -> str:
+    """Before any work: ``path`` names a file (not a folder) in a folder that exists and is writable;
+    the folder is the user's to make. Returns the folder. Callers check their own extensions."""
+    import os
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name such as {os.path.join(path, example)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it first (mkdir -p) or "
+                         "write elsewhere")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+    return folder

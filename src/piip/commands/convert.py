@@ -58,17 +58,10 @@ def run_timm(args: argparse.Namespace) -> int:
 
 def check_out_file(path: str, flag: str = "--out") -> None:
     """A writable ``.safetensors`` target, checked before any work (a missing folder is the user's to make)."""
-    import os
+    from ..errors import check_output_file
     if not path.endswith(".safetensors"):
         raise ValueError(f"{flag} must end with .safetensors, got {path!r}")
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name ending in .safetensors")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path) or folder} does not exist; create it "
-                         "first (mkdir -p) or write elsewhere")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+    check_output_file(path, flag, "model.safetensors")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import torch
 
+from ..errors import check_output_file
 from ._model_args import check_img_size, positive_int
 
 
@@ -88,11 +89,7 @@ def check_picture_path(path: str) -> None:
     """Before any work: a picture format Pillow writes, in a folder that exists."""
     if os.path.splitext(path)[1].lower() not in (".png", ".jpg", ".jpeg"):
         raise ValueError(f"--out {path}: give a .png or .jpg file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--out {path}: the folder {folder} does not exist; create it first or write elsewhere")
-    if os.path.isdir(path):
-        raise ValueError(f"--out {path} is a folder; give a file name ending in .png")
+    check_output_file(path, "--out", "features.png")
 
 
 def run(args: argparse.Namespace) -> int:

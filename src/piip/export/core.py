@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..errors import MissingDependency
+from ..errors import MissingDependency, check_output_file
 from ..ops.ms_deform_attn import use_impl
 from .tasks import ExportTask, find_task
 
@@ -99,12 +99,7 @@ def _check_size(size: tuple[int, int], m: int, lo: int, what: str) -> None:
 def check_out_path(out: str, fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--out {out!r}: folder {folder!r} does not exist; create it first")
-    if os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a folder; give a file name such as {os.path.join(out, 'model.' + fmt)}")
-    return folder
+    return check_output_file(out, "--out", "model." + fmt)
 
 
 def _export_program(wrapper: nn.Module, args: tuple[Tensor, ...], dynamic_shapes: Any) -> torch.export.ExportedProgram:
