@@ -21,6 +21,7 @@ from .layers.deform_attn import MSDeformAttn
 from .layers.interaction import InteractionGroup, default_edges, validate_edges
 from .layers.merge import BranchMerge
 from .layers.pyramid import LEVEL_STRIDES, SimpleFeaturePyramid
+from .ops.resize import resize_view, view_ratio
 
 
 TRACE_REFUSAL = ("PIIP models cannot be traced by torch.jit.trace or the TorchScript-based torch.onnx.export "
@@ -46,7 +47,10 @@ class PIIPBackbone(PretrainedCfgMixin, nn.Module):
         self.branches = nn.ModuleList(build_branch(b, name=f"branch {i} ({_describe(b)})")
                                       for i, b in enumerate(cfg.branches))
         base = cfg.branches[0].img_size
-        self.scales = [b.img_size / base for b in cfg.branches]
+        # exact ratios of the registered resolutions (an img_size override rescales them in floats,
+        # 1120/1568 -> 45.714.../63.999...): view sizes are computed from them in integers (ops/resize.py)
+        self.view_ratios = [view_ratio(b.img_size, base) for b in cfg.branches]
+        self.scales = [num / den for num, den in self.view_ratios]
         num_groups = {br.num_groups for br in self.branches}
         if len(num_groups) != 1:
             raise ValueError(f"all branches need the same number of interaction groups, got "
@@ -137,15 +141,14 @@ class PIIPBackbone(PretrainedCfgMixin, nn.Module):
                              f"width must be multiples of {stride} (e.g. {_round_up(h, stride)}x{_round_up(w, stride)})")
         dtype = next(self.branches[0].parameters()).dtype
         views = []
-        for br, s in zip(self.branches, self.scales):
+        for br, (num, den) in zip(self.branches, self.view_ratios):
             # resized in float32 at any precision (as the released code), then cast to the weights' dtype
-            v = x.to(dtype) if s >= 1 else F.interpolate(x.float(), scale_factor=s, mode="bilinear",
-                                                         align_corners=False).to(dtype)
+            v = x.to(dtype) if num >= den else resize_view(x.float(), num, den).to(dtype)
             try:
                 br.check_input(*v.shape[-2:])
             except ValueError as e:  # a view needs one patch (ViT) / one token after the last downsampling
                 # the side every branch's view can take, not just this one's
-                need = max(_smallest_input(sc, b.max_stride, stride) for b, sc in zip(self.cfg.branches, self.scales))
+                need = self.smallest_input()
                 raise ValueError(f"a {h}x{w} input is too small for this model: {e}. The smallest input it takes is "
                                  f"{need}x{need} (any height and width >= {need}, multiples of {stride})") from None
             views.append(v)
@@ -154,7 +157,7 @@ class PIIPBackbone(PretrainedCfgMixin, nn.Module):
     def smallest_input(self) -> int:
         """Smallest side (a multiple of the input stride) every branch's view of it still covers."""
         stride = self.cfg.branches[0].max_stride
-        return max(_smallest_input(s, bc.max_stride, stride) for bc, s in zip(self.cfg.branches, self.scales))
+        return max(_smallest_input(r, bc.max_stride, stride) for bc, r in zip(self.cfg.branches, self.view_ratios))
 
     # ------------------------------------------------------------------ forward
     def forward_branches(self, x: Tensor) -> list[Tokens]:
@@ -302,10 +305,11 @@ def _describe(b: Any) -> str:
     return f"{b.kind} {b.embed_dim}-wide at {round(b.img_size, 1)} px"
 
 
-def _smallest_input(scale: float, patch: int, stride: int) -> int:
-    """Smallest side (a multiple of ``stride``) whose view at ``scale`` still covers ``patch`` pixels."""
+def _smallest_input(ratio: tuple[int, int], patch: int, stride: int) -> int:
+    """Smallest side (a multiple of ``stride``) whose view at ``ratio`` still covers ``patch`` pixels."""
+    num, den = ratio
     side = stride
-    while int(side * scale) < patch:   # interpolate's output size is floor(side * scale)
+    while (side * num // den if num < den else side) < patch:   # the view's side (ops/resize.view_size)
         side += stride
     return side
 
