@@ -67,7 +67,7 @@ class MSDeformAttn(nn.Module):
         value = value.view(n, s, self.num_heads, self.value_dim // self.num_heads)
         offsets = self.sampling_offsets(query).view(n, lq, self.num_heads, self.num_levels, self.num_points, 2)
         weights = self.attention_weights(query).view(n, lq, self.num_heads, self.num_levels * self.num_points)
-        weights = F.softmax(weights, -1).view(n, lq, self.num_heads, self.num_levels, self.num_points)
+        weights = softmax_last(weights).view(n, lq, self.num_heads, self.num_levels, self.num_points)
         if reference_points.shape[-1] == 4:
             ref = reference_points[:, :, None, :, None]
             locations = ref[..., :2] + offsets / self.num_points * ref[..., 2:] * 0.5
@@ -77,6 +77,15 @@ class MSDeformAttn(nn.Module):
         dt = torch.promote_types(value.dtype, torch.float32)
         out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))
         return self.output_proj(out.to(value.dtype))
+
+
+def softmax_last(x: Tensor) -> Tensor:
+    """Softmax over the last dim. PIIP's is 4 wide (1 level x 4 points), where PyTorch's CPU kernel,
+    vectorised along that dim, takes ~9x longer than the same softmax over a middle dim
+    (benchmarks/micro_ops.py); under compile / export or on GPU the plain op is kept."""
+    if x.shape[-1] >= 16 or x.is_cuda or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return F.softmax(x, -1)
+    return F.softmax(x.movedim(-1, -2).contiguous(), -2).movedim(-2, -1).contiguous()
 
 
 def _normalizer(shapes: tuple[tuple[int, int], ...], like: Tensor) -> Tensor:
