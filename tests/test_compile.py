@@ -143,3 +143,24 @@ def test_hf_trainer_torch_compile(tmp_path):
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
     assert not torch.equal(model.backbone.piip.branches[0].patch_embed.proj.weight, before)
+
+
+def test_built_under_inference_mode_runs_and_trains():
+    """A model built inside ``torch.inference_mode()`` (a common deployment pattern) runs there and
+    under ``no_grad`` (the eval-mode position-table cache used to read the inference tensor's
+    missing version counter), and ``create_model`` gives it normal parameters, so it also trains."""
+    from piip.backbone import PIIPBackbone
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        model = _tiny("piip_tsb_1120_896_448").eval()
+        direct = PIIPBackbone(model.cfg).eval()   # built without create_model: inference-tensor parameters
+        assert direct.branches[0].pos_embed.is_inference()
+        ref = {k: v.clone() for k, v in model(x).items()}
+        for _ in range(2):   # second call: the cache path
+            out = direct(x)
+    assert not model.branches[0].pos_embed.is_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    _loss(model.train()(x)).backward()
+    assert model.branches[0].pos_embed.grad is not None and model.branches[0].patch_embed.proj.weight.grad is not None
