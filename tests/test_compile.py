@@ -61,11 +61,11 @@ def test_inductor_training_matches_eager_as_batch_changes(monkeypatch):
     """Forward + backward through Inductor (default dynamic settings): batch 2, then 3 (a dynamic
     recompile, where 'cannot determine truth value of Relational: 8*s12 < 8' used to stop it).
     Both sides use the ``reference`` deformable op (what compiling selects on CPU).
-    What made them differ by 8e-3 before (docs/deploy.md, "Compiled training"): (1) stochastic depth:
-    in training mode each side draws its own drop-path masks (Inductor also has its own RNG), which
-    alone makes two *eager* copies differ by 8e-3 on branches.0.pos_embed, so it is off here; (2) at
-    64 px the coarsest branch sees a 25-px view, one token, and its gradients are ill-conditioned
-    (float32 eager and compiled both ~1e-3 from float64), so the input is 128 px (a 3x3 grid).
+    Stochastic depth is off: in training mode each side draws its own drop-path masks (Inductor
+    has its own RNG); that alone made two *eager* copies differ by 8e-3 on branches.0.pos_embed, the
+    difference this test used to be skipped for (docs/deploy.md, "Compiled training"). 128 px, not
+    64: at 64 px the coarsest branch sees a 25-px view, one token, and with perturbed parameters
+    its gradients are ill-conditioned (float32 eager itself ~1e-3 from float64).
     The parameters are perturbed: at the released init the interaction gammas and the offset /
     attention-weight projections are zero, and no gradient would flow back through the deformable op.
     One block per branch (one interaction unit, all three branches and edges): the cheapest compile."""
