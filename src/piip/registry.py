@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from .config import PIIPConfig
@@ -64,6 +65,8 @@ def build_from_config(cfg: PIIPConfig) -> nn.Module:
     raise ValueError(f"unknown task {cfg.task!r}: expected 'dense', 'features' or 'classification'")
 
 
+# parameters are normal tensors even when built under torch.inference_mode (trainable later)
+@torch.inference_mode(False)
 def create_model(name: Optional[str] = None, pretrained: bool = False, features_only: bool = False,
                  out_indices: Optional[Any] = None, cache_dir: Optional[str] = None,
                  pretrained_branches: Optional[list] = None, checkpoint: Optional[str] = None,
@@ -108,6 +111,7 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, features_
     return model
 
 
+@torch.inference_mode(False)
 def build_model(name: Optional[str] = None, pretrained_branches: Optional[list] = None, checkpoint: Optional[str] = None,
                 **overrides: Any) -> nn.Module:
     """Build a registered model.

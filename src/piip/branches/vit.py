@@ -150,10 +150,13 @@ class ViTBranch(Branch):
                              f"smaller than one patch; use a larger input (at least {p} px per side for this branch)")
 
     def pos_embed_for(self, hw: tuple[int, int]) -> Tensor:
-        """Position table at grid ``hw`` (class slot dropped); cached in eval mode while the parameter is unchanged."""
+        """Position table at grid ``hw`` (class slot dropped); cached in eval mode while the parameter is unchanged.
+
+        No cache for a table created under ``torch.inference_mode`` (a model built there): an
+        inference tensor has no version counter, so an in-place update could not be detected."""
         pos = self.pos_embed[:, self.pos_slot:]
         if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or tracing() or not concrete(hw) \
-                or not real(self.pos_embed):  # traced / symbolic / meta: computed from the sizes, no cache
+                or not real(self.pos_embed) or self.pos_embed.is_inference():  # traced / symbolic / meta / inference
             return resize_pos_embed(pos, self.pos_grid, hw)
         key = (hw, self.pos_embed._version, self.pos_embed.dtype, self.pos_embed.device, self.pos_embed.data_ptr())
         hit = self._pos_cache.get(hw)

@@ -33,7 +33,9 @@ def maybe_compile(model: nn.Module, enabled: bool = True, **compile_kwargs: Any)
     """Compile every PIIP backbone of ``model`` in place (``enabled=False``: nothing); returns ``model``.
 
     ``compile_kwargs`` go to :func:`torch.compile` (default: inductor, dynamic shapes after the first
-    change of size). A model without a PIIP backbone is an error rather than a silent no-op."""
+    change of size). A model without a PIIP backbone is an error rather than a silent no-op.
+    Gradients equal eager ones, except where randomness is drawn: drop paths (stochastic depth) and
+    dropout sample other masks under Inductor's RNG (docs/deploy.md, "Compiled training")."""
     if not enabled:
         return model
     targets = compile_targets(model)
