@@ -108,19 +108,20 @@ class ConvModule(nn.Module):
         return self.activation(x)
 
 
-def _bin_means(x: Tensor, bins: int, dim: int) -> Tensor:
-    """Means of ``bins`` slices of ``dim`` with adaptive pooling's integer bounds: bin i covers
-    [floor(i n / bins), ceil((i + 1) n / bins)), n the (possibly symbolic) size of ``dim``."""
-    n = x.shape[dim]
-    starts = [(i * n) // bins for i in range(bins)]
-    ends = [((i + 1) * n + bins - 1) // bins for i in range(bins)]   # ceil on non-negative ints only:
-    # ONNX's integer Div truncates, so a floor division of a negative size would be off by one
-    parts = [x.narrow(dim, s, e - s).mean(dim, keepdim=True) for s, e in zip(starts, ends)]
-    return torch.cat(parts, dim) if bins > 1 else parts[0]
+def _bin_matrix(n: "int | torch.SymInt", bins: int, like: Tensor) -> Tensor:
+    """(bins, n) averaging matrix of adaptive pooling's bins: row i is 1 / len over
+    [floor(i n / bins), ceil((i + 1) n / bins)) and 0 elsewhere. Bounds are tensors of the size, not
+    slices: a slice of length 1 at the example would be specialised (torch.export guards it)."""
+    i = torch.arange(bins, device=like.device)
+    start = i * n // bins
+    end = ((i + 1) * n + bins - 1) // bins     # ceil on non-negative ints (ONNX's integer Div truncates)
+    j = torch.arange(n, device=like.device)
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
 
 class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
-    """``nn.AdaptiveAvgPool2d`` that, while exporting, averages its bins as explicit integer slices.
+    """``nn.AdaptiveAvgPool2d`` that, while exporting, averages its integer bins by two matrix products.
 
     The ONNX exporter translates ``adaptive_avg_pool2d`` (output > 1) with the example's kernel
     and stride baked in, so the graph is wrong at any other size (UperNet logits 5.7e-2 relative
@@ -131,7 +132,7 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
             return super().forward(x)
         size = self.output_size
         oh, ow = (size, size) if isinstance(size, int) else size
-        return _bin_means(_bin_means(x, oh, 2), ow, 3)
+        return _bin_matrix(x.shape[2], oh, x) @ x @ _bin_matrix(x.shape[3], ow, x).transpose(0, 1)
 
 
 class PoolingBlock(nn.Sequential):
