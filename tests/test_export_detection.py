@@ -25,7 +25,10 @@ IMG = {"retinanet": 256}
 # example (a 192-px side has one: `Guard failed: (13 + 4 * ((63 + ...) // 64)) // 14 != 1`), and
 # padding to 16 instead of the multi-branch default 224 keeps them unpadded (240 px)
 PAD = {"retinanet": 16}
-OTHERS = {"retinanet": [(512, 480), (240, 256)]}
+OTHERS = {"retinanet": [(512, 480), (240, 256)],
+          # + one padded size (resized to 128x115, padded to 128x128): ONNX's truncating Div once made
+          # the transform's ceil-to-the-pad-divisor a floor (a crop)
+          "faster_rcnn": [(256, 192), (96, 128), (100, 90)]}
 # class-logit gains (by parameter name) that spread the random scores out
 GAINS = {"rpn.head.cls_logits": 1000.0, "classification_head.cls_logits": 3000.0, "cls_score": 4.0,
          "cls_branches": 1.0}
@@ -33,8 +36,8 @@ GAINS = {"rpn.head.cls_logits": 1000.0, "classification_head.cls_logits": 3000.0
 
 def sizes(kind: str) -> tuple[tuple[int, int], list[tuple[int, int]]]:
     """(export example, two other sizes): S x S, then 2S x 1.5S (resized to S x 0.75S) and
-    0.75S x S (kept as is), S = the model's resolution (RetinaNet: OTHERS). No padding: anchors
-    over zero padding score exactly alike and onnxruntime's TopK breaks such ties its own way."""
+    0.75S x S (kept as is), S = the model's resolution (OTHERS: per kind). Mostly unpadded: anchors
+    over zero padding can score exactly alike, and onnxruntime's TopK breaks such ties its own way."""
     s = IMG.get(kind, 128)
     return (s, s), OTHERS.get(kind, [(2 * s, s * 3 // 2), (s * 3 // 4, s)])
 
