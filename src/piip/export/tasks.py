@@ -45,13 +45,6 @@ class ExportTask:
 
 TASKS: list[ExportTask] = []
 
-# measured: exported at 96x128, onnxruntime differed from eager by 5.7e-2 (relative) at 112x160,
-# while the .pt2 program of the same model matches (tests/test_export.py)
-SEGMENTOR_ONNX_REFUSAL = ("a segmentor's ONNX graph is wrong at sizes other than the example's (relative error "
-                          "5.7e-2 measured; UperNet's adaptive average pooling is the suspect): export it with "
-                          "--static, or as a torch.export program with --format pt2")
-
-
 def register_task(task: ExportTask, first: bool = True) -> ExportTask:
     """Add (or replace, by name) a task; ``first`` puts it before the built-in ones."""
     TASKS[:] = [t for t in TASKS if t.name != task.name]
@@ -110,7 +103,7 @@ def _register_builtins() -> None:
         ExportTask("classification", lambda m: isinstance(m, PIIPClassifier), TupleOutputs, ["images"],
                    lambda m: ["logits"], lambda m: m.backbone),
         ExportTask("segmentation", lambda m: isinstance(m, PIIPSegmentor), TupleOutputs, ["images"],
-                   lambda m: ["logits"], lambda m: m.backbone, onnx_dynamic_refusal=SEGMENTOR_ONNX_REFUSAL),
+                   lambda m: ["logits"], lambda m: m.backbone),
     ):
         register_task(task, first=False)
     from ..tasks.detection_export import export_task as detection_task   # one image in, detections out

@@ -250,7 +250,8 @@ class PIIPDetectionTransform(GeneralizedRCNNTransform):
             return super().batch_images(images, size_divisible)
         h = functools.reduce(torch.sym_max, [im.shape[-2] for im in images])
         w = functools.reduce(torch.sym_max, [im.shape[-1] for im in images])
-        h, w = -(-h // size_divisible) * size_divisible, -(-w // size_divisible) * size_divisible
+        d = size_divisible   # ceil on non-negative ints: ONNX's Div truncates, so -(-h // d) crops instead
+        h, w = (h + d - 1) // d * d, (w + d - 1) // d * d
         return torch.stack([F.pad(im, (0, w - im.shape[-1], 0, h - im.shape[-2])) for im in images])
 
     def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],

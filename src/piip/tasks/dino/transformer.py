@@ -203,7 +203,12 @@ class DeformableTransformer(nn.Module):
             with _float32(tgt):   # heads in float32 under autocast, as the released code runs them
                 hs = self.decoder_norm(tgt.float())
                 logits.append(self.cls_branches[i](hs))
-                boxes.append((self.reg_branches[i](hs) + inverse_sigmoid(prev)).sigmoid())
-                prev = (self.reg_branches[i](tgt.float()) + inverse_sigmoid(ref)).sigmoid()
+                # ref is prev (layer 0) or prev.detach(): one inverse_sigmoid serves both. Two of the
+                # same tensor make onnxscript's min/max-to-Clip rewrite name two constants
+                # '<input>_min' and drop one ("Node input 'sigmoid_min_1' is not a graph input ...")
+                inv_prev = inverse_sigmoid(prev)
+                inv_ref = inv_prev if ref is prev else inv_prev.detach()
+                boxes.append((self.reg_branches[i](hs) + inv_prev).sigmoid())
+                prev = (self.reg_branches[i](tgt.float()) + inv_ref).sigmoid()
             ref = prev.detach()
         return {"logits": torch.stack(logits), "boxes": torch.stack(boxes)}
