@@ -70,26 +70,11 @@ def test_inductor_training_matches_eager_as_batch_changes(monkeypatch):
     attention-weight projections are zero, and no gradient would flow back through the deformable op.
     One block per branch (one interaction unit, all three branches and edges): the cheapest compile."""
     monkeypatch.setenv("PIIP_DEFORM_IMPL", "reference")
-    model = _tiny("piip_tsb_1120_896_448", depth=1, drop_path=0.0, interaction_drop_path=0.0, img_size=128).train()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.05)
+    model = _perturbed("piip_tsb_1120_896_448", 128, depth=1)
     ref = copy.deepcopy(model)
     maybe_compile(model)
-    for b in (2, 3):
-        x = torch.randn(b, 3, 128, 128)
-        out, want = model(x), ref(x)
-        for k in want:    # Inductor's forward too (test_backbone_speed's eval-mode twin was folded in here)
-            torch.testing.assert_close(out[k], want[k], atol=1e-4, rtol=1e-4)
-        _loss(out).backward()
-        _loss(want).backward()
-        grads = {n: p.grad for n, p in model.named_parameters()}
-        for n, p in ref.named_parameters():
-            assert (p.grad is None) == (grads[n] is None), n
-            if p.grad is not None:
-                torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")
-        model.zero_grad()
-        ref.zero_grad()
+    # Inductor's forward is compared too (test_backbone_speed's eval-mode twin was folded in here)
+    _same_training_steps(model, model, ref, 128, _loss, outputs=True)
 
 
 @pytest.mark.parametrize("name, size", [("piip_vt_cs_vb_1024_672_448", 128),    # ConvNeXt / ViT hybrid
@@ -98,23 +83,40 @@ def test_compiled_training_step_hybrid_and_classifier(name, size, monkeypatch):
     """A compiled training step (forward + backward through AOT autograd, batch 2 then 3) of the
     other two families gives eager's gradients; ``aot_eager`` keeps it cheap (Inductor's codegen is
     covered by the ViT test above, and the traced graph is the same). Both sides run the
-    ``reference`` deformable op, as compiling selects on CPU (eager's ``fused`` takes the other
-    one-sided location gradient at samples on a cell border: pos_embed grads then differ by ~3e-4)."""
+    ``reference`` deformable op, as compiling selects on CPU. Interaction drop paths are off too:
+    left on (the hybrid's default), they alone made pos_embed grads differ by 3e-4."""
     if "vt_cs" in name and not os.environ.get("PIIP_COMPILE_ALL"):
         pytest.skip("the hybrid's 39 ConvNeXt blocks and 12 interaction groups take ~200 s to trace on 2 cores; "
                     "PIIP_COMPILE_ALL=1 runs it (passed 2026-12-06)")
     monkeypatch.setenv("PIIP_DEFORM_IMPL", "reference")
-    model = _tiny(name, drop_path=0.0, interaction_drop_path=0.0, img_size=size).train()
+    model = _perturbed(name, size)
+    ref = copy.deepcopy(model)
+    loss = (lambda o: o.float().pow(2).mean()) if name.endswith("_cls") else _loss
+    _same_training_steps(model, torch.compile(model, backend="aot_eager"), ref, size, loss)
+
+
+def _perturbed(name: str, size: int, **kw) -> torch.nn.Module:
+    """A tiny training-mode model without stochastic depth (each side would draw its own masks) and
+    with every parameter moved off its init (zero gammas / offsets would stop the gradient before
+    the deformable op)."""
+    model = _tiny(name, drop_path=0.0, interaction_drop_path=0.0, img_size=size, **kw).train()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
-    ref = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="aot_eager")
+    return model
+
+
+def _same_training_steps(model, run, ref, size: int, loss, outputs: bool = False) -> None:
+    """Batch 2 then 3 through ``run`` (the compiled ``model``) and eager ``ref``: same gradients
+    (atol 1e-4 / rtol 1e-3), and same outputs when ``outputs``."""
     for b in (2, 3):
         x = torch.randn(b, 3, size, size)
-        loss = (lambda o: o.float().pow(2).mean()) if name.endswith("_cls") else _loss
-        loss(compiled(x)).backward()
-        loss(ref(x)).backward()
+        out, want = run(x), ref(x)
+        if outputs:
+            for k in want:
+                torch.testing.assert_close(out[k], want[k], atol=1e-4, rtol=1e-4)
+        loss(out).backward()
+        loss(want).backward()
         for (n, p), q in zip(model.named_parameters(), ref.parameters()):
             assert (p.grad is None) == (q.grad is None), n
             if p.grad is not None:
