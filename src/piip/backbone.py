@@ -10,7 +10,6 @@ from collections import OrderedDict
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
@@ -21,7 +20,7 @@ from .layers.deform_attn import MSDeformAttn
 from .layers.interaction import InteractionGroup, default_edges, validate_edges
 from .layers.merge import BranchMerge
 from .layers.pyramid import LEVEL_STRIDES, SimpleFeaturePyramid
-from .ops.resize import resize_view, view_ratio
+from .ops.resize import resize_view, view_ratio, view_size
 
 
 TRACE_REFUSAL = ("PIIP models cannot be traced by torch.jit.trace or the TorchScript-based torch.onnx.export "
@@ -309,7 +308,7 @@ def _smallest_input(ratio: tuple[int, int], patch: int, stride: int) -> int:
     """Smallest side (a multiple of ``stride``) whose view at ``ratio`` still covers ``patch`` pixels."""
     num, den = ratio
     side = stride
-    while (side * num // den if num < den else side) < patch:   # the view's side (ops/resize.view_size)
+    while (view_size(side, side, num, den)[0] if num < den else side) < patch:
         side += stride
     return side
 
