@@ -1,9 +1,19 @@
+import json
 import os
 
 import pytest
 import torch
 
 import piip
+
+
+def made_coco(tmp_path_factory, name: str, **kwargs) -> tuple[str, str, dict]:
+    """A generated COCO folder (``piip.data.synthetic.make_coco(**kwargs)``): root, annotation file, its JSON."""
+    from piip.data.synthetic import make_coco
+    root = str(tmp_path_factory.mktemp(name))
+    ann = make_coco(root, **kwargs)
+    with open(ann) as f:
+        return root, ann, json.load(f)
 
 
 def tiny_overrides(name: str, img_size: int = 64) -> dict:

@@ -10,7 +10,7 @@ import torch
 
 from piip.commands._model_args import parse_overrides
 from piip.data import CocoDetection, detection_collate, detection_train_transforms
-from piip.data.synthetic import make_coco
+from conftest import made_coco
 from piip.engine import TrainConfig, Trainer, WarmupSchedule, build_optimizer, param_groups
 from piip.evaluation import COCO_METRIC_NAMES, evaluate_detector
 from piip.tasks.detection import DetectorConfig, build_detector
@@ -30,10 +30,8 @@ def tiny_detector(kind: str = "mask_rcnn", seed: int = 0):
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
     """6 shape images + one image with no annotations + one corrupt file + a crowd and a degenerate box."""
-    root = str(tmp_path_factory.mktemp("coco"))
-    ann = make_coco(root, num_images=6, image_size=(64, 56), max_objects=3, min_object=6, seed=0)
-    with open(ann) as f:
-        d = json.load(f)
+    root, ann, d = made_coco(tmp_path_factory, "coco", num_images=6, image_size=(64, 56), max_objects=3,
+                             min_object=6, seed=0)
     with open(os.path.join(root, "train", "broken.png"), "wb") as f:
         f.write(b"\x89PNG not really an image")
     from PIL import Image

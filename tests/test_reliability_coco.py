@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 
 from piip.cli import main  # noqa: E402
 from piip.data import CocoDetection  # noqa: E402
-from piip.data.synthetic import make_coco  # noqa: E402
+from conftest import made_coco  # noqa: E402
 from piip.evaluation import evaluate_detector  # noqa: E402
 from piip.tasks.detection import DetectorConfig, build_detector  # noqa: E402
 
@@ -46,10 +46,8 @@ def _rle(poly: list, h: int, w: int, compressed: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("coco_rel"))
-    ann = make_coco(root, num_images=4, image_size=(64, 56), max_objects=3, min_object=8, seed=1)
-    with open(ann) as f:
-        d = json.load(f)
+    root, _, d = made_coco(tmp_path_factory, "coco_rel", num_images=4, image_size=(64, 56), max_objects=3,
+                           min_object=8, seed=1)
     anns = d["annotations"]
     assert len(anns) >= 6
     # mixed: polygons, compressed RLE, uncompressed RLE, [], missing, a 2-point polygon, and a crowd RLE
