@@ -24,6 +24,7 @@ def _evaluate(root: str, out: str):
 
 
 def _worker(r: int, world: int, init: str, root: str, out: str) -> None:
+    from piip.engine.distributed import cleanup
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=r, world_size=world)
     try:
@@ -31,7 +32,7 @@ def _worker(r: int, world: int, init: str, root: str, out: str) -> None:
         with open(f"{out}.rank{r}", "w") as f:
             json.dump(res, f)
     finally:
-        dist.destroy_process_group()
+        cleanup()  # the library's teardown: barrier, then destroy
 
 
 def test_sharded_classification_eval_equals_single_process(tmp_path):

@@ -66,7 +66,10 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 def cleanup() -> None:
+    """Leave the process group together: a barrier first, so that no rank tears down its gloo
+    threads while a peer still has traffic in flight (that race aborts a rank with SIGABRT)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
