@@ -6,8 +6,9 @@ plain ViT / ViTDet backbone.
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.nn.init import trunc_normal_
@@ -282,10 +283,41 @@ def take_intermediates(maps: list[Tensor], final: Any, indices: Any, norm: bool,
     return out if intermediates_only else (final, out)
 
 
+def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
+              skip_strides: Optional[Sequence[float]] = None) -> tuple[dict[str, int], int]:
+    """Layer id of every parameter name for layer-wise lr decay (rules: ``piip.engine.optim``), and
+    num_layers (default: the deepest decayed branch's depth). Each branch names its own parameters' ids
+    (``Branch.layer_id``); a branch's block stride defaults to the deepest branch's depth over its own."""
+    backbones = [(n, m) for n, m in model.named_modules() if isinstance(m, PIIPBackbone)]
+    if not backbones:
+        raise ValueError("layer-wise lr decay needs a model containing a PIIPBackbone")
+    prefix, bb = backbones[0]
+    prefix = prefix + "." if prefix else ""
+    depths = [br.decay_depth for br in bb.branches]
+    n = len(depths)
+    num_layers = num_layers or max(depths) or 1
+    if skip_strides is None:
+        strides = [max(1.0, max(depths) / d) if d else 1.0 for d in depths]
+        strides[-1] = 1
+    else:  # official order: for official branch2, branch3, ... = our n-2, n-3, ...
+        if len(skip_strides) != n - 1:
+            raise ValueError(f"skip_strides needs {n - 1} entries (one per branch but the largest), got {skip_strides}")
+        strides = [float(skip_strides[n - 2 - k]) for k in range(n - 1)] + [1.0]
+    top = num_layers + 1
+    ids = {}
+    for name, _ in model.named_parameters():
+        m = _BRANCH_PARAM.match(name[len(prefix):]) if name.startswith(prefix) else None
+        lid = bb.branches[int(m.group(1))].layer_id(m.group(2), strides[int(m.group(1))], top) if m else None
+        ids[name] = top if lid is None else lid
+    return ids, num_layers
+
+
+_BRANCH_PARAM = re.compile(r"branches\.(\d+)\.(.*)")
+
+
 def group_matcher(model: nn.Module) -> Any:
     """timm's layer grouping as a callable: the layer id piip's own layer-wise lr decay gives each
     parameter (embeddings 0, ViT blocks by depth, everything else last)."""
-    from .engine.optim import layer_ids
     ids, _ = layer_ids(model)
     top = max(ids.values())
     return lambda name: ids.get(name, top)

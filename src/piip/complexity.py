@@ -57,6 +57,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+from .branches.base import Branch, FlopPart
 from .config import PIIPConfig
 from .layers.attention import Attention, CrossAttention
 from .layers.deform_attn import MSDeformAttn
@@ -219,21 +220,22 @@ def module_flops(m: nn.Module, geom: Geom, width: Optional[int] = None) -> Optio
 
 
 def _walk(root: nn.Module, geom: Geom, cost: ModuleCost, overrides: Optional[dict[int, Geom]] = None,
-          width: Optional[int] = None, padded: bool = False) -> None:
+          width: Optional[int] = None, padded: bool = False, exact_norms: bool = False) -> None:
     """Add the FLOPs of every module under ``root`` to ``cost``.
 
     ``overrides`` maps ``id(module)`` to the geometry that module (and its children) read, e.g. the
     feature branch's tokens for an interaction's projection. ``width`` is the channel count
     used for element-wise modules (ReLU, pooling) that do not know their own width. ``padded``
     counts windowed attention on the zero-padded grid it really runs on (as built) instead of the
-    papers' unpadded N·window².
+    papers' unpadded N·window². ``exact_norms`` counts only exact ``nn.LayerNorm`` norms, as the
+    PIIP-LLaVA counter's hook does (timm's ConvNeXt norms subclass it and are missed).
     """
     overrides = overrides or {}
     geom = overrides.get(id(root), geom)
     if isinstance(root, nn.Sequential) and not any(id(c) in overrides for c in root):
-        _walk_map_sequential(root, geom.hw, cost)
+        _walk_map_sequential(root, geom.hw, cost, exact_norms=exact_norms)
         return
-    res = module_flops(root, geom, width)
+    res = _counted(root, module_flops(root, geom, width), exact_norms)
     if res is not None:
         cost.add(*res)
     if isinstance(root, Attention):
@@ -245,19 +247,23 @@ def _walk(root: nn.Module, geom: Geom, cost: ModuleCost, overrides: Optional[dic
     elif isinstance(root, MSDeformAttn):
         cost.add("deform", deform_attention_flops(geom.tokens, root.dim, root.num_points * root.num_levels))
     for child in root.children():
-        _walk(child, geom, cost, overrides, width, padded)
+        _walk(child, geom, cost, overrides, width, padded, exact_norms)
+
+
+def _counted(m: nn.Module, res: Optional[tuple[str, int]], exact_norms: bool) -> Optional[tuple[str, int]]:
+    return None if exact_norms and res is not None and res[0] == "norm" and type(m) is not nn.LayerNorm else res
 
 
 def _walk_map_sequential(seq: nn.Sequential, hw: tuple[int, int], cost: ModuleCost,
-                         width: Optional[int] = None) -> None:
+                         width: Optional[int] = None, exact_norms: bool = False) -> None:
     """Count an nn.Sequential of map layers, propagating the spatial size (and channel width, for
     element-wise layers) from layer to layer; ``width`` is the input's channel count if known."""
     for m in seq:
         if isinstance(m, nn.Sequential):
-            _walk_map_sequential(m, hw, cost, width)
+            _walk_map_sequential(m, hw, cost, width, exact_norms)
             hw = _seq_out_hw(m, hw)
             continue
-        res = module_flops(m, Geom(hw[0] * hw[1], hw), width)
+        res = _counted(m, module_flops(m, Geom(hw[0] * hw[1], hw), width), exact_norms)
         if res is not None:
             cost.add(*res)
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -305,23 +311,16 @@ def _group_grids(br: nn.Module, view: tuple[int, int]) -> list[tuple[int, int]]:
     return [(view[0] // s, view[1] // s) for s in br.group_strides]
 
 
-def _branch_cost(br: nn.Module, label: str, view: tuple[int, int], grid: tuple[int, int],
-                 paper: bool) -> ModuleCost:
-    from .branches.vit import ViTBranch
-    cost = ModuleCost(label, params=_n_params(br))
-    if hasattr(br, "flop_parts"):  # branches that change grid inside: each part with its input map
-        for part, hw in br.flop_parts(view):
-            _walk(part, Geom(hw[0] * hw[1], hw), cost)
-        return cost
-    if not isinstance(br, ViTBranch):
-        raise ValueError(f"FLOP counting does not support {type(br).__name__} ({label})")
-    n_patch = grid[0] * grid[1]
-    cls = br.cls_token is not None
-    if paper and br.pos_embed is not None:  # position table (and any class slot) at the branch's input grid
-        cost.params += (n_patch + br.pos_slot) * br.pos_embed.shape[-1] - br.pos_embed.numel()
-    _walk(br, Geom(n_patch + int(cls), grid), cost, overrides={id(br.patch_embed): Geom(n_patch, view)},
-          padded=not paper)
+def _branch_cost(br: Branch, label: str, view: tuple[int, int], paper: bool) -> ModuleCost:
+    """A branch's own count: each module it runs (``Branch.flop_parts``) on what it reads."""
+    cost = ModuleCost(label, params=br.params_at(view) if paper else _n_params(br))
+    for part in br.flop_parts(view):
+        _walk(part.module, Geom(part.tokens, part.hw), cost, _part_reads(part), padded=not paper)
     return cost
+
+
+def _part_reads(part: FlopPart) -> dict[int, Geom]:
+    return {k: Geom(*v) for k, v in (part.reads or {}).items()}
 
 
 def _edge_cost(edge: InteractionEdge, q: Geom, f: Geom, cost: ModuleCost) -> None:
@@ -465,8 +464,8 @@ def count_model(model: nn.Module, name: str = "model") -> Complexity:
     built: list[ModuleCost] = []
     for i, (br, v, g) in enumerate(zip(backbone.branches, views, grids)):
         label = _describe_branch(i, br, res[i])
-        paper.append(_branch_cost(br, label, v, g, paper=True))
-        built.append(_branch_cost(br, label, v, g, paper=False))
+        paper.append(_branch_cost(br, label, v, paper=True))
+        built.append(_branch_cost(br, label, v, paper=False))
     if backbone.interactions is not None:
         inter = _interaction_cost(backbone, group_grids)
         paper.append(inter)
@@ -522,24 +521,14 @@ def _count_llava_tower(backbone: nn.Module, name: str) -> Complexity:
     self-attention products on the patch tokens only (class token excluded, though the Linears read it);
     timm's ConvNeXt norms are not counted (the official hook matches exact ``nn.LayerNorm``); the
     deformable term of every interaction uses the fine branch's grid after its *first* group."""
-    from .branches.vit import ViTBranch
     cfg: PIIPConfig = backbone.cfg
     views, grids = branch_grids(cfg)
     group_grids = [_group_grids(br, v) for br, v in zip(backbone.branches, views)]
     rows: list[ModuleCost] = []
     for i, (br, v, g) in enumerate(zip(backbone.branches, views, grids)):
         cost = ModuleCost(_describe_branch(i, br, cfg.branches[i].img_size), params=_n_params(br))
-        if isinstance(br, ViTBranch):
-            n = g[0] * g[1]
-            over = {id(br.patch_embed): Geom(n, v)}
-            for blk in br.blocks:  # products on N patch tokens, projections on N + 1
-                over.update({id(blk.attn): Geom(n, g), id(blk.attn.qkv): Geom(n + 1, g),
-                             id(blk.attn.proj): Geom(n + 1, g)})
-            _walk(br, Geom(n + int(br.cls_token is not None), g), cost, over)
-        else:
-            for part, hw in br.flop_parts(v):
-                _walk(part, Geom(hw[0] * hw[1], hw), cost)
-            cost.flops_by_kind["norm"] = 0
+        for part in br.flop_parts(v, patch_attention=True):
+            _walk(part.module, Geom(part.tokens, part.hw), cost, _part_reads(part), exact_norms=True)
         rows.append(cost)
     if backbone.interactions is not None:
         inter = _interaction_cost(backbone, group_grids)

@@ -60,28 +60,81 @@ class BranchConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.img_size, (int, float)) or isinstance(self.img_size, bool) or not self.img_size > 0:
             raise ValueError(f"branch img_size must be a positive number, got {self.img_size!r}")
-        if self.kind == "convnext":
-            if not self.stage_dims or not self.stage_depths or len(self.stage_dims) != 4 \
-                    or len(self.stage_depths) != 4 or min(self.stage_depths) < 1:
-                raise ValueError(f"a convnext branch needs 4 stage_dims and 4 stage_depths >= 1, got "
-                                 f"stage_dims={self.stage_dims}, stage_depths={self.stage_depths}")
-            self.depth = sum(self.stage_depths) + len(self.stage_depths) - 1
-            self.embed_dim = self.stage_dims[-1]
-            self.window_sizes = [0] * self.depth
-        else:
-            _check_vit_widths(self)
+        rules = _kind_rules(self)
+        rules.complete(self)
         if self.window_sizes is None:
             self.window_sizes = [0] * self.depth
-        if self.interaction_groups is None and self.kind == "convnext":  # the released cuts
-            d = self.stage_depths
-            self.interaction_groups = convnext_groups(d) if d[2] % 9 == 0 else stage_groups(d)
         if self.interaction_groups is None:
-            self.interaction_groups = [[i, i] for i in range(self.depth)]
+            self.interaction_groups = rules.default_groups(self)
 
     @property
     def max_stride(self) -> int:
         """Stride of the branch's coarsest tokens: its input must be a multiple of it."""
-        return 4 * 2 ** (len(self.stage_dims) - 1) if self.kind == "convnext" else self.patch_size
+        return _kind_rules(self).max_stride(self)
+
+
+class ViTRules:
+    """What a :class:`BranchConfig` needs to know about its branch kind (here: a ViT of any flavour).
+    One subclass per kind in :data:`BRANCH_KIND_RULES`; the branch modules are in ``piip.branches``."""
+
+    stride_name = "patch size"   # how an error message names ``max_stride``
+
+    @staticmethod
+    def complete(b: BranchConfig) -> None:
+        """Check the kind's fields and derive the generic ones from them."""
+        _check_vit_widths(b)
+
+    @staticmethod
+    def default_groups(b: BranchConfig) -> list[list[int]]:
+        """The interaction cut when none is given: one group per block."""
+        return [[i, i] for i in range(b.depth)]
+
+    @staticmethod
+    def max_stride(b: BranchConfig) -> int:
+        return b.patch_size
+
+    @staticmethod
+    def per_stage_cut(b: BranchConfig) -> bool:
+        """Whether the branch is cut one group per stage (a cut that a depth override keeps)."""
+        return False
+
+
+class ConvNeXtRules(ViTRules):
+    """A ConvNeXt: 4 stages; ``depth`` / ``embed_dim`` / ``window_sizes`` derived from them."""
+
+    stride_name = "input stride"
+
+    @staticmethod
+    def complete(b: BranchConfig) -> None:
+        if not b.stage_dims or not b.stage_depths or len(b.stage_dims) != 4 \
+                or len(b.stage_depths) != 4 or min(b.stage_depths) < 1:
+            raise ValueError(f"a convnext branch needs 4 stage_dims and 4 stage_depths >= 1, got "
+                             f"stage_dims={b.stage_dims}, stage_depths={b.stage_depths}")
+        b.depth = sum(b.stage_depths) + len(b.stage_depths) - 1
+        b.embed_dim = b.stage_dims[-1]
+        b.window_sizes = [0] * b.depth
+
+    @staticmethod
+    def default_groups(b: BranchConfig) -> list[list[int]]:
+        """The released cuts: 12 groups for ConvNeXt-T/S/B/L, else one per stage."""
+        d = b.stage_depths
+        return convnext_groups(d) if d[2] % 9 == 0 else stage_groups(d)
+
+    @staticmethod
+    def max_stride(b: BranchConfig) -> int:
+        return 4 * 2 ** (len(b.stage_dims) - 1)
+
+    @staticmethod
+    def per_stage_cut(b: BranchConfig) -> bool:
+        return b.interaction_groups == stage_groups(b.stage_depths)
+
+
+# ``BranchConfig.kind`` -> its rules; a kind not listed is checked as a ViT (``build_branch`` names it)
+BRANCH_KIND_RULES: dict[str, type[ViTRules]] = {"vit": ViTRules, "convnext": ConvNeXtRules}
+
+
+def _kind_rules(b: BranchConfig) -> type[ViTRules]:
+    return BRANCH_KIND_RULES.get(b.kind, ViTRules)
 
 
 def _check_vit_widths(b: BranchConfig) -> None:
@@ -105,7 +158,7 @@ def check_img_size(cfg: "PIIPConfig", name: str = "img_size") -> None:
     size = round(size) if abs(size - round(size)) < 1e-6 else size   # float rounding of rescaled configs
     if size != int(size) or int(size) % patch:
         lo, hi = max(patch, int(size) // patch * patch), (int(size) // patch + 1) * patch
-        what = "input stride" if cfg.branches[0].kind == "convnext" else "patch size"
+        what = _kind_rules(cfg.branches[0]).stride_name
         raise ValueError(f"{name} {size:g} is not a multiple of the finest branch's {what} {patch}; "
                          f"use {lo} or {hi}")
 
@@ -207,7 +260,7 @@ def _replace_branch(b: BranchConfig, o: dict[str, Any]) -> BranchConfig:
         new.window_sizes = (list(b.window_sizes) * new.depth)[:new.depth] if b.window_sizes else None
     if ("depth" in o or "stage_depths" in o) and "interaction_groups" not in o:
         # a per-stage cut (ConvNeXt baselines) stays per-stage; anything else gets the default cut
-        per_stage = b.kind == "convnext" and b.interaction_groups == stage_groups(b.stage_depths)
+        per_stage = _kind_rules(b).per_stage_cut(b)
         new.interaction_groups = stage_groups(new.stage_depths) if per_stage and new.stage_depths else None
     new.__post_init__()
     return new

@@ -1,10 +1,11 @@
 """Branches: pretrained networks cut into groups of blocks."""
 from ..config import BranchConfig
-from .base import Branch, Tokens
+from .base import Branch, FlopPart, Tokens
 from .convnext import ConvNeXtBranch
 from .vit import Block, ViTBranch
 
-_BRANCH_KINDS = {"vit": ViTBranch, "convnext": ConvNeXtBranch}
+# the branch kinds: ``BranchConfig.kind`` -> class (its per-kind config rules: ``piip.config.BRANCH_KIND_RULES``)
+_BRANCH_KINDS = {cls.kind: cls for cls in (ViTBranch, ConvNeXtBranch)}
 
 
 def build_branch(cfg: BranchConfig, name: str = "branch") -> Branch:
@@ -13,4 +14,4 @@ def build_branch(cfg: BranchConfig, name: str = "branch") -> Branch:
     return _BRANCH_KINDS[cfg.kind](cfg, name=name)
 
 
-__all__ = ["Branch", "Tokens", "Block", "ViTBranch", "ConvNeXtBranch", "build_branch"]
+__all__ = ["Branch", "FlopPart", "Tokens", "Block", "ViTBranch", "ConvNeXtBranch", "build_branch"]

@@ -1,14 +1,30 @@
-"""The interface every branch (ViT today; ConvNeXt, CLIP, InternViT later) implements.
+"""The interface every branch kind (ViT with its flavours, ConvNeXt) implements.
 
 A branch turns its view of the image into tokens, then runs one *group* of its blocks at a
 time so that the backbone can interleave interactions. Token width and stride may change
 from group to group (hierarchical CNN branches), hence ``group_dims``/``group_strides``.
+
+Everything else that differs between kinds is asked of the branch too, so that the layers above
+(optimizer, FSDP, FLOP counting, checkpoint converters) hold no ``kind == ...`` checks:
+``layer_id`` / ``decay_depth`` (layer-wise lr decay), ``fsdp_units``, ``flop_parts`` /
+``params_at`` (FLOP and parameter counts) and ``kind`` (the key the weights converters and
+``piip.config``'s per-kind rules are registered under).
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
 from torch import Tensor, nn
+
+
+class FlopPart(NamedTuple):
+    """One module a branch runs, for FLOP counting: it reads ``tokens`` rows on an ``hw`` map;
+    ``reads`` maps ``id(submodule)`` to the (tokens, hw) that submodule reads instead."""
+
+    module: nn.Module
+    tokens: int
+    hw: tuple[int, int]
+    reads: Optional[dict[int, tuple[int, tuple[int, int]]]] = None
 
 
 class Tokens(NamedTuple):
@@ -20,8 +36,9 @@ class Tokens(NamedTuple):
 
 
 class Branch(nn.Module):
-    """Abstract branch. Subclasses set ``group_dims``, ``group_strides`` and ``name``."""
+    """Abstract branch. Subclasses set ``kind``, ``group_dims``, ``group_strides`` and ``name``."""
 
+    kind: str = ""
     name: str = "branch"
     group_dims: list[int]
     group_strides: list[int]
@@ -49,3 +66,27 @@ class Branch(nn.Module):
         for g in range(self.num_groups):
             t = self.forward_group(t, g)
         return t
+
+    # ------------------------------------------------------------------ what layers above ask
+    @property
+    def decay_depth(self) -> int:
+        """Blocks that layer-wise lr decay spreads over (0: the branch is not decayed)."""
+        return 0
+
+    def layer_id(self, name: str, stride: float, top: int) -> Optional[int]:
+        """Layer id of parameter ``name`` (relative to the branch) for layer-wise lr decay, given the
+        branch's block ``stride`` in the deepest branch's layers and the ``top`` id; None = ``top``."""
+        return None
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards as their own units (one per block)."""
+        return list(getattr(self, "blocks", None) or [])
+
+    def flop_parts(self, view: tuple[int, int], patch_attention: bool = False) -> list[FlopPart]:
+        """Every module the branch runs on a ``view``-sized image and what it reads (FLOP counting).
+        ``patch_attention``: self-attention products on the patch tokens only (the PIIP-LLaVA counter)."""
+        raise ValueError(f"FLOP counting does not support {type(self).__name__} ({self.name})")
+
+    def params_at(self, view: tuple[int, int]) -> int:
+        """Parameters as the papers count them for a ``view``-sized input (position tables at its grid)."""
+        return sum(p.numel() for p in self.parameters())

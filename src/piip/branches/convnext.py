@@ -15,12 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from ..config import BranchConfig
-from .base import Branch, Tokens
+from .base import Branch, FlopPart, Tokens
 from .vit import _check_groups
 
 
 class ConvNeXtBranch(Branch):
     """Stem (4x4 patch conv + LayerNorm2d) and 4 stages; no position table, linear drop path."""
+
+    kind = "convnext"
 
     def __init__(self, cfg: BranchConfig, name: str = "branch") -> None:
         super().__init__()
@@ -39,7 +41,7 @@ class ConvNeXtBranch(Branch):
         self.group_strides = [4 * 2 ** self.flat[last][0] for _, last in self.groups]
 
     def check_input(self, h: int, w: int) -> None:
-        m = 4 * 2 ** (len(self.stages) - 1)
+        m = self.cfg.max_stride
         if h < m or w < m:
             raise ValueError(f"{self.name} received a {h}x{w} view; a ConvNeXt branch needs at least {m} px "
                              f"per side (one token after its last downsampling)")
@@ -56,13 +58,17 @@ class ConvNeXtBranch(Branch):
             x = stage.downsample(x) if j < 0 else stage.blocks[j](x)
         return _tokens(x)
 
-    def flop_parts(self, view: tuple[int, int]) -> list[tuple[nn.Module, tuple[int, int]]]:
-        """(module, input grid) for every module the branch runs on a ``view``-sized image (FLOP counting)."""
-        parts: list[tuple[nn.Module, tuple[int, int]]] = [(self.stem, view)]
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks of every stage (downsampling layers stay in the root unit)."""
+        return [b for s in self.stages for b in s.blocks]
+
+    def flop_parts(self, view: tuple[int, int], patch_attention: bool = False) -> list[FlopPart]:
+        """Module by module, each on the map it reads (the grid changes inside the branch)."""
+        parts = [FlopPart(self.stem, view[0] * view[1], view)]
         hw = (view[0] // 4, view[1] // 4)
         for s, j in self.flat:
             stage = self.stages[s]
-            parts.append((stage.downsample if j < 0 else stage.blocks[j], hw))
+            parts.append(FlopPart(stage.downsample if j < 0 else stage.blocks[j], hw[0] * hw[1], hw))
             if j < 0:
                 hw = (hw[0] // 2, hw[1] // 2)
         return parts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -16,11 +18,13 @@ from ..layers.drop import DropPath
 from ..layers.mlp import Mlp
 from ..layers.norm import make_norm
 from ..ops.symbolic import concrete, real, same_sizes, tracing
-from .base import Branch, Tokens
+from .base import Branch, FlopPart, Tokens
 from .flavours import FLAVOURS, POS_LAYOUTS
 
 # Uni-Perceiver's temporal position table (row 0 is added to every image token)
 UNIPERCEIVER_TEMPORAL_ROWS = 8
+# parameters of the embedding (Uni-Perceiver's visual_embed included): layer 0 of layer-wise lr decay
+EMBEDDING_PARAMS = ("patch_embed", "pos_embed", "cls_token", "temporal_pos_embed", "embed_norm")
 
 
 class Block(nn.Module):
@@ -89,6 +93,8 @@ class ViTBranch(Branch):
     whose slot 0 is never used (kept so official checkpoints load strictly); ``none`` has no
     table; ``uniperceiver`` adds ``temporal_pos_embed[0]`` too and LayerNorms the embedding.
     """
+
+    kind = "vit"
 
     def __init__(self, cfg: BranchConfig, name: str = "branch") -> None:
         super().__init__()
@@ -188,6 +194,38 @@ class ViTBranch(Branch):
         if cls is not None:
             cls, x = x[:, :1], x[:, 1:]
         return Tokens(x, hw, cls)
+
+    # ------------------------------------------------------------------ what layers above ask
+    @property
+    def decay_depth(self) -> int:
+        return self.cfg.depth
+
+    def layer_id(self, name: str, stride: float, top: int) -> Optional[int]:
+        """Embedding: 0; block i: ``floor((i + 1) * stride)`` (released constructor); the rest: top."""
+        if name.startswith(EMBEDDING_PARAMS):
+            return 0
+        if name.startswith("blocks."):
+            return min(top, math.floor((int(name.split(".")[1]) + 1) * stride + 1e-9))
+        return None
+
+    def flop_parts(self, view: tuple[int, int], patch_attention: bool = False) -> list[FlopPart]:
+        """The whole branch on its token grid (class token included), the patch convolution on the view;
+        ``patch_attention``: attention products on the N patch tokens, its projections on N + 1."""
+        grid = (view[0] // self.patch_size, view[1] // self.patch_size)
+        n = grid[0] * grid[1]
+        reads = {id(self.patch_embed): (n, view)}
+        if patch_attention:
+            for blk in self.blocks:
+                reads.update({id(blk.attn): (n, grid), id(blk.attn.qkv): (n + 1, grid), id(blk.attn.proj): (n + 1, grid)})
+        return [FlopPart(self, n + int(self.cls_token is not None), grid, reads)]
+
+    def params_at(self, view: tuple[int, int]) -> int:
+        """The position table (and any class slot) counted at the view's grid, not the stored one."""
+        n = sum(p.numel() for p in self.parameters())
+        if self.pos_embed is None:
+            return n
+        grid = (view[0] // self.patch_size) * (view[1] // self.patch_size)
+        return n + (grid + self.pos_slot) * self.pos_embed.shape[-1] - self.pos_embed.numel()
 
 
 def _check_groups(groups: list[list[int]], depth: int, name: str) -> list[tuple[int, int]]:

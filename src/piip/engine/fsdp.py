@@ -40,11 +40,7 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     units: list[nn.Module] = []
     for m in model.modules():
         if isinstance(m, Branch):
-            blocks = getattr(m, "blocks", None)
-            if blocks is None and hasattr(m, "stages"):  # ConvNeXt: the blocks of every stage
-                units += [b for s in m.stages for b in s.blocks]
-            elif blocks is not None:
-                units += list(blocks)
+            units += m.fsdp_units()
         elif isinstance(m, (InteractionGroup, BranchMerge, SimpleFeaturePyramid)):
             units.append(m)
     return units

@@ -11,6 +11,8 @@ config is the largest branch's block ``floor((i + 1) * stride) - 1``; everything
 (interactions, merging, pyramid, neck, heads) gets L - 1 (scale 1), and so does every parameter of
 a non-ViT (ConvNeXt) branch: the released hybrids decay ViT branches only. No weight decay on 1-D
 parameters and biases (as released; position tables do get weight decay there too).
+
+The ids are the model's: :func:`piip.backbone.layer_ids` asks each branch (``Branch.layer_id``).
 """
 from __future__ import annotations
 
@@ -21,50 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..backbone import PIIPBackbone
-
-_BRANCH = re.compile(r"branches\.(\d+)\.(.*)")
-
-
-def layer_ids(model: nn.Module, num_layers: Optional[int] = None,
-              skip_strides: Optional[Sequence[float]] = None) -> tuple[dict[str, int], int]:
-    """Layer id of every parameter name, and num_layers (default: deepest branch's depth)."""
-    backbones = [(n, m) for n, m in model.named_modules() if isinstance(m, PIIPBackbone)]
-    if not backbones:
-        raise ValueError("layer-wise lr decay needs a model containing a PIIPBackbone")
-    prefix, bb = backbones[0]
-    prefix = prefix + "." if prefix else ""
-    # only ViT blocks are decayed: ConvNeXt branch parameters (stem / stages) keep scale 1, as in
-    # the released hybrids, and their flat block count does not set num_layers
-    depths = [b.depth if b.kind == "vit" else 0 for b in bb.cfg.branches]
-    n = len(depths)
-    num_layers = num_layers or max(depths) or 1
-    if skip_strides is None:
-        strides = [max(1.0, max(depths) / d) if d else 1.0 for d in depths]
-        strides[-1] = 1
-    else:  # official order: for official branch2, branch3, ... = our n-2, n-3, ...
-        if len(skip_strides) != n - 1:
-            raise ValueError(f"skip_strides needs {n - 1} entries (one per branch but the largest), got {skip_strides}")
-        strides = [float(skip_strides[n - 2 - k]) for k in range(n - 1)] + [1.0]
-    top = num_layers + 1
-    ids = {}
-    for name, _ in model.named_parameters():
-        ids[name] = top
-        if not name.startswith(prefix):
-            continue
-        m = _BRANCH.match(name[len(prefix):])
-        if not m:
-            continue
-        k, rest = int(m.group(1)), m.group(2)
-        if bb.cfg.branches[k].kind != "vit":
-            continue
-        if rest.startswith(("patch_embed", "pos_embed", "cls_token", "temporal_pos_embed", "embed_norm")):
-            # the embedding (Uni-Perceiver's visual_embed included) is layer 0
-            ids[name] = 0
-        elif rest.startswith("blocks."):
-            i = int(rest.split(".")[1])
-            ids[name] = min(top, math.floor((i + 1) * strides[k] + 1e-9))
-    return ids, num_layers
+from ..backbone import layer_ids  # noqa: F401  (the model's layer ids; re-exported here, where they are used)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: Optional[float] = None,
