@@ -29,19 +29,24 @@ SENTENCES = [
 def tiny_tower(kind: str = "clip") -> PIIPConfig:
     """Two tiny branches with the released structure: 'clip' (CLIP+CLIP) or 'convnext' (ConvNeXt+CLIP);
     16 visual tokens either way."""
-    clip = flavour_settings("clip")
-    coarse = BranchConfig(img_size=32 if kind == "clip" else 64, embed_dim=48, depth=4, num_heads=4, pos_grid=2,
-                          interaction_groups=[[0, 1], [2, 3]], **clip)
-    if kind == "clip":
-        fine = BranchConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, pos_grid=2,
-                            interaction_groups=[[0, 0], [1, 1]], **clip)
-    elif kind == "convnext":
-        fine = BranchConfig(img_size=128, kind="convnext", stage_dims=[16, 32, 48, 64], stage_depths=[1, 1, 2, 1],
-                            layer_scale=1e-6, pos_grid=None, interaction_groups=[[0, 3], [4, 7]])
-    else:
+    if kind not in _TINY_FINE:
         raise ValueError(f"tiny tower kind must be 'clip' or 'convnext', got {kind!r}")
+    clip = flavour_settings("clip")
+    coarse_size, fine = _TINY_FINE[kind](clip)
+    coarse = BranchConfig(img_size=coarse_size, embed_dim=48, depth=4, num_heads=4, pos_grid=2,
+                          interaction_groups=[[0, 1], [2, 3]], **clip)
     return PIIPConfig(branches=[fine, coarse], deform_num_heads=4, merge=None, pyramid=None, task="features",
                       image_norm="imagenet")
+
+
+# tower variant -> (coarse CLIP branch's resolution, fine branch), 16 visual tokens each
+_TINY_FINE = {
+    "clip": lambda clip: (32, BranchConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, pos_grid=2,
+                                           interaction_groups=[[0, 0], [1, 1]], **clip)),
+    "convnext": lambda clip: (64, BranchConfig(img_size=128, kind="convnext", stage_dims=[16, 32, 48, 64],
+                                               stage_depths=[1, 1, 2, 1], layer_scale=1e-6, pos_grid=None,
+                                               interaction_groups=[[0, 3], [4, 7]])),
+}
 
 
 def tiny_config(kind: str = "clip", vocab_size: int = 400, **kwargs: Any) -> PiipLlavaConfig:

@@ -74,26 +74,40 @@ def tower_from_official(sd: Mapping[str, Tensor], tower: nn.Module, source: str)
         if not sub:
             raise ValueError(f"{source}: no '{prefix}*' tensors; the checkpoint does not hold this tower's branch "
                              f"{i} ({type(br).__name__})")
-        if isinstance(br, ConvNeXtBranch):
-            if not any(k.startswith("convnext_model.") for k in sub):
-                raise ValueError(f"{what}: expected a ConvNeXt branch ('convnext_model.*'), found "
-                                 f"{sorted({k.split('.')[0] for k in sub})}: wrong variant")
-            bsd, _ = convert_convnext(sub, what)
-        elif isinstance(br, ViTBranch):
-            if not any(k.startswith("clip_model.") for k in sub):
-                raise ValueError(f"{what}: expected a CLIP branch ('clip_model.*'), found "
-                                 f"{sorted({k.split('.')[0] for k in sub})}: wrong variant")
-            tsd, ln_pre, _ = clip_to_timm(sub, what)
-            bsd, _, _ = convert_timm_vit(tsd, br, None, "fold", what)
-            bsd.update(ln_pre)
-        else:  # pragma: no cover - the towers only hold these kinds
+        convert = _FROM_OFFICIAL.get(br.kind)
+        if convert is None:  # pragma: no cover - the towers only hold these kinds
             raise ValueError(f"{source}: branch {i} is a {type(br).__name__}")
+        bsd = convert(sub, br, what)
         out.update({f"{PIIP_TOWER}branches.{i}.{k}": v for k, v in bsd.items()})
     other = [k for k in sd if k.startswith(TOWER) and not k.startswith((official_branch_prefix(0),
                                                                          official_branch_prefix(1)))]
     for k in other:
         out[interaction_from_official(k[len(TOWER):])] = sd[k]
     return out
+
+
+def _branch_module(sub: Mapping[str, Tensor], prefix: str, expected: str, what: str) -> None:
+    """The official branch must hold the module this branch kind loads from (else: the other variant)."""
+    if not any(k.startswith(prefix) for k in sub):
+        raise ValueError(f"{what}: expected a {expected} branch ('{prefix}*'), found "
+                         f"{sorted({k.split('.')[0] for k in sub})}: wrong variant")
+
+
+def _convnext_from_official(sub: Mapping[str, Tensor], br: ConvNeXtBranch, what: str) -> dict[str, Tensor]:
+    _branch_module(sub, "convnext_model.", "ConvNeXt", what)
+    return convert_convnext(sub, what)[0]
+
+
+def _clip_from_official(sub: Mapping[str, Tensor], br: ViTBranch, what: str) -> dict[str, Tensor]:
+    _branch_module(sub, "clip_model.", "CLIP", what)
+    tsd, ln_pre, _ = clip_to_timm(sub, what)
+    bsd, _, _ = convert_timm_vit(tsd, br, None, "fold", what)
+    bsd.update(ln_pre)
+    return bsd
+
+
+# official branch (``branch{k}.*`` tensors) -> piip branch state dict, per branch kind (``Branch.kind``)
+_FROM_OFFICIAL = {ConvNeXtBranch.kind: _convnext_from_official, ViTBranch.kind: _clip_from_official}
 
 
 def official_interaction_count(keys: Iterable[str]) -> int:
@@ -109,7 +123,6 @@ def to_official_llava_state_dict(sd: Mapping[str, Tensor], tower: nn.Module) -> 
     ``class_embedding = cls_token`` and a zero position row 0 (the official forward is the same).
     ``post_layernorm`` / ConvNeXt ``head.norm`` are written as identities (never used at run time)."""
     out: dict[str, Tensor] = {}
-    hf_block = {v: k for k, v in _HF_BLOCK.items()}
     for k, v in sd.items():
         if k.startswith("model.language_model."):
             out["model." + k[len("model.language_model."):]] = v
@@ -128,33 +141,49 @@ def to_official_llava_state_dict(sd: Mapping[str, Tensor], tower: nn.Module) -> 
     for i, br in enumerate(tower.branches):
         pre = f"{PIIP_TOWER}branches.{i}."
         bsd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
-        dst = official_branch_prefix(i)
-        if isinstance(br, ConvNeXtBranch):
-            for k, v in bsd.items():
-                out[dst + "convnext_model." + re.sub(r"\.gamma$", ".weight", k)] = v
-            c = br.stages[-1].blocks[-1].norm.weight.shape[0]
-            out[dst + "convnext_model.head.norm.weight"] = torch.ones(c)
-            out[dst + "convnext_model.head.norm.bias"] = torch.zeros(c)
-            continue
-        cm = dst + "clip_model."
-        cls = bsd.pop("cls_token").reshape(-1)
-        pos = bsd.pop("pos_embed")[0]
-        out[cm + "embeddings.class_embedding"] = cls
-        out[cm + "embeddings.position_embedding.weight"] = torch.cat([torch.zeros_like(pos[:1]), pos])
-        out[cm + "embeddings.patch_embedding.weight"] = bsd.pop("patch_embed.proj.weight")
-        for leaf in ("weight", "bias"):
-            out[cm + f"pre_layrnorm.{leaf}"] = bsd.pop(f"ln_pre.{leaf}")
-        c = cls.shape[0]
-        out[cm + "post_layernorm.weight"], out[cm + "post_layernorm.bias"] = torch.ones(c), torch.zeros(c)
-        for k, v in bsd.items():
-            j, base, leaf = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", k).groups()
-            lp = f"{cm}encoder.layers.{j}."
-            if base == "attn.qkv":
-                for name, part in zip("qkv", v.chunk(3, 0)):
-                    out[lp + f"self_attn.{name}_proj.{leaf}"] = part.clone()
-            else:
-                out[lp + f"{hf_block[base]}.{leaf}"] = v
+        convert = _TO_OFFICIAL.get(br.kind)
+        if convert is None:  # pragma: no cover - the towers only hold these kinds
+            raise ValueError(f"branch {i} is a {type(br).__name__}: it has no official PIIP-LLaVA layout")
+        out.update(convert(bsd, br, official_branch_prefix(i)))
     return out
+
+
+def _convnext_to_official(bsd: dict[str, Tensor], br: ConvNeXtBranch, dst: str) -> dict[str, Tensor]:
+    """timm names under ``convnext_model.``, layer scales named ``weight``, an identity ``head.norm``."""
+    out = {dst + "convnext_model." + re.sub(r"\.gamma$", ".weight", k): v for k, v in bsd.items()}
+    c = br.stages[-1].blocks[-1].norm.weight.shape[0]
+    out[dst + "convnext_model.head.norm.weight"] = torch.ones(c)
+    out[dst + "convnext_model.head.norm.bias"] = torch.zeros(c)
+    return out
+
+
+def _clip_to_official(bsd: dict[str, Tensor], br: ViTBranch, dst: str) -> dict[str, Tensor]:
+    """Hugging Face ``CLIPVisionTransformer`` names under ``clip_model.`` (see the caller's doc)."""
+    out: dict[str, Tensor] = {}
+    hf_block = {v: k for k, v in _HF_BLOCK.items()}
+    cm = dst + "clip_model."
+    cls = bsd.pop("cls_token").reshape(-1)
+    pos = bsd.pop("pos_embed")[0]
+    out[cm + "embeddings.class_embedding"] = cls
+    out[cm + "embeddings.position_embedding.weight"] = torch.cat([torch.zeros_like(pos[:1]), pos])
+    out[cm + "embeddings.patch_embedding.weight"] = bsd.pop("patch_embed.proj.weight")
+    for leaf in ("weight", "bias"):
+        out[cm + f"pre_layrnorm.{leaf}"] = bsd.pop(f"ln_pre.{leaf}")
+    c = cls.shape[0]
+    out[cm + "post_layernorm.weight"], out[cm + "post_layernorm.bias"] = torch.ones(c), torch.zeros(c)
+    for k, v in bsd.items():
+        j, base, leaf = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", k).groups()
+        lp = f"{cm}encoder.layers.{j}."
+        if base == "attn.qkv":
+            for name, part in zip("qkv", v.chunk(3, 0)):
+                out[lp + f"self_attn.{name}_proj.{leaf}"] = part.clone()
+        else:
+            out[lp + f"{hf_block[base]}.{leaf}"] = v
+    return out
+
+
+# piip branch state dict -> official ``branch{k}.*`` tensors, per branch kind (``Branch.kind``)
+_TO_OFFICIAL = {ConvNeXtBranch.kind: _convnext_to_official, ViTBranch.kind: _clip_to_official}
 
 
 __all__ = ["TOWER", "llm_and_projector_from_official", "interaction_from_official", "tower_from_official",

@@ -112,9 +112,15 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
     for k in ("dist_token", "reg_token", "register_tokens"):
         if k in sd:
             raise ValueError(f"{source}: has {k!r}; distillation/register tokens have no place in a PIIP branch")
-    out: dict[str, Tensor] = {}
-    head_sd: dict[str, Tensor] = {}
-    # patch embedding
+    out = _patch_embed(sd, branch, notes, source)
+    out.update(_embedding(sd, branch, cls_pos, notes, source))
+    out.update(_blocks(sd, branch, notes))
+    head_sd = _final_norm_and_head(sd, head, notes, source)
+    return out, head_sd, notes
+
+
+def _patch_embed(sd: dict[str, Tensor], branch: ViTBranch, notes: list[str], source: str) -> dict[str, Tensor]:
+    """The patch kernel (resized to the branch's patch size) and bias; pops them from ``sd``."""
     w = sd.pop("patch_embed.proj.weight", None)
     if w is None:
         raise ValueError(f"{source}: no 'patch_embed.proj.weight'; is this a timm ViT checkpoint?")
@@ -126,10 +132,16 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
         from timm.layers import resample_patch_embed
         notes.append(f"patch kernel resampled {tuple(w.shape[-2:])} -> ({p}, {p}) (FlexiViT pseudo-inverse)")
         w = resample_patch_embed(w.float(), [p, p]).to(w.dtype)
-    out["patch_embed.proj.weight"] = w
+    out = {"patch_embed.proj.weight": w}
     if "patch_embed.proj.bias" in sd:
         out["patch_embed.proj.bias"] = sd.pop("patch_embed.proj.bias")
-    # position embedding and class token
+    return out
+
+
+def _embedding(sd: dict[str, Tensor], branch: ViTBranch, cls_pos: str, notes: list[str],
+               source: str) -> dict[str, Tensor]:
+    """Position table, Uni-Perceiver's embedding and the class token; pops them from ``sd``."""
+    out: dict[str, Tensor] = {}
     cls_token = sd.pop("cls_token", None)
     cls_p = None
     if branch.pos_embed is None:
@@ -160,7 +172,13 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
         out["cls_token"] = cls_token
     elif cls_token is not None:
         notes.append("checkpoint class token (and its position) dropped: branch has none")
-    # blocks
+    return out
+
+
+def _blocks(sd: dict[str, Tensor], branch: ViTBranch, notes: list[str]) -> dict[str, Tensor]:
+    """The ``blocks.*`` tensors: layer-scale names, BEiT relative position tables resized per window,
+    their index buffers regenerated, and layer scale added (identity) or folded as the branch needs."""
+    out: dict[str, Tensor] = {}
     gammas_in_ckpt = False
     for k, v in sd.items():
         if not k.startswith("blocks."):
@@ -187,13 +205,20 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
     elif not has_ls and gammas_in_ckpt:
         _fold_layer_scale(out)
         notes.append("checkpoint layer scale folded into attn.proj and mlp.fc2 (branch has no layer scale)")
-    # final norm and classifier
+    return out
+
+
+def _final_norm_and_head(sd: dict[str, Tensor], head: Optional[nn.Module], notes: list[str],
+                         source: str) -> dict[str, Tensor]:
+    """The checkpoint's final norm and classifier as ``head``'s state dict (``norm.*``, ``fc.*``);
+    any other key left in ``sd`` besides the blocks is an error."""
     rest = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
     norm_prefix = "norm." if any(k.startswith("norm.") for k in rest) else "fc_norm."
     tail = {k: v for k, v in rest.items() if k.startswith(("norm.", "fc_norm.", "head."))}
     unexpected = sorted(set(rest) - set(tail))
     if unexpected:
         raise ValueError(f"{source}: unexpected key(s) for a ViT branch: {unexpected}")
+    head_sd: dict[str, Tensor] = {}
     if head is not None:
         for k, v in tail.items():
             if k.startswith(norm_prefix):
@@ -209,7 +234,7 @@ def convert_timm_vit(sd: dict[str, Tensor], branch: ViTBranch, head: Optional[nn
         notes.append("final norm and head loaded into the branch's classification head")
     elif tail:
         notes.append(f"dropped {sorted({k.split('.')[0] for k in tail})} (no per-branch head to receive them)")
-    return out, head_sd, notes
+    return head_sd
 
 
 def _fold_layer_scale(sd: dict[str, Tensor]) -> None:
@@ -242,31 +267,44 @@ def load_pretrained_branches(model: nn.Module, entries: Sequence[Entry], heads: 
             reports.append(BranchLoadReport(i, None, ["not loaded (None)"]))
             continue
         sd, source = _entry_state_dict(entry, i)
-        if isinstance(branch, ConvNeXtBranch):
-            bsd, notes = convert_convnext(sd, f"pretrained_branches[{i}] ({source})")
-            strict_load(branch, bsd, f"pretrained_branches[{i}] ({source})")
-            reports.append(BranchLoadReport(i, source, notes))
-            continue
-        if not isinstance(branch, ViTBranch):
+        load = _LOADERS.get(branch.kind)
+        if load is None:
             raise ValueError(f"branch {i} is a {type(branch).__name__}; it cannot load pretrained branch weights")
         head = cls_heads[i] if (cls_heads is not None and heads) else None
-        extra, pre_notes = {}, []
-        if branch.cfg.flavour == "clip":  # CLIP layouts -> timm names (+ ln_pre)
-            sd, extra, pre_notes = clip_to_timm(sd, f"pretrained_branches[{i}] ({source})")
-        bsd, hsd, notes = convert_timm_vit(sd, branch, head, cls_pos, f"pretrained_branches[{i}] ({source})")
-        bsd.update(extra)
-        notes = pre_notes + notes
-        try:
-            strict_load(branch, bsd, f"pretrained_branches[{i}] ({source})")
-        except ValueError as e:
-            looks = guess_flavour(sd)
-            what = repr(branch.cfg.flavour)
-            raise ValueError(f"{e}. The branch is a {what} ViT"
-                             + (f"; the file looks like {looks}" if looks else "")) from None
-        if head is not None:
-            strict_load(head, hsd, f"pretrained_branches[{i}] ({source}) head")
+        notes = load(branch, sd, head, cls_pos, f"pretrained_branches[{i}] ({source})")
         reports.append(BranchLoadReport(i, source, notes))
     return reports
+
+
+def _load_convnext(branch: ConvNeXtBranch, sd: dict[str, Tensor], head: Optional[nn.Module], cls_pos: str,
+                   what: str) -> list[str]:
+    """Any layout of :mod:`piip.weights.convnext` into a ConvNeXt branch (no per-branch head)."""
+    bsd, notes = convert_convnext(sd, what)
+    strict_load(branch, bsd, what)
+    return notes
+
+
+def _load_vit(branch: ViTBranch, sd: dict[str, Tensor], head: Optional[nn.Module], cls_pos: str,
+              what: str) -> list[str]:
+    """timm-format (CLIP flavour: CLIP-layout) weights into a ViT branch and its classifier head."""
+    extra, pre_notes = {}, []
+    if branch.cfg.flavour == "clip":  # CLIP layouts -> timm names (+ ln_pre)
+        sd, extra, pre_notes = clip_to_timm(sd, what)
+    bsd, hsd, notes = convert_timm_vit(sd, branch, head, cls_pos, what)
+    bsd.update(extra)
+    try:
+        strict_load(branch, bsd, what)
+    except ValueError as e:
+        looks = guess_flavour(sd)
+        raise ValueError(f"{e}. The branch is a {branch.cfg.flavour!r} ViT"
+                         + (f"; the file looks like {looks}" if looks else "")) from None
+    if head is not None:
+        strict_load(head, hsd, f"{what} head")
+    return pre_notes + notes
+
+
+# the converter for each branch kind (``Branch.kind``)
+_LOADERS = {ViTBranch.kind: _load_vit, ConvNeXtBranch.kind: _load_convnext}
 
 
 def describe_reports(reports: Sequence[BranchLoadReport]) -> str:

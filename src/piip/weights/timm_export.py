@@ -13,14 +13,20 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..branches.base import Branch
 from ..branches.vit import ViTBranch
 
 
-def branch_to_timm(branch: ViTBranch, head: Optional[nn.Module] = None) -> dict[str, Tensor]:
+def branch_to_timm(branch: Branch, head: Optional[nn.Module] = None) -> dict[str, Tensor]:
     """timm keys for ``branch`` (+ ``head``: a ``ClsHead`` with ``norm`` and ``fc``)."""
-    cfg = branch.cfg
-    if not isinstance(branch, ViTBranch):
+    export = _TO_TIMM.get(branch.kind)
+    if export is None:
         raise ValueError(f"only ViT branches export to timm's VisionTransformer, got {type(branch).__name__}")
+    return export(branch, head)
+
+
+def _vit_to_timm(branch: ViTBranch, head: Optional[nn.Module]) -> dict[str, Tensor]:
+    cfg = branch.cfg
     if cfg.pos_layout not in ("learned", "learned_cls") or cfg.rel_pos_bias or cfg.pre_norm or cfg.mlp_act != "gelu":
         raise ValueError(f"the {cfg.flavour} branch (pos_layout={cfg.pos_layout}, rel_pos_bias={cfg.rel_pos_bias}, "
                          f"pre_norm={cfg.pre_norm}, mlp_act={cfg.mlp_act}) has no plain timm VisionTransformer layout")
@@ -45,6 +51,10 @@ def branch_to_timm(branch: ViTBranch, head: Optional[nn.Module] = None) -> dict[
         if isinstance(head.fc, nn.Linear):
             out["head.weight"], out["head.bias"] = head.fc.weight.detach().cpu(), head.fc.bias.detach().cpu()
     return out
+
+
+# the timm layout each branch kind (``Branch.kind``) exports to
+_TO_TIMM = {ViTBranch.kind: _vit_to_timm}
 
 
 def classifier_to_timm(model: nn.Module) -> dict[str, Tensor]:
