@@ -253,7 +253,7 @@ class PIIPBackbone(PretrainedCfgMixin, nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every ViT branch block in the backward pass (``with_cp``); ConvNeXt branches run as is."""
-        vits = [br for br in self.branches if getattr(br.cfg, "kind", None) == "vit"]
+        vits = [br for br in self.branches if br.supports_grad_checkpointing]
         if enable and not vits:
             raise ValueError("gradient checkpointing is implemented for ViT branches; this model has none")
         for br in vits:

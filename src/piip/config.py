@@ -73,16 +73,20 @@ class BranchConfig:
         return _kind_rules(self).max_stride(self)
 
 
-class ViTRules:
-    """What a :class:`BranchConfig` needs to know about its branch kind (here: a ViT of any flavour).
-    One subclass per kind in :data:`BRANCH_KIND_RULES`; the branch modules are in ``piip.branches``."""
+class BranchKindRules:
+    """What a :class:`BranchConfig` needs to know about its branch kind: one subclass per kind in
+    :data:`BRANCH_KIND_RULES` (the branch modules themselves are in ``piip.branches``)."""
 
-    stride_name = "patch size"   # how an error message names ``max_stride``
+    stride_name = "input stride"   # how an error message names ``max_stride``
 
     @staticmethod
     def complete(b: BranchConfig) -> None:
-        """Check the kind's fields and derive the generic ones from them."""
-        _check_vit_widths(b)
+        """Check the kind's fields and derive the generic ones (depth, width, windows) from them."""
+        raise NotImplementedError
+
+    @staticmethod
+    def max_stride(b: BranchConfig) -> int:
+        raise NotImplementedError
 
     @staticmethod
     def default_groups(b: BranchConfig) -> list[list[int]]:
@@ -90,19 +94,27 @@ class ViTRules:
         return [[i, i] for i in range(b.depth)]
 
     @staticmethod
-    def max_stride(b: BranchConfig) -> int:
-        return b.patch_size
-
-    @staticmethod
     def per_stage_cut(b: BranchConfig) -> bool:
         """Whether the branch is cut one group per stage (a cut that a depth override keeps)."""
         return False
 
 
-class ConvNeXtRules(ViTRules):
-    """A ConvNeXt: 4 stages; ``depth`` / ``embed_dim`` / ``window_sizes`` derived from them."""
+class ViTRules(BranchKindRules):
+    """A ViT of any flavour: widths checked, windows per block, stride = patch size."""
 
-    stride_name = "input stride"
+    stride_name = "patch size"
+
+    @staticmethod
+    def complete(b: BranchConfig) -> None:
+        _check_vit_widths(b)
+
+    @staticmethod
+    def max_stride(b: BranchConfig) -> int:
+        return b.patch_size
+
+
+class ConvNeXtRules(BranchKindRules):
+    """A ConvNeXt: 4 stages; ``depth`` / ``embed_dim`` / ``window_sizes`` derived from them."""
 
     @staticmethod
     def complete(b: BranchConfig) -> None:
@@ -130,10 +142,10 @@ class ConvNeXtRules(ViTRules):
 
 
 # ``BranchConfig.kind`` -> its rules; a kind not listed is checked as a ViT (``build_branch`` names it)
-BRANCH_KIND_RULES: dict[str, type[ViTRules]] = {"vit": ViTRules, "convnext": ConvNeXtRules}
+BRANCH_KIND_RULES: dict[str, type[BranchKindRules]] = {"vit": ViTRules, "convnext": ConvNeXtRules}
 
 
-def _kind_rules(b: BranchConfig) -> type[ViTRules]:
+def _kind_rules(b: BranchConfig) -> type[BranchKindRules]:
     return BRANCH_KIND_RULES.get(b.kind, ViTRules)
 
 

@@ -40,6 +40,7 @@ class Branch(nn.Module):
 
     kind: str = ""
     name: str = "branch"
+    supports_grad_checkpointing: bool = False   # whether ``cfg.with_cp`` recomputes its blocks in backward
     group_dims: list[int]
     group_strides: list[int]
 
