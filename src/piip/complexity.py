@@ -462,7 +462,7 @@ def count_model(model: nn.Module, name: str = "model") -> Complexity:
     res = [b.img_size for b in cfg.branches]
     paper: list[ModuleCost] = []
     built: list[ModuleCost] = []
-    for i, (br, v, g) in enumerate(zip(backbone.branches, views, grids)):
+    for i, (br, v) in enumerate(zip(backbone.branches, views)):
         label = _describe_branch(i, br, res[i])
         paper.append(_branch_cost(br, label, v, paper=True))
         built.append(_branch_cost(br, label, v, paper=False))
@@ -525,7 +525,7 @@ def _count_llava_tower(backbone: nn.Module, name: str) -> Complexity:
     views, grids = branch_grids(cfg)
     group_grids = [_group_grids(br, v) for br, v in zip(backbone.branches, views)]
     rows: list[ModuleCost] = []
-    for i, (br, v, g) in enumerate(zip(backbone.branches, views, grids)):
+    for i, (br, v) in enumerate(zip(backbone.branches, views)):
         cost = ModuleCost(_describe_branch(i, br, cfg.branches[i].img_size), params=_n_params(br))
         for part in br.flop_parts(v, patch_attention=True):
             _walk(part.module, Geom(part.tokens, part.hw), cost, _part_reads(part), exact_norms=True)

@@ -7,8 +7,8 @@ from group to group (hierarchical CNN branches), hence ``group_dims``/``group_st
 Everything else that differs between kinds is asked of the branch too, so that the layers above
 (optimizer, FSDP, FLOP counting, checkpoint converters) hold no ``kind == ...`` checks:
 ``layer_id`` / ``decay_depth`` (layer-wise lr decay), ``fsdp_units``, ``flop_parts`` /
-``params_at`` (FLOP and parameter counts) and ``kind`` (the key the weights converters and
-``piip.config``'s per-kind rules are registered under).
+``params_at`` (FLOP and parameter counts), ``supports_grad_checkpointing`` and ``kind`` (the key
+the weights converters and ``piip.config``'s per-kind rules are registered under).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..backbone import layer_ids  # noqa: F401  (the model's layer ids; re-exported here, where they are used)
+from ..backbone import layer_ids
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: Optional[float] = None,
