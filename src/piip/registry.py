@@ -196,5 +196,4 @@ def _registered_configs() -> Iterator[tuple[str, PIIPConfig]]:
     return ((name, get_config(name)) for name in list_models())
 
 
-
 set_known_configs(_registered_configs)   # official-checkpoint errors name the registered models with a file's layout
