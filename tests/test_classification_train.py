@@ -16,8 +16,9 @@ from piip.engine import TrainConfig, Trainer, WarmupSchedule, build_optimizer, b
 from piip.engine.checkpoint import seed_everything
 from piip.engine.trainer import split_batch
 from piip.registry import create_model
-from piip.tasks.classification_train import (NEW_MODULES, NO_DECAY_NAMES, RECIPES, evaluate_classifier,
+from piip.tasks.classification_train import (NEW_MODULES, NO_DECAY_NAMES, evaluate_classifier,
                                              load_classifier, make_loss, topk_correct)
+from piip.zoo.recipes import CLASSIFICATION_RECIPES as RECIPES
 
 CLASSES = ["circle", "square", "triangle"]
 BRANCHES = [{"embed_dim": 32 * (i + 1), "num_heads": 2, "depth": 2, "drop_path": 0.0} for i in range(3)]

@@ -214,7 +214,7 @@ def test_any_registered_backbone():
 
 def test_registered_recipe_is_the_released_config():
     from piip.registry import get_config
-    from piip.zoo_detection_heads import SCHEDULES, head_recipe
+    from piip.zoo.recipes import SCHEDULES, head_recipe
     cfg = get_config("piip_sbl_1792_1120_672_dino")
     r = head_recipe("piip_sbl_1792_1120_672_dino", cfg, "dino")
     assert (r["lr"], r["layer_decay"], r["clip_grad"], r["aug"]) == (2e-4, 0.85, 0.1, "ms")

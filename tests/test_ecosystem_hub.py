@@ -114,7 +114,7 @@ def test_missing_or_unreleased_is_one_line(hub_cache):
 def test_predict_pretrained_runs_the_released_mask_rcnn(hub_cache, tmp_path, capsys):
     from PIL import Image
 
-    from piip.weights.hub import released_detector
+    from piip.zoo.released import released_detector
     name = "piip_tsb_1120_896_448"
     body = _randomize(piip.create_model(name, **DENSE))
     heads = _mmdet_heads(32)

@@ -7,7 +7,7 @@ import torch
 from piip import get_config, list_models
 from piip.backbone import PIIPBackbone
 from piip.complexity import count
-from piip.zoo_llava import convnext_llava_groups, llava_tower, tower_interactions
+from piip.zoo.llava import convnext_llava_groups, llava_tower, tower_interactions
 
 # README / paper Table: vision-encoder FLOPs (G) of each tower
 QUOTED = {"llava15_clip_l_336": 191, "piip_llava_clip_bl_512_256": 193, "piip_llava_convnext_b_clip_l_640_224": 191,

@@ -103,7 +103,8 @@ def test_legacy_pickle_falls_back_and_errors_stay_clear(tmp_path, source):
 
 
 def test_file_pages_handed_back_only_for_mapped_tensors(tmp_path, source):
-    from piip.weights.lazy import build_on_meta, materialize, releasing_file_pages
+    from piip.registry import build_on_meta
+    from piip.weights.lazy import materialize, releasing_file_pages
     path = str(tmp_path / "model.safetensors")
     save_state_dict(source, path)
     sd = map_state_dict(path)

@@ -17,10 +17,10 @@ import torch
 from conftest import official_keys_dir
 
 import piip
-from piip.complexity import _fast_meta_init
+from piip.weights.lazy import fast_meta_init as _fast_meta_init
 from piip.config import BranchConfig, PIIPConfig
-from piip.registry import build_from_config, get_config, list_models
-from piip.weights import (convert_official_state_dict, fit_config_to_checkpoint, from_pretrained, save_pretrained,
+from piip.registry import build_from_config, from_pretrained, get_config, list_models
+from piip.weights import (convert_official_state_dict, fit_config_to_checkpoint, save_pretrained,
                           to_official_state_dict)
 
 

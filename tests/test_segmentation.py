@@ -333,7 +333,7 @@ def test_cli_rejects_bad_values(capsys):
                                          ("vit_b_640_seg", 159e9), ("vit_l_640_seg", 545e9)])
 def test_segmentation_models_reproduce_the_paper_flops(name, paper):
     from piip.complexity import count
-    from piip.zoo_segmentation import SEG_RECIPES
+    from piip.zoo.recipes import SEG_RECIPES
     assert abs(count(name).flops / paper - 1) < 0.02
     assert SEG_RECIPES[name]["channels"] == (1024 if "sbl" in name or "vit_l" in name else 512)
 

@@ -4,9 +4,10 @@ from .backbone import PIIPBackbone
 from .branches import Branch, Tokens, ViTBranch
 from .config import BranchConfig, PIIPConfig
 from .ops import ms_deform_attn
-from .registry import build_from_config, create_model, describe_model, get_config, list_models, register_model
+from .registry import (build_from_config, create_model, describe_model, from_pretrained, get_config, list_models,
+                       register_model)
 from .tasks.classification import PIIPClassifier
-from .weights import from_pretrained, save_pretrained
+from .weights import save_pretrained
 from .integrations.timm import install as _install_timm
 
 _install_timm()   # piip names in timm's registry (when timm is imported, which piip itself does not do)

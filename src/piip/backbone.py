@@ -15,7 +15,7 @@ from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
 from .branches import Branch, Tokens, build_branch
-from .integrations.timm import PretrainedCfgMixin
+from .integrations.timm_cfg import PretrainedCfgMixin
 from .config import PIIPConfig
 from .layers.deform_attn import MSDeformAttn
 from .layers.interaction import InteractionGroup, default_edges, validate_edges

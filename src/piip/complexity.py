@@ -47,12 +47,10 @@ pyramid (the levels it returns) and the classification heads.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
-from unittest import mock
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -434,23 +432,6 @@ def _describe_branch(i: int, br: nn.Module, res: float) -> str:
 
 
 # ---------------------------------------------------------------------------- entry points
-@contextlib.contextmanager
-def _fast_meta_init() -> Iterator[None]:
-    """Build on the meta device and skip timm's truncated-normal init, which is slow there and
-    irrelevant for counting."""
-    from . import backbone as _bb
-    from .branches import vit as _vit
-    from .tasks import classification as _cls
-
-    def noop(t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return t
-
-    with torch.device("meta"), contextlib.ExitStack() as stack:
-        for mod in (_bb, _vit, _cls):
-            stack.enter_context(mock.patch.object(mod, "trunc_normal_", noop))
-        yield
-
-
 def count_model(model: nn.Module, name: str = "model") -> Complexity:
     """Count an already built :class:`PIIPBackbone` or :class:`PIIPClassifier` (any device)."""
     backbone = getattr(model, "backbone", model)
@@ -490,11 +471,9 @@ def count_model(model: nn.Module, name: str = "model") -> Complexity:
 
 def count_config(cfg: PIIPConfig, name: str = "model") -> Complexity:
     """Build ``cfg`` on the meta device (no memory, no weights) and count it."""
-    from .registry import build_from_config
+    from .registry import build_on_meta
     branch_grids(cfg)  # validate the resolution before building
-    with _fast_meta_init():
-        model = build_from_config(cfg)
-    return count_model(model, name)
+    return count_model(build_on_meta(cfg), name)
 
 
 def count(name: str, img_size: Optional[Sequence[float]] = None, **overrides: Any) -> Complexity:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from .config import PIIPConfig
+from .weights.official_match import set_known_configs
 
 _REGISTRY: dict[str, Callable[[], PIIPConfig]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
@@ -65,6 +66,20 @@ def build_from_config(cfg: PIIPConfig) -> nn.Module:
     raise ValueError(f"unknown task {cfg.task!r}: expected 'dense', 'features' or 'classification'")
 
 
+def build_on_meta(cfg: PIIPConfig) -> nn.Module:
+    """The model of ``cfg`` on the meta device: shapes only, no memory, no initialisation cost
+    (to be filled by :func:`piip.weights.lazy.materialize`, or only counted)."""
+    from .weights.lazy import fast_meta_init
+    with fast_meta_init():
+        return build_from_config(cfg)
+
+
+def from_pretrained(directory: str) -> nn.Module:
+    """Rebuild the model :func:`piip.save_pretrained` wrote to ``directory`` and load its weights (strictly)."""
+    from .weights.pretrained import load_pretrained
+    return load_pretrained(directory, build_from_config)
+
+
 # parameters are normal tensors even when built under torch.inference_mode (trainable later)
 @torch.inference_mode(False)
 def create_model(name: Optional[str] = None, pretrained: bool = False, features_only: bool = False,
@@ -99,7 +114,7 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, features_
     model = build_model(name, pretrained_branches, checkpoint, **overrides)
     if new_head is not None and new_head != model.num_classes:
         model.reset_classifier(new_head)
-    from .integrations.timm import pretrained_cfg
+    from .integrations.timm_cfg import pretrained_cfg
     model.pretrained_cfg = pretrained_cfg(name or getattr(model, "name", None), model.cfg)   # also its default_cfg
     if features_only:
         from timm.models._features import FeatureGetterNet
@@ -133,7 +148,7 @@ def build_model(name: Optional[str] = None, pretrained_branches: Optional[list] 
         return build_from_config(cfg)
     from . import weights  # loading code lives with the weights
     if pretrained_branches is None:
-        from .weights.lazy import build_on_meta, map_state_dict, releasing_file_pages
+        from .weights.lazy import map_state_dict, releasing_file_pages
         sd = map_state_dict(checkpoint)
         if sd is not None:
             cfg = weights.fit_config_to_checkpoint(cfg, sd, checkpoint)
@@ -175,3 +190,10 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f"; did you mean {close}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} (piip.list_models() lists {len(_REGISTRY)} models)")
+
+
+def _registered_configs() -> Iterator[tuple[str, PIIPConfig]]:
+    return ((name, get_config(name)) for name in list_models())
+
+
+set_known_configs(_registered_configs)   # official-checkpoint errors name the registered models with a file's layout

@@ -35,7 +35,7 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from ..tasks.classification_train import RECIPES
+    from ..zoo.recipes import CLASSIFICATION_RECIPES as RECIPES
     p = sub.add_parser("classification", help="train a PIIP classifier on an ImageFolder or a path,label list",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Recipe values (--recipe) are defaults; every flag below overrides its value. "
@@ -119,7 +119,7 @@ def _split_path(args: argparse.Namespace, split: str, required: bool) -> Optiona
 
 
 def _recipe(args: argparse.Namespace) -> dict[str, Any]:
-    from ..tasks.classification_train import RECIPES
+    from ..zoo.recipes import CLASSIFICATION_RECIPES as RECIPES
     r = dict(RECIPES[args.recipe])
     for k in _RECIPE_FLAGS:
         v = getattr(args, k)

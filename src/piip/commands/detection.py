@@ -149,7 +149,7 @@ def _backbone_defaults(kind: str) -> dict[str, Any]:
 
 def _schedule(args: argparse.Namespace, recipe: dict[str, Any]) -> tuple[int, list[int]]:
     """(epochs, lr steps): explicit --epochs / --lr-steps, else --schedule, else the recipe's, else 1x."""
-    from ..zoo_detection_heads import SCHEDULES
+    from ..zoo.recipes import SCHEDULES
     epochs, steps = SCHEDULES[args.schedule or recipe.get("schedule") or "1x"]
     return (args.epochs or epochs), list(steps if args.lr_steps is None else args.lr_steps)
 
@@ -160,7 +160,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..engine.checkpoint import check_writable, seed_everything
     from ..evaluation import evaluate_detector
     from ..tasks.detection import MASK_KINDS, build_detector, detector_config_dict, resolve_sizes
-    from ..zoo_detection_heads import head_recipe
+    from ..zoo.recipes import head_recipe
 
     train_ann, train_img = _coco_paths(args, "train")
     if not train_ann:

@@ -75,7 +75,7 @@ def _build(args: argparse.Namespace):  # noqa: ANN202
         raise ValueError("give --llm (a Hugging Face causal LM), --init (a PIIP-LLaVA folder) or --tiny")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..zoo_llava import llava_tower
+    from ..zoo.llava import llava_tower
     lm = AutoModelForCausalLM.from_pretrained(args.llm, dtype=torch.float32)
     model = PiipLlavaForConditionalGeneration.from_llm(lm, llava_tower(args.variant, args.interactions))
     config = model.config

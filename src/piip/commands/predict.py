@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     device, _, _ = init_distributed(args.device)
     overrides = parse_overrides(args.override, args.img_size)
     if args.pretrained:
-        from ..weights.hub import released_detector
+        from ..zoo.released import released_detector
         model = released_detector(args.model, **overrides).eval().to(device)
     else:
         model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).eval().to(device)

@@ -126,7 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
     if crop % stride:
         raise ValueError(f"--crop-size {crop} is not a multiple of the finest branch's input stride {stride}")
     dataset = _dataset(args, "train", SegTrainTransform(crop), seed=args.seed)
-    from ..zoo_segmentation import segmentation_recipe
+    from ..zoo.recipes import segmentation_recipe
     recipe = segmentation_recipe(args.model)
     for key in ("channels", "aux_channels", "lr", "weight_decay", "layer_decay"):
         if getattr(args, key) is None:

@@ -16,51 +16,12 @@ import sys
 import warnings
 from typing import Any, Callable, Optional
 
-from ..config import PIIPConfig
+from .timm_cfg import pretrained_cfg
 
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "imagenet": IMAGENET}
 # timm's generic options piip has no equivalent for, and the value that means "not used"
 _NEUTRAL = {"in_chans": 3, "drop_rate": 0.0, "global_pool": None}
 default_cfgs: dict[str, Any] = {}   # read by timm's register_model (module attribute by that name)
 _registered = False
-
-
-def pretrained_cfg(name: Optional[str], cfg: PIIPConfig) -> dict[str, Any]:
-    """timm's data / head description of model ``name`` built with ``cfg``: input size, mean / std
-    (what piip feeds it: ImageNet statistics for classifiers, the config's ``image_norm`` otherwise),
-    crop (none: the whole image), and the released weights' Hub file."""
-    from ..weights.hub import REPO, released_file
-    side = int(round(cfg.img_size))
-    cls = cfg.task == "classification"
-    mean, std = IMAGENET if cls else IMAGE_NORMS[cfg.image_norm]
-    filename = released_file(name) if name else None
-    out = {"architecture": name, "input_size": (3, side, side), "fixed_input_size": False,
-           "interpolation": "bicubic" if cls else "bilinear", "crop_pct": 1.0, "crop_mode": "center",
-           "mean": mean, "std": std, "num_classes": cfg.num_classes if cls else 0,
-           "first_conv": "branches.0.patch_embed.proj" if not cls else "backbone.branches.0.patch_embed.proj",
-           "classifier": "heads" if cls else None, "license": "mit", "paper_ids": "arXiv:2406.04330"}
-    if filename is not None:
-        out.update(hf_hub_id=REPO, hf_hub_filename=filename,
-                   url=f"https://huggingface.co/{REPO}/resolve/main/{filename}")
-    return out
-
-
-class PretrainedCfgMixin:
-    """timm's ``pretrained_cfg`` / ``default_cfg``: the one :func:`piip.create_model` set (with the
-    model's name and released file), else derived from the model's own config, so that
-    ``timm.data.resolve_model_data_config`` answers the real input size of any piip model (loaded
-    with ``from_pretrained``, built from a config...)."""
-
-    @property
-    def pretrained_cfg(self) -> dict[str, Any]:
-        return self.__dict__.get("_pretrained_cfg") or pretrained_cfg(None, self.cfg)  # type: ignore[attr-defined]
-
-    @pretrained_cfg.setter
-    def pretrained_cfg(self, value: dict[str, Any]) -> None:
-        self.__dict__["_pretrained_cfg"] = dict(value)
-
-    default_cfg = pretrained_cfg
 
 
 def _entrypoint(name: str) -> Callable[..., Any]:

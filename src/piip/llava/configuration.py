@@ -36,12 +36,12 @@ class PiipLlavaConfig(PretrainedConfig):
                  model_max_length: int = 2048, ignore_index: int = -100, official_variant: Optional[str] = None,
                  **kwargs: Any) -> None:
         if vision_config is None:
-            from ..zoo_llava import llava_tower
+            from ..zoo.llava import llava_tower
             vision_config = llava_tower("clip_bl_512_256").to_dict()
         vision_config = PIIPConfig.from_dict(vision_config).to_dict()   # validates the fields
         if vision_config.get("task") != "features" or len(vision_config["branches"]) != 2:
             raise ValueError("PiipLlavaConfig.vision_config must be a two-branch PIIP tower with task='features' "
-                             "(e.g. piip.zoo_llava.llava_tower('clip_bl_512_256').to_dict())")
+                             "(e.g. piip.zoo.llava.llava_tower('clip_bl_512_256').to_dict())")
         self.vision_config = vision_config
         self.text_config = _text_config(text_config)
         self.projector = {**DEFAULT_PROJECTOR, **(projector or {})}

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..config import PIIPConfig
 from ..weights.llava import (TOWER, llm_and_projector_from_official, official_interaction_count,
                              tower_from_official)
-from ..zoo_llava import LLAVA_TOWERS, llava_tower, tower_interactions
+from ..zoo.llava import LLAVA_TOWERS, llava_tower, tower_interactions
 from .configuration import PiipLlavaConfig
 
 # the released config.json's LLaVA-only fields (everything else is the Llama config)
@@ -91,7 +91,7 @@ def _meta_model(config: PiipLlavaConfig) -> Any:
 def convert_official(src: str, out: str, variant: Optional[str] = None, tower: Optional[PIIPConfig] = None) -> str:
     """Write a native piip.llava folder for the official folder ``src``; returns ``out``.
 
-    ``variant`` (a :data:`piip.zoo_llava.LLAVA_TOWERS` name) must agree with the weights; ``tower``
+    ``variant`` (a :data:`piip.zoo.llava.LLAVA_TOWERS` name) must agree with the weights; ``tower``
     gives a tower config directly (custom or tiny towers)."""
     from safetensors import safe_open
     cfg_path = os.path.join(src, "config.json")

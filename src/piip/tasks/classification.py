@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..backbone import PIIPBackbone, _to_map, group_matcher, take_intermediates
 from ..branches import Tokens
 from ..config import PIIPConfig
-from ..integrations.timm import PretrainedCfgMixin
+from ..integrations.timm_cfg import PretrainedCfgMixin
 
 
 class ClsHead(nn.Module):

@@ -1,15 +1,7 @@
-"""Training recipes, loss, evaluation and checkpoint loading for PIIP classifiers.
+"""Loss, evaluation and checkpoint loading for training PIIP classifiers.
 
-Recipes (``RECIPES``; every value can be overridden on the command line):
-
-* ``finetune`` - the released PIIP fine-tuning recipe (vision_spec §F.1): AdamW lr 3e-5 (no batch
-  scaling) with 10x for the modules PIIP adds (everything outside the branches and their heads),
-  weight decay 0.1 on *every* parameter, 20 epochs, 5 warm-up epochs from 1e-6, cosine to 1e-5
-  (absolute, every group), RandAugment rand-m9-mstd0.5-inc1, no random erasing, mixup 0.8 /
-  cutmix 1.0 / label smoothing 0.1 with soft-target cross-entropy, EMA 0.99996, AMP.
-* ``scratch`` - the DeiT recipe (inferred for the from-scratch PIIP-B of Table X, §F.5): 300 epochs,
-  lr 5e-4 x global batch / 512, weight decay 0.05 except norms / biases / position tables / class
-  tokens, 5 warm-up epochs, cosine to 1e-5, random erasing 0.25, drop path 0.1, same mixup and EMA.
+The recipes are ``piip.zoo.recipes.CLASSIFICATION_RECIPES`` (every value can be overridden on the
+command line).
 
 Differences from the released DeiT fork: the lr changes every iteration (the fork steps it once per
 epoch), and AMP defaults to bf16 autocast without a loss scaler (the fork: fp16 + scaler, available
@@ -23,17 +15,6 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-
-RECIPES: dict[str, dict[str, Any]] = {
-    "finetune": dict(epochs=20, batch_size=128, lr=3e-5, scale_lr=False, new_lr_scale=10.0, weight_decay=0.1,
-                     decay_all=True, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, auto_augment="rand-m9-mstd0.5-inc1",
-                     reprob=0.0, mixup=0.8, cutmix=1.0, smoothing=0.1, ema_decay=0.99996, drop_path=None,
-                     clip_grad=None),
-    "scratch": dict(epochs=300, batch_size=128, lr=5e-4, scale_lr=True, new_lr_scale=1.0, weight_decay=0.05,
-                    decay_all=False, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, auto_augment="rand-m9-mstd0.5-inc1",
-                    reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1, ema_decay=0.99996, drop_path=0.1,
-                    clip_grad=None),
-}
 
 # parameters that come from the pretrained branches (released: names starting with branchN./blocks/
 # patch_embed/pos_embed/cls_token, including each branch's norm and head); everything else is new

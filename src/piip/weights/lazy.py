@@ -1,6 +1,8 @@
 """Loading without a second copy: checkpoints are memory-mapped (no read into memory), the model is
 built on the ``meta`` device (no weights), and each tensor is materialised on its own, straight from
-the mapped file, into the model (``load_state_dict(assign=True)``).
+the mapped file, into the model (``load_state_dict(assign=True)``). This module is the one place for
+both halves (:func:`fast_meta_init`, :func:`materialize`), used by the registry (which builds), the
+weight loaders and the FLOP counter; it builds nothing itself, so it needs none of them.
 
 Memory then peaks at one copy of the weights, instead of the randomly initialised model + the file's
 tensors + the copy into the model: the file pages a tensor was copied from are handed back right away
@@ -19,7 +21,8 @@ import mmap
 import os
 import struct
 import sys
-from typing import Iterator, MutableMapping, Optional
+from typing import Any, Iterator, MutableMapping, Optional
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -167,9 +170,19 @@ def materialize(module: nn.Module, sd: MutableMapping[str, Tensor], source: str 
         raise RuntimeError(f"{source}: after loading, {len(left)} tensors are still on the meta device: {left[:5]}")
 
 
-def build_on_meta(cfg) -> nn.Module:  # noqa: ANN001 - PIIPConfig (import cycle)
-    """The model of ``cfg`` on the meta device: shapes only, no memory, no initialisation cost."""
-    from ..complexity import _fast_meta_init
-    from ..registry import build_from_config
-    with _fast_meta_init():
-        return build_from_config(cfg)
+@contextlib.contextmanager
+def fast_meta_init() -> Iterator[None]:
+    """Build on the meta device (shapes only, no memory) and skip timm's truncated-normal init, which is
+    slow there and pointless: the weights come from a file (:func:`materialize`) or are never used
+    (FLOP counting). The registry's ``build_on_meta`` builds a config this way."""
+    from .. import backbone as _bb
+    from ..branches import vit as _vit
+    from ..tasks import classification as _cls
+
+    def noop(t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return t
+
+    with torch.device("meta"), contextlib.ExitStack() as stack:
+        for mod in (_bb, _vit, _cls):
+            stack.enter_context(mock.patch.object(mod, "trunc_normal_", noop))
+        yield

@@ -5,12 +5,23 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 from torch import Tensor
 
 from ..config import PIIPConfig
 from .vit_layouts import _GROUP_TEXT, config_group, layout_group
+
+# every registered (name, config): the registry installs its table here (set_known_configs), so the
+# weights never import the registry; until then no model is named in the descriptions
+_known_configs: Callable[[], Iterable[tuple[str, PIIPConfig]]] = lambda: ()
+
+
+def set_known_configs(table: Callable[[], Iterable[tuple[str, PIIPConfig]]]) -> None:
+    """Where :func:`describe_official_checkpoint` finds the registered models it names."""
+    global _known_configs
+    _known_configs = table
+
 
 _BRANCH = re.compile(r"^branch(\d+)\.(.+)$")
 _PATCH = ("patch_embed.proj.weight", "visual_embed.patch_embed.proj.weight")
@@ -84,10 +95,8 @@ def describe_official_checkpoint(sd: Mapping[str, Tensor]) -> str:
     keys = list(sd)
     proj = any("_proj." in k and ".interaction_units_" in k for k in keys)
     norm = any(".query_norm." in k for k in keys)
-    from ..registry import get_config, list_models
     matches = []
-    for name in list_models():
-        cfg = get_config(name)
+    for name, cfg in _known_configs():
         if len(cfg.branches) != n or (n > 1 and (cfg.interaction_proj, cfg.interaction_norm) != (proj, norm)):
             continue
         if all((w, g, p) == (b.embed_dim, config_group(b), _cfg_pos_len(b))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 from torch import nn
 
@@ -21,7 +22,7 @@ def save_state_dict(model: nn.Module, path: str, metadata: dict[str, str] | None
 
 
 def save_pretrained(model: nn.Module, directory: str) -> None:
-    """Write ``model.safetensors`` and ``config.json``; :func:`from_pretrained` rebuilds the same model."""
+    """Write ``model.safetensors`` and ``config.json``; :func:`piip.from_pretrained` rebuilds the same model."""
     cfg = getattr(model, "cfg", None)
     if not isinstance(cfg, PIIPConfig):
         raise ValueError(f"save_pretrained needs a piip model with a PIIPConfig at .cfg, got {type(model).__name__}")
@@ -33,15 +34,15 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
                     metadata={"format": "pt", "library": "piip", "config": json.dumps(cfg.to_dict())})
 
 
-def from_pretrained(directory: str) -> nn.Module:
-    """Rebuild the model saved by :func:`save_pretrained` and load its weights (strictly)."""
+def load_pretrained(directory: str, build: Callable[[PIIPConfig], nn.Module]) -> nn.Module:
+    """The model saved by :func:`save_pretrained`, made by ``build`` from its config (``piip.from_pretrained``
+    passes the registry's ``build_from_config``), with its weights loaded strictly."""
     cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p} not found: from_pretrained expects a directory written by save_pretrained")
     with open(cfg_path) as f:
         cfg = PIIPConfig.from_dict(json.load(f))
-    from ..registry import build_from_config
-    model = build_from_config(cfg)
+    model = build(cfg)
     strict_load(model, read_state_dict(w_path), w_path)
     return model

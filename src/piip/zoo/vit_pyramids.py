@@ -1,33 +1,15 @@
-"""The paper's configurations with the released hyper-parameters.
+"""The plain-ViT models of the paper with the released hyper-parameters: the Table I detection
+backbones (TSB / SBL / TSBL), the Table V pretraining variants, the DINO backbone, the ViTDet
+baselines and the ImageNet classifiers.
 
 Branches are listed finest resolution (smallest model) first: PIIP-TSB 1120/896/448 is ViT-T at
 1120, ViT-S at 896, ViT-B at 448. Sources: the released Mask R-CNN and classification configs.
 """
 from __future__ import annotations
 
-from typing import Optional
-
-from .branches.flavours import flavour_settings
-from .config import BranchConfig, PIIPConfig, convnext_groups, stage_groups, uniform_groups, windows
-from .registry import register_model
-
-# width, depth, heads of the DeiT sizes
-VIT_SIZES = {"T": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "H": (1280, 32, 16)}
-# released detection drop-path rates (constant per block)
-DET_DROP_PATH = {"T": 0.05, "S": 0.05, "B": 0.15, "L": 0.4, "H": 0.5}
-
-
-def vit(size: str, img_size: float, groups: int = 12, window: int = 0, drop_path: float = 0.0,
-        cls_token: bool = False, pos_grid: Optional[int] = 14, layer_scale: Optional[float] = 1.0,
-        global_every: Optional[int] = None, flavour: str = "deit", **settings) -> BranchConfig:
-    """A ViT-``size`` branch of pretraining ``flavour``; ``settings`` override the flavour's fields."""
-    dim, depth, heads = VIT_SIZES[size]
-    return BranchConfig(img_size=img_size, embed_dim=dim, depth=depth, num_heads=heads, drop_path=drop_path,
-                        cls_token=cls_token, pos_grid=pos_grid, layer_scale=layer_scale,
-                        window_sizes=windows(depth, window, global_every) if window else [0] * depth,
-                        interaction_groups=uniform_groups(depth, groups),
-                        **{**flavour_settings(flavour), **settings})
-
+from ..config import BranchConfig, PIIPConfig
+from ..registry import register_model
+from .builders import DET_DROP_PATH, vit
 
 def _detection(sizes: str, resolutions: tuple[int, ...], window: int) -> PIIPConfig:
     branches = [vit(s, r, window=window, drop_path=DET_DROP_PATH[s]) for s, r in zip(sizes, resolutions)]
@@ -156,59 +138,3 @@ def deit_b_224_cls() -> PIIPConfig:
 def vit_l_224_cls() -> PIIPConfig:
     return _classification([vit("L", 224, groups=1, drop_path=0.1, cls_token=True, layer_scale=None)],
                            head="cls_token")
-
-
-# ---------------------------------------------------------------------------- ConvNeXt and hybrids
-# stage widths and depths of timm / Hugging Face ConvNeXt (FB ImageNet releases)
-CONVNEXT_SIZES = {"T": ([96, 192, 384, 768], [3, 3, 9, 3]), "S": ([96, 192, 384, 768], [3, 3, 27, 3]),
-                  "B": ([128, 256, 512, 1024], [3, 3, 27, 3]), "L": ([192, 384, 768, 1536], [3, 3, 27, 3])}
-# released hybrid drop-path rates (linear schedule over the blocks, last block's rate)
-CONVNEXT_DROP_PATH = {"T": 0.3, "S": 0.3, "B": 0.4, "L": 0.5}
-
-
-def convnext(size: str, img_size: float, drop_path: float = 0.0, groups: str = "released") -> BranchConfig:
-    """A ConvNeXt branch; ``groups`` 'released' = the 12 hybrid interaction groups, 'stages' = one per stage."""
-    dims, depths = CONVNEXT_SIZES[size]
-    cut = convnext_groups(depths) if groups == "released" else stage_groups(depths)
-    return BranchConfig(img_size=img_size, kind="convnext", stage_dims=list(dims), stage_depths=list(depths),
-                        layer_scale=1e-6, drop_path=drop_path, interaction_groups=cut, pos_grid=None)
-
-
-def _hybrid(letters: str) -> PIIPConfig:
-    """Finest first, e.g. 'ct_vs_vb': ConvNeXt-T @1024, ViT-S @672, ViT-B @448 (released hybrid configs)."""
-    branches = []
-    for code, res in zip(letters.split("_"), (1024, 672, 448)):
-        kind, size = code[0], code[1].upper()
-        branches.append(convnext(size, res, CONVNEXT_DROP_PATH[size]) if kind == "c"
-                        else vit(size, res, window=14, drop_path=DET_DROP_PATH[size]))
-    return PIIPConfig(branches=branches, merge="regular_fpn", out_groups=[0, 1, 10], pyramid="gn",
-                      image_norm="imagenet")
-
-
-for _h in ("ct_cs_cb", "ct_vs_vb", "ct_cs_vb", "ct_vs_cb", "vt_cs_vb", "vt_cs_cb", "vt_vs_cb", "vt_vs_vb"):
-    register_model(f"piip_{_h}_1024_672_448",
-                   f"PIIP-{_h.upper().replace('_', '-')} 1024/672/448 ConvNeXt/ViT hybrid, regular-FPN merging "
-                   "(Table II)")(lambda _h=_h: _hybrid(_h))
-
-
-@register_model("convnext_b_1024", "ConvNeXt-B at 1024, four stage maps (single-branch baseline of Table II)")
-def convnext_b_1024() -> PIIPConfig:
-    return PIIPConfig(branches=[convnext("B", 1024, groups="stages")], merge=None, out_groups=[0, 1, 2],
-                      pyramid="gn", image_norm="imagenet")
-
-
-def detection_recipe(name: str, cfg: PIIPConfig) -> dict[str, float]:
-    """Released Mask R-CNN optimiser settings (AdamW): the ConvNeXt/ViT hybrids use lr 2e-4 and layer
-    decay 0.8 (which only reaches ViT blocks), the ConvNeXt-B baseline lr 1e-4 without decay, the
-    plain-ViT models lr 1e-4 with decay 0.85 (multi-branch) / 0.95 (single branch)."""
-    if name == "convnext_b_1024":
-        return {"lr": 1e-4, "layer_decay": 1.0}
-    if any(b.kind == "convnext" for b in cfg.branches):
-        return {"lr": 2e-4, "layer_decay": 0.8}
-    return {"lr": 1e-4, "layer_decay": 0.85 if len(cfg.branches) > 1 else 0.95}
-
-
-from . import zoo_segmentation as _zoo_segmentation  # noqa: E402,F401  (registers the ADE20K UperNet models)
-from . import zoo_llava as _zoo_llava  # noqa: E402,F401  (registers the PIIP-LLaVA vision towers)
-from . import zoo_internvit as _zoo_internvit  # noqa: E402,F401  (InternViT-6B, PIIP-H6B / LH6B)
-from . import zoo_detection_heads as _zoo_detection_heads  # noqa: E402,F401  (DINO / Cascade recipes)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from .branches.flavours import flavour_settings
-from .config import BranchConfig, PIIPConfig, uniform_groups
-from .registry import register_model
-from .zoo import vit
-from .zoo_segmentation import register_segmentation_model
+from ..branches.flavours import flavour_settings
+from ..config import BranchConfig, PIIPConfig, uniform_groups
+from ..registry import register_model
+from .builders import vit
+from .recipes import RECIPE_6B, register_segmentation_model
 
 INTERNVIT_6B = (3200, 48, 25)  # width, depth, heads
 DROP_PATH = 0.4                # linear 0 -> 0.4 in both InternViT-class branches
@@ -83,9 +83,6 @@ register_model("piip_lh6b_1536_1024_512_dino", "PIIP-LH6B 1536/1024/512 DINO bac
 
 
 # ---------------------------------------------------------------------------- ADE20K UperNet 80k
-# released: AdamW lr 4e-5, wd 0.05, layer decay 0.95 over 48 layers (skip stride 1.5), UperNet 1536 wide
-RECIPE_6B = {"channels": 1536, "aux_channels": 1536, "lr": 4e-5, "weight_decay": 0.05, "layer_decay": 0.95}
-
 register_segmentation_model(
     "internvit_6b_512_seg", "InternViT-6B 512 UperNet ADE20K baseline (released 80k config, tanh-GELU MLPs)",
     lambda: PIIPConfig(branches=[internvit_6b(512, [[0, 47]], fused_mlp=True, pos_grid=None)], merge=None,

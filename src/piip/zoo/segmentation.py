@@ -7,36 +7,15 @@ window, i.e. global) and global attention in the 21x21 coarsest branch; the ViT 
 window 28 in all blocks. The UperNet widths and optimiser settings are those of the ViT-Adapter
 B / L UperNet recipes the released code derives from.
 
-Each name registers a backbone config (as every model) plus a :data:`SEG_RECIPES` entry holding the
-segmentor and optimiser defaults ``piip train segmentation`` uses for it; a new family (e.g. the
-released InternViT-6B configs) drops in with one :func:`register_segmentation_model` call.
+Each name registers a backbone config (as every model) plus a ``piip.zoo.recipes.SEG_RECIPES`` entry
+holding the segmentor and optimiser defaults ``piip train segmentation`` uses for it; a new family
+(e.g. the released InternViT-6B configs) drops in with one ``register_segmentation_model`` call.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
-from .config import PIIPConfig
-from .registry import register_model
-from .zoo import DET_DROP_PATH, vit
-
-# name -> segmentor / optimiser defaults (SegmentorConfig fields + lr / weight_decay / layer_decay)
-SEG_RECIPES: dict[str, dict[str, Any]] = {}
-
-# ViT-Adapter UperNet recipes (ADE20K, 160k iterations, batch 16)
-RECIPE_B = {"channels": 512, "aux_channels": 256, "lr": 6e-5, "weight_decay": 0.01, "layer_decay": 0.95}
-RECIPE_L = {"channels": 1024, "aux_channels": 256, "lr": 2e-5, "weight_decay": 0.05, "layer_decay": 0.9}
-
-
-def register_segmentation_model(name: str, description: str, make: Callable[[], PIIPConfig],
-                                recipe: dict[str, Any]) -> None:
-    """Register a segmentation backbone ``make()`` and its :data:`SEG_RECIPES` entry."""
-    register_model(name, description)(make)
-    SEG_RECIPES[name] = dict(recipe)
-
-
-def segmentation_recipe(name: str) -> dict[str, Any]:
-    """Defaults for ``name``: its registered recipe, else the ViT-B one (UperNet 512, lr 6e-5)."""
-    return dict(SEG_RECIPES.get(name, RECIPE_B))
+from ..config import PIIPConfig
+from .builders import DET_DROP_PATH, vit
+from .recipes import RECIPE_B, RECIPE_L, register_segmentation_model
 
 
 def _piip(sizes: str, resolutions: tuple[int, int, int]) -> PIIPConfig:

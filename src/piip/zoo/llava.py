@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from .branches.flavours import flavour_settings
-from .config import BranchConfig, PIIPConfig, convnext_groups
-from .registry import register_model
-from .zoo import CONVNEXT_SIZES, VIT_SIZES, convnext
+from ..branches.flavours import flavour_settings
+from ..config import BranchConfig, PIIPConfig, convnext_groups
+from ..registry import register_model
+from .builders import CONVNEXT_SIZES, VIT_SIZES, convnext
 
 # variant -> (fine branch 'clip_b' | 'convnext_b' | 'convnext_l', fine px, CLIP-L px, CLIP-L stored grid,
 #             allowed interaction counts (first = default))
