@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..tasks.detection_config import DINO_PYRAMID_LEVELS, KINDS, DetectorConfig
+from ._config_args import add_config_args, config_args
 from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
 from ._train_common import check_resume, dense_backbone, resume_and_fit
@@ -26,35 +28,13 @@ def _coco_paths(args: argparse.Namespace, split: str) -> tuple[str | None, str |
     return ann, img
 
 
-# detector kinds (piip.tasks.detection.KINDS; listed here so the parser does not import torchvision)
-KIND_CHOICES = ["mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn"]
+KIND_CHOICES = list(KINDS)   # from the light config module: the parser does not import torchvision
 
 
 def _add_head_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("detector (defaults: released Mask R-CNN 1x)")
-    g.add_argument("--kind", default="mask_rcnn", choices=KIND_CHOICES)
-    g.add_argument("--fpn-channels", type=positive_int, default=256)
-    g.add_argument("--box-head-dim", type=positive_int, default=1024)
-    g.add_argument("--mask-head-dim", type=positive_int, default=256)
-    g.add_argument("--min-size", type=positive_int, default=None, help="short-side cap (default: none, the long side becomes the finest resolution S; S*800//1333 is the released mmdet protocol)")
-    g.add_argument("--max-size", type=positive_int, default=None, help="long-side cap (default: finest branch resolution)")
-    g.add_argument("--anchor-scale", type=positive_float, default=8.0,
-                   help="anchor side = this x level stride (released: 8, i.e. 32..512 px anchors for ~1000 px "
-                        "images; use ~2 for images of ~128 px)")
-    g.add_argument("--rpn-batch-size", type=positive_int, default=256,
-                   help="anchors sampled per image for the RPN loss (released: 256)")
-    g.add_argument("--roi-batch-size", type=positive_int, default=512,
-                   help="proposals sampled per image for the box/mask heads (released: 512, sized for ~1333x800 "
-                        "images; small images with few objects learn faster with ~64)")
-    g.add_argument("--pad-divisor", type=positive_int, default=None, help="pad to multiples of this (default 224 / 64 / 32)")
-    d = p.add_argument_group("DINO (--kind dino; defaults: the released DINO 4-scale configs)")
-    d.add_argument("--num-queries", type=positive_int, default=900)
-    d.add_argument("--transformer-dim", type=positive_int, default=256)
-    d.add_argument("--transformer-heads", type=positive_int, default=8)
-    d.add_argument("--transformer-ffn", type=positive_int, default=2048)
-    d.add_argument("--enc-layers", type=positive_int, default=6)
-    d.add_argument("--dec-layers", type=positive_int, default=6)
-    d.add_argument("--dn-queries", type=non_negative_int, default=100, help="denoising queries (0 = no denoising)")
+    add_config_args(p.add_argument_group("detector (defaults: released Mask R-CNN 1x)"), DetectorConfig, "detector")
+    add_config_args(p.add_argument_group("DINO (--kind dino; defaults: the released DINO 4-scale configs)"),
+                    DetectorConfig, "dino")
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -121,28 +101,17 @@ def detection_forward(model: torch.nn.Module, batch: Any, device: torch.device) 
     return model(images, targets)
 
 
-def _det_cfg(args: argparse.Namespace, class_names: list[str], recipe: dict[str, Any]):
-    from ..tasks.detection import DetectorConfig
-
-    def pick(name: str) -> Any:
-        v = getattr(args, name)
-        return recipe.get(name) if v is None else v
-
-    return DetectorConfig(kind=args.kind, num_classes=len(class_names), fpn_channels=args.fpn_channels,
-                          box_head_dim=args.box_head_dim, mask_head_dim=args.mask_head_dim,
-                          min_size=pick("min_size"), max_size=pick("max_size"), pad_divisor=pick("pad_divisor"),
-                          anchor_scale=args.anchor_scale, rpn_batch_size=args.rpn_batch_size,
-                          roi_batch_size=args.roi_batch_size,
-                          class_names=list(class_names), aug=pick("aug") or "single",
-                          num_queries=args.num_queries, transformer_dim=args.transformer_dim,
-                          transformer_heads=args.transformer_heads, transformer_ffn=args.transformer_ffn,
-                          enc_layers=args.enc_layers, dec_layers=args.dec_layers, dn_queries=args.dn_queries)
+def _det_cfg(args: argparse.Namespace, class_names: list[str], recipe: dict[str, Any]) -> DetectorConfig:
+    """The head options, an unset one (None) taken from the model's recipe."""
+    values = config_args(args, DetectorConfig, "detector", "dino")
+    values = {k: recipe.get(k) if v is None else v for k, v in values.items()}
+    aug = recipe.get("aug") if args.aug is None else args.aug
+    return DetectorConfig(**values, num_classes=len(class_names), class_names=list(class_names), aug=aug or "single")
 
 
 def _backbone_defaults(kind: str) -> dict[str, Any]:
     """DINO reads pyramid levels 1-3 only: the backbone does not build the stride-4 map."""
     if kind == "dino":
-        from ..tasks.detection import DINO_PYRAMID_LEVELS
         return {"pyramid_levels": list(DINO_PYRAMID_LEVELS)}
     return {}
 

@@ -17,9 +17,8 @@ import warnings
 from typing import Any, Callable, Optional
 
 from ..config import PIIPConfig
+from ..data.transforms import IMAGE_NORMS, IMAGENET
 
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "imagenet": IMAGENET}
 # timm's generic options piip has no equivalent for, and the value that means "not used"
 _NEUTRAL = {"in_chans": 3, "drop_rate": 0.0, "global_pool": None}
 default_cfgs: dict[str, Any] = {}   # read by timm's register_model (module attribute by that name)

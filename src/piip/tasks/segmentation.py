@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from ..backbone import PIIPBackbone
 from ..config import PIIPConfig, strict_from_dict
 from ..ops.symbolic import concrete
-from .detection import IMAGE_NORMS, _as_backbone
+from ..data.transforms import IMAGE_NORMS
+from .detection import _as_backbone
 
 IGNORE_INDEX = 255
 
