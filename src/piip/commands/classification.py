@@ -253,23 +253,3 @@ def run_eval(args: argparse.Namespace) -> int:
           + " (per-class accuracy and confusion matrix)")
     cleanup()
     return 0
-
-
-def predict_topk(image: str, checkpoint: str, k: int = 5, device: str = "cpu", crop_ratio: float = 1.0) -> list:
-    """``[(class name, probability)]`` of the ``k`` most likely classes of one image."""
-    import torch
-    from PIL import Image
-
-    from ..data.classification import build_transforms
-    from ..data.images import read_rgb
-    from ..tasks.classification_train import load_classifier
-    img = read_rgb(image)
-    model, names = load_classifier(checkpoint)
-    model = model.eval().to(device)
-    x = build_transforms(int(model.cfg.img_size), False, crop_ratio=crop_ratio)(
-        Image.fromarray(img.permute(1, 2, 0).numpy()))
-    with torch.no_grad():
-        prob = model(x[None].to(device)).float().softmax(-1)[0].cpu()
-    top = prob.topk(min(k, len(prob)))
-    names = names or [str(i) for i in range(len(prob))]
-    return [(names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]

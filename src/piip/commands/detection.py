@@ -92,15 +92,6 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval)
 
 
-def detection_forward(model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Loss dict of a torchvision detector on one collated batch."""
-    images, targets = batch
-    images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets]
-    return model(images, targets)
-
-
 def _det_cfg(args: argparse.Namespace, class_names: list[str], recipe: dict[str, Any]) -> DetectorConfig:
     """The head options, an unset one (None) taken from the model's recipe."""
     values = config_args(args, DetectorConfig, "detector", "dino")
@@ -128,7 +119,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..engine import TrainConfig, Trainer, init_distributed, is_main
     from ..engine.checkpoint import check_writable, seed_everything
     from ..evaluation import evaluate_detector
-    from ..tasks.detection import MASK_KINDS, build_detector, detector_config_dict, resolve_sizes
+    from ..tasks.detection import MASK_KINDS, build_detector, detection_forward, detector_config_dict, resolve_sizes
     from ..zoo_detection_heads import head_recipe
 
     train_ann, train_img = _coco_paths(args, "train")

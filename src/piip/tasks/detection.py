@@ -359,6 +359,22 @@ def detector_config_dict(model: nn.Module) -> dict[str, Any]:
     return {"task": "detection", "backbone": model.backbone.body.cfg.to_dict(), "detector": model.det_cfg.to_dict()}
 
 
+def detection_forward(model: nn.Module, batch: Any, device: torch.device) -> dict[str, Tensor]:
+    """Loss dict of a torchvision detector on one collated batch (the Trainer's step)."""
+    images, targets = batch
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return model(images, targets)
+
+
+def predict_detections(model: nn.Module, image: Tensor) -> dict[str, Tensor]:
+    """``boxes`` / ``labels`` / ``scores`` (+ ``masks``) of one uint8 (3, H, W) RGB image, in its pixels."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model([image.float().div(255).to(device)])[0]
+
+
 def detector_from_config(d: dict[str, Any]) -> nn.Module:
     """Rebuild a detector (random weights) from :func:`detector_config_dict`'s output."""
     if d.get("task") != "detection":

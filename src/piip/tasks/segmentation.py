@@ -354,6 +354,27 @@ def segmentor_config_dict(model: PIIPSegmentor) -> dict[str, Any]:
     return {"task": "segmentation", "backbone": model.backbone.cfg.to_dict(), "segmentor": model.seg_cfg.to_dict()}
 
 
+def segmentation_forward(model: nn.Module, batch: Any, device: torch.device) -> dict[str, Tensor]:
+    """Loss dict of a segmentor on one collated (images, masks) batch (``forward(images, masks)`` is the
+    loss, so DDP sees the call)."""
+    images, masks = batch
+    images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+    return model(images, masks)
+
+
+def predict_segmentation(model: PIIPSegmentor, image: Tensor) -> Tensor:
+    """(H, W) class map of one uint8 (3, H, W) RGB image: resized so its short side is the test
+    size, sliding-window logits, resized back."""
+    device = next(model.parameters()).device
+    h, w = image.shape[-2:]
+    s = model.test_size / min(h, w)
+    x = F.interpolate(image[None].float().div(255), size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))),
+                      mode="bilinear", align_corners=False).clamp(0, 1).to(device)
+    with torch.no_grad():
+        logits = model.predict(x, "slide")
+    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+
+
 def segmentor_from_config(d: dict[str, Any]) -> PIIPSegmentor:
     if d.get("task") != "segmentation":
         raise ValueError(f"not a segmentation model config (task={d.get('task')!r})")
