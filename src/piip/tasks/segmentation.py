@@ -394,3 +394,9 @@ def load_segmentor(path: str, map_location: str = "cpu") -> PIIPSegmentor:
     check_state_dict(model, ckpt["model"], path)
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def export_task() -> Any:
+    """Segmentors' entry in ``piip export``'s task table: a (B, 3, H, W) batch in, ``logits`` out."""
+    from ..export.tasks import image_task
+    return image_task("segmentation", PIIPSegmentor, lambda m: ["logits"], lambda m: m.backbone)
