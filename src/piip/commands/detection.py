@@ -11,7 +11,7 @@ from ..tasks.detection_config import DINO_PYRAMID_LEVELS, KINDS, DetectorConfig
 from ._config_args import add_config_args, config_args
 from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
-from ._train_common import check_resume, dense_backbone, resume_and_fit
+from ._train_common import announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
 
 
 def _add_data_args(p: argparse.ArgumentParser, split: str, required: bool) -> None:
@@ -116,10 +116,10 @@ def _schedule(args: argparse.Namespace, recipe: dict[str, Any]) -> tuple[int, li
 
 def run_train(args: argparse.Namespace) -> int:
     from ..data import CocoDetection, detection_collate, detection_ms_transforms, detection_train_transforms
-    from ..engine import TrainConfig, Trainer, init_distributed, is_main
+    from ..engine import init_distributed
     from ..engine.checkpoint import check_writable, seed_everything
     from ..evaluation import evaluate_detector
-    from ..tasks.detection import MASK_KINDS, build_detector, detection_forward, detector_config_dict, resolve_sizes
+    from ..tasks.detection import MASK_KINDS, build_detector, detection_forward, resolve_sizes
     from ..zoo_detection_heads import head_recipe
 
     train_ann, train_img = _coco_paths(args, "train")
@@ -128,7 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
     val_ann, val_img = _coco_paths(args, "val")
     check_writable(args.output_dir)            # before anything slow: fail now, not after an epoch
     check_resume(args)
-    device, _, world = init_distributed(args.device)
+    device, _, _ = init_distributed(args.device)
     seed_everything(args.seed)                 # the seed fixes the initial weights too
     backbone = dense_backbone(args, "detection", _backbone_defaults(args.kind))
     probe = CocoDetection(train_ann, train_img, with_masks=False)  # class list before the real dataset
@@ -156,21 +156,12 @@ def run_train(args: argparse.Namespace) -> int:
         return evaluate_detector(m, val_set, device, args.batch_size, args.workers, args.amp,
                                  out_dir=os.path.join(args.output_dir, f"eval_epoch{epoch}"))
 
-    cfg = TrainConfig(output_dir=args.output_dir, epochs=epochs, batch_size=args.batch_size, lr=lr,
-                      weight_decay=args.weight_decay, layer_decay=layer_decay, warmup_iters=args.warmup_iters,
-                      lr_steps=lr_steps, clip_grad=clip_grad, amp=args.amp, workers=args.workers,
-                      seed=args.seed, device=str(device), save_every_steps=args.save_every_steps,
-                      max_steps=args.max_steps, log_every=args.log_every, strategy=args.strategy,
-                      find_unused_parameters=args.kind in ("retinanet", "dino"))
-    trainer = Trainer(model, dataset, cfg, detection_forward, detection_collate,
-                      extra_state={"model_config": detector_config_dict(model), "model_name": args.model},
-                      epoch_end=epoch_end)
-    if is_main():
-        n = sum(p.numel() for p in model.parameters())
-        print(f"training {args.kind} on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
-              f"{dataset.num_classes} classes, {world} process(es) on {device}; "
-              f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    resume_and_fit(trainer, args)
+    cfg = train_config(args, device, epochs=epochs, batch_size=args.batch_size, lr=lr, weight_decay=args.weight_decay,
+                       layer_decay=layer_decay, warmup_iters=args.warmup_iters, lr_steps=lr_steps, clip_grad=clip_grad,
+                       find_unused_parameters=args.kind in ("retinanet", "dino"))
+    trainer = task_trainer("detection", model, dataset, cfg, detection_forward, detection_collate, args, epoch_end)
+    announce_and_fit(trainer, model, args, lambda params: f"training {args.kind} on {args.model} ({params}) with "
+                                                          f"{len(dataset)} images, {dataset.num_classes} classes")
     return 0
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, positive_float, positive_int,
                           unit_float)
-from ._train_common import check_resume, dense_backbone, resume_and_fit
+from ._train_common import announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
 
 
 def _add_data_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
@@ -101,10 +101,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from ..data.segmentation import SegTestTransform, SegTrainTransform, segmentation_collate
-    from ..engine import TrainConfig, Trainer, init_distributed, is_main
+    from ..engine import init_distributed
     from ..engine.checkpoint import check_writable, seed_everything
     from ..evaluation.segmentation import evaluate_segmentor
-    from ..tasks.segmentation import SegmentorConfig, build_segmentor, segmentation_forward, segmentor_config_dict
+    from ..tasks.segmentation import SegmentorConfig, build_segmentor, segmentation_forward
 
     if not (args.data_root or args.train_images or args.train_masks):
         raise ValueError("give --data-root (ADE20K layout) or --train-images, --train-masks and --classes")
@@ -140,21 +140,15 @@ def run_train(args: argparse.Namespace) -> int:
         return evaluate_segmentor(m, val_set, device, args.eval_mode, args.amp, args.workers,
                                   out_dir=os.path.join(args.output_dir, f"eval_epoch{epoch}"))
 
-    cfg = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, layer_decay=args.layer_decay, warmup_iters=args.warmup_iters,
-                      warmup_ratio=1e-6, schedule="poly", lr_steps=[], clip_grad=args.clip_grad, amp=args.amp,
-                      workers=args.workers, seed=args.seed, device=str(device),
-                      save_every_steps=args.save_every_steps, max_steps=args.max_steps, log_every=args.log_every, strategy=args.strategy,
-                      find_unused_parameters=False)
-    trainer = Trainer(model, dataset, cfg, segmentation_forward, segmentation_collate,
-                      extra_state={"model_config": segmentor_config_dict(model), "model_name": args.model},
-                      epoch_end=epoch_end)
-    if is_main():
-        n = sum(p.numel() for p in model.parameters())
-        print(f"training UperNet on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
-              f"{dataset.num_classes} classes, crop {crop}, {world} process(es) on {device}; "
-              f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    resume_and_fit(trainer, args)
+    cfg = train_config(args, device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       weight_decay=args.weight_decay, layer_decay=args.layer_decay, warmup_iters=args.warmup_iters,
+                       warmup_ratio=1e-6, schedule="poly", lr_steps=[], clip_grad=args.clip_grad,
+                       find_unused_parameters=False)
+    trainer = task_trainer("segmentation", model, dataset, cfg, segmentation_forward, segmentation_collate, args,
+                           epoch_end)
+    announce_and_fit(trainer, model, args, lambda params: f"training UperNet on {args.model} ({params}) with "
+                                                          f"{len(dataset)} images, {dataset.num_classes} classes, "
+                                                          f"crop {crop}")
     return 0
 
 
