@@ -1,19 +1,22 @@
 """Command-line options generated from a task config dataclass, so each default is written once:
 a field whose ``metadata['cli']`` names an option group becomes ``--field-name`` (validated as a
-positive number of the field's type, ``metadata['minimum'] == 0`` allows 0, ``metadata['choices']``
-lists the accepted words) with the field's default and ``metadata['help']``."""
+number of the field's type, see :func:`_validator`, or one of ``metadata['choices']``) with the
+field's default and ``metadata['help']``. Fields are declared with :func:`piip.config.cli_field`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from typing import Any, Callable
 
-from ._model_args import non_negative_int, positive_float, positive_int
+from ._model_args import non_negative_float, non_negative_int, positive_float, positive_int, unit_float
 
-# annotation text (``from __future__ import annotations``) -> (validator, validator allowing 0)
-_TYPES: dict[str, tuple[Callable[[str], Any], Callable[[str], Any]]] = {
-    "int": (positive_int, non_negative_int), "Optional[int]": (positive_int, non_negative_int),
-    "float": (positive_float, positive_float)}
+def _validator(f: dataclasses.Field) -> Callable[[str], Any]:
+    """The parser of a field's option: a positive number of its type; ``minimum=0`` allows 0,
+    ``maximum=1`` (floats) means a fraction in [0, 1]."""
+    floor0 = f.metadata.get("minimum") == 0
+    if str(f.type) == "float":
+        return unit_float if f.metadata.get("maximum") == 1 else non_negative_float if floor0 else positive_float
+    return non_negative_int if floor0 else positive_int
 
 
 def cli_fields(cls: type, group: str) -> list[dataclasses.Field]:
@@ -28,7 +31,7 @@ def add_config_args(parser: argparse._ActionsContainer, cls: type, group: str) -
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
         else:
-            kw["type"] = _TYPES[str(f.type)][f.metadata.get("minimum") == 0]
+            kw["type"] = _validator(f)
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 

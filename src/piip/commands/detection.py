@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..tasks.detection_config import DINO_PYRAMID_LEVELS, KINDS, DetectorConfig
+from ..tasks.configs import DINO_PYRAMID_LEVELS, KINDS, DetectorConfig
 from ._config_args import add_config_args, config_args
 from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)

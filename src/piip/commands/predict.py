@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
-from ..tasks.detection_config import KINDS
+from ..tasks.configs import KINDS
 from ._model_args import add_model_args, parse_overrides, positive_int, unit_float
 
 if TYPE_CHECKING:

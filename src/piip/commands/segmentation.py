@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..tasks.configs import SegmentorConfig
+from ._config_args import add_config_args
 from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, positive_float, positive_int,
                           unit_float)
 from ._train_common import announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
@@ -51,8 +53,7 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
                    help="UperNet width (default: the model's recipe, 512 for B-sized, 1024 for L-sized models)")
     g.add_argument("--aux-channels", type=positive_int, default=None, help="FCN auxiliary head width (recipes: 256)")
     g.add_argument("--no-aux", action="store_true", help="no auxiliary head")
-    g.add_argument("--aux-weight", type=non_negative_float, default=0.4)
-    g.add_argument("--dropout", type=unit_float, default=0.1)
+    add_config_args(g, SegmentorConfig, "segmentor")   # --aux-weight, --dropout
     g.add_argument("--crop-size", type=positive_int, default=None,
                    help="training crop and sliding window (default: the finest branch's resolution)")
     g.add_argument("--slide-stride", type=positive_int, default=None, help="sliding-window stride (default 2/3 crop)")

@@ -18,9 +18,6 @@ from ..branches import Tokens
 from ..config import PIIPConfig
 from ..integrations.timm import PretrainedCfgMixin
 
-if TYPE_CHECKING:
-    from ..export.tasks import ExportTask
-
 
 class ClsHead(nn.Module):
     def __init__(self, dim: int, num_classes: int) -> None:
@@ -124,6 +121,10 @@ class PIIPClassifier(PretrainedCfgMixin, nn.Module):
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
         if "_pretrained_cfg" in self.__dict__:
             self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+
+
+if TYPE_CHECKING:
+    from ..export.tasks import ExportTask
 
 
 def export_task() -> "ExportTask":

@@ -34,7 +34,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from ..backbone import PIIPBackbone
 from ..config import PIIPConfig
 from ..data.transforms import IMAGE_NORMS
-from .detection_config import AUGS, DINO_PYRAMID_LEVELS, KINDS, MASK_KINDS, DetectorConfig
+from .configs import AUGS, DINO_PYRAMID_LEVELS, KINDS, MASK_KINDS, DetectorConfig
 
 ROI_STRIDES = (4, 8, 16, 32)     # the FPN levels '0'..'3' that RoIAlign reads
 
