@@ -1,5 +1,6 @@
-"""``piip predict IMAGE``: draw a detector's boxes, class names, scores and masks on an image, or
-print a classifier's top-k classes (classification checkpoints are recognised automatically)."""
+"""``piip predict IMAGE``: draw a detector's boxes, class names, scores and masks on an image,
+colour-code a segmentor's classes, or print a classifier's top-k classes. The checkpoint's task
+(:mod:`piip.tasks.registry`) picks which; plain state dicts and ``--pretrained`` are detectors."""
 from __future__ import annotations
 
 import argparse
