@@ -146,7 +146,7 @@ def test_layer_decay_and_schedule():
 def _trainer(coco, out, **kw):
     cfg = TrainConfig(output_dir=str(out), epochs=2, batch_size=4, lr=1e-3, warmup_iters=2, lr_steps=[1],
                       workers=0, layer_decay=0.85, log_every=100, **kw)
-    from piip.commands.detection import detection_forward
+    from piip.tasks.detection import detection_forward
     return Trainer(tiny_detector(seed=1), train_set(coco), cfg, detection_forward, detection_collate)
 
 

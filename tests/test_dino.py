@@ -147,7 +147,7 @@ def test_training_steps_lower_the_loss(coco):
 
 
 def test_resume_continues_exactly(coco, tmp_path):
-    from piip.commands.detection import detection_forward
+    from piip.tasks.detection import detection_forward
     from piip.engine import TrainConfig, Trainer
 
     def trainer(out, **kw):

@@ -198,7 +198,7 @@ def test_same_seed_same_run(data, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_resumable_checkpoint(data, tmp_path, monkeypatch, capsys, sig):
-    import piip.commands.detection as det
+    import piip.tasks.detection as det
     real = det.detection_forward
     calls = []
 

@@ -221,7 +221,7 @@ def test_miou_on_a_hand_made_confusion():
 # ---------------------------------------------------------------------- training
 def _trainer(ds, out, **kw):
     m = tiny_segmentor(ds.num_classes)
-    from piip.commands.segmentation import segmentation_forward
+    from piip.tasks.segmentation import segmentation_forward
     from piip.tasks.segmentation import segmentor_config_dict
     cfg = TrainConfig(output_dir=str(out), epochs=kw.pop("epochs", 2), batch_size=2, lr=2e-3, weight_decay=0.01,
                       layer_decay=0.95, warmup_iters=2, warmup_ratio=1e-6, schedule="poly", lr_steps=[],

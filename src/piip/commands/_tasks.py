@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-# task modules; each provides add_train_parser(subparsers) and add_eval_parser(subparsers)
-TASKS = ["piip.commands.detection", "piip.commands.classification", "piip.commands.segmentation",
-         "piip.commands.llava"]
+from ..tasks.registry import TASKS as VISION_TASKS
+
+# one command module per task (piip.tasks.registry.TASKS, then PIIP-LLaVA); each provides
+# add_train_parser(subparsers) and add_eval_parser(subparsers)
+TASKS = [f"piip.commands.{name}" for name in VISION_TASKS] + ["piip.commands.llava"]
 
 
 def add_task_command(sub: argparse._SubParsersAction, name: str, help: str, hook: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ._model_args import (add_model_args, add_run_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
-from ._train_common import check_resume, resume_and_fit
+from ._train_common import announce_and_fit, check_resume, pretrained_branches, task_trainer, train_config
 
 _RECIPE_FLAGS = ["epochs", "batch_size", "lr", "new_lr_scale", "weight_decay", "decay_all", "warmup_epochs",
                  "warmup_lr", "min_lr", "auto_augment", "reprob", "mixup", "cutmix", "smoothing", "ema_decay",
@@ -134,15 +134,34 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
     return r
 
 
+def _classifier(args: argparse.Namespace, rc: dict[str, Any], num_classes: int) -> Any:
+    """The ``--model`` classifier with ``num_classes`` outputs, the recipe's drop path, ``--override`` /
+    ``--img-size`` / ``--pretrained-branches`` and ``--checkpoint`` weights."""
+    from ..registry import create_model
+    overrides = parse_overrides(args.override, args.img_size)
+    overrides["num_classes"] = num_classes
+    if rc["drop_path"] is not None:
+        br = overrides.setdefault("branches", {})
+        if isinstance(br, list):
+            for b in br:
+                b["drop_path"] = rc["drop_path"]
+        else:
+            br["drop_path"] = rc["drop_path"]
+    model = create_model(args.model, pretrained_branches=pretrained_branches(args), checkpoint=args.checkpoint,
+                         **overrides)
+    if model.cfg.task != "classification":
+        raise ValueError(f"--model {args.model} is a {model.cfg.task} model; use a *_cls model (see `piip models`)")
+    check_img_size(model.cfg)
+    return model
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from ..data.classification import ImageClassification, build_transforms, classification_collate
-    from ..engine import TrainConfig, Trainer, init_distributed, is_main
+    from ..engine import Trainer, init_distributed, is_main
     from ..engine.checkpoint import check_writable, seed_everything
-    from ..registry import create_model
-    from ..tasks.classification_train import (NEW_MODULES, NO_DECAY_NAMES, classifier_config_dict,
-                                              evaluate_classifier, make_loss)
+    from ..tasks.classification_train import NEW_MODULES, NO_DECAY_NAMES, evaluate_classifier, make_loss
 
     train_src = _split_path(args, "train", True)
     val_src = _split_path(args, "val", False)
@@ -156,22 +175,7 @@ def run_train(args: argparse.Namespace) -> int:
     dataset = ImageClassification(train_src, seed=args.seed)   # classes (and data errors) before the model
     device, _, world = init_distributed(args.device)
     seed_everything(args.seed)
-    overrides = parse_overrides(args.override, args.img_size)
-    overrides["num_classes"] = dataset.num_classes
-    if rc["drop_path"] is not None:
-        br = overrides.setdefault("branches", {})
-        if isinstance(br, list):
-            for b in br:
-                b["drop_path"] = rc["drop_path"]
-        else:
-            br["drop_path"] = rc["drop_path"]
-    pretrained = None
-    if args.pretrained_branches:
-        pretrained = [None if p.lower() == "none" else p for p in args.pretrained_branches]
-    model = create_model(args.model, pretrained_branches=pretrained, checkpoint=args.checkpoint, **overrides)
-    if model.cfg.task != "classification":
-        raise ValueError(f"--model {args.model} is a {model.cfg.task} model; use a *_cls model (see `piip models`)")
-    check_img_size(model.cfg)
+    model = _classifier(args, rc, dataset.num_classes)
     size = int(model.cfg.img_size)
     dataset.transform = build_transforms(size, True, rc["auto_augment"], rc["reprob"], crop_scale=args.crop_scale)
     val_set = None
@@ -195,27 +199,21 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"epoch {epoch}: val " + " ".join(f"{k} {v:.2f}" for k, v in out.items()))
         return out
 
-    cfg = TrainConfig(output_dir=args.output_dir, epochs=rc["epochs"], batch_size=rc["batch_size"], lr=lr,
-                      weight_decay=rc["weight_decay"], warmup_iters=0, warmup_epochs=rc["warmup_epochs"],
-                      warmup_ratio=min(1.0, rc["warmup_lr"] / lr), schedule="cosine", lr_steps=[],
-                      min_lr=rc["min_lr"], clip_grad=rc["clip_grad"], amp=args.amp, workers=args.workers,
-                      seed=args.seed, device=str(device), save_every_steps=args.save_every_steps,
-                      max_steps=args.max_steps, log_every=args.log_every, strategy=args.strategy,
-                      lr_scales={NEW_MODULES: rc["new_lr_scale"]} if rc["new_lr_scale"] != 1 else {},
-                      decay_all=rc["decay_all"], no_decay=[] if rc["decay_all"] else list(NO_DECAY_NAMES),
-                      ema_decay=rc["ema_decay"], accum_steps=args.accum_steps, amp_dtype=args.amp_dtype,
-                      repeated_aug=args.repeated_aug)
-    trainer = Trainer(model, dataset, cfg, make_loss(dataset.num_classes, rc["mixup"], rc["cutmix"], rc["smoothing"]),
-                      classification_collate,
-                      extra_state={"model_config": classifier_config_dict(model), "model_name": args.model,
-                                   "class_names": list(dataset.class_names), "recipe": {"name": args.recipe, **rc}},
-                      epoch_end=epoch_end)
-    if is_main():
-        n = sum(p.numel() for p in model.parameters())
-        print(f"training {args.model} ({n / 1e6:.1f}M params, {size} px) with the {args.recipe} recipe on "
-              f"{len(dataset)} images, {dataset.num_classes} classes, {world} process(es) on {device}; "
-              f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    resume_and_fit(trainer, args)
+    cfg = train_config(args, device, epochs=rc["epochs"], batch_size=rc["batch_size"], lr=lr,
+                       weight_decay=rc["weight_decay"], warmup_iters=0, warmup_epochs=rc["warmup_epochs"],
+                       warmup_ratio=min(1.0, rc["warmup_lr"] / lr), schedule="cosine", lr_steps=[],
+                       min_lr=rc["min_lr"], clip_grad=rc["clip_grad"],
+                       lr_scales={NEW_MODULES: rc["new_lr_scale"]} if rc["new_lr_scale"] != 1 else {},
+                       decay_all=rc["decay_all"], no_decay=[] if rc["decay_all"] else list(NO_DECAY_NAMES),
+                       ema_decay=rc["ema_decay"], accum_steps=args.accum_steps, amp_dtype=args.amp_dtype,
+                       repeated_aug=args.repeated_aug)
+    trainer = task_trainer("classification", model, dataset, cfg,
+                           make_loss(dataset.num_classes, rc["mixup"], rc["cutmix"], rc["smoothing"]),
+                           classification_collate, args, epoch_end, class_names=list(dataset.class_names),
+                           recipe={"name": args.recipe, **rc})
+    announce_and_fit(trainer, model, args, lambda params: f"training {args.model} ({params}, {size} px) with the "
+                                                          f"{args.recipe} recipe on {len(dataset)} images, "
+                                                          f"{dataset.num_classes} classes")
     if dataset.skipped and is_main():
         print(f"skipped {len(dataset.skipped)} unreadable training image(s)")
     return 0
@@ -253,23 +251,3 @@ def run_eval(args: argparse.Namespace) -> int:
           + " (per-class accuracy and confusion matrix)")
     cleanup()
     return 0
-
-
-def predict_topk(image: str, checkpoint: str, k: int = 5, device: str = "cpu", crop_ratio: float = 1.0) -> list:
-    """``[(class name, probability)]`` of the ``k`` most likely classes of one image."""
-    import torch
-    from PIL import Image
-
-    from ..data.classification import build_transforms
-    from ..data.images import read_rgb
-    from ..tasks.classification_train import load_classifier
-    img = read_rgb(image)
-    model, names = load_classifier(checkpoint)
-    model = model.eval().to(device)
-    x = build_transforms(int(model.cfg.img_size), False, crop_ratio=crop_ratio)(
-        Image.fromarray(img.permute(1, 2, 0).numpy()))
-    with torch.no_grad():
-        prob = model(x[None].to(device)).float().softmax(-1)[0].cpu()
-    top = prob.topk(min(k, len(prob)))
-    names = names or [str(i) for i in range(len(prob))]
-    return [(names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]

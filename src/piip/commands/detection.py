@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
+from ..tasks.configs import DINO_PYRAMID_LEVELS, KINDS, DetectorConfig
+from ._config_args import add_config_args, config_args
 from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
-from ._train_common import check_resume, dense_backbone, resume_and_fit
+from ._train_common import announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
 
 
 def _add_data_args(p: argparse.ArgumentParser, split: str, required: bool) -> None:
@@ -26,35 +28,13 @@ def _coco_paths(args: argparse.Namespace, split: str) -> tuple[str | None, str |
     return ann, img
 
 
-# detector kinds (piip.tasks.detection.KINDS; listed here so the parser does not import torchvision)
-KIND_CHOICES = ["mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn"]
+KIND_CHOICES = list(KINDS)   # from the light config module: the parser does not import torchvision
 
 
 def _add_head_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("detector (defaults: released Mask R-CNN 1x)")
-    g.add_argument("--kind", default="mask_rcnn", choices=KIND_CHOICES)
-    g.add_argument("--fpn-channels", type=positive_int, default=256)
-    g.add_argument("--box-head-dim", type=positive_int, default=1024)
-    g.add_argument("--mask-head-dim", type=positive_int, default=256)
-    g.add_argument("--min-size", type=positive_int, default=None, help="short-side cap (default: none, the long side becomes the finest resolution S; S*800//1333 is the released mmdet protocol)")
-    g.add_argument("--max-size", type=positive_int, default=None, help="long-side cap (default: finest branch resolution)")
-    g.add_argument("--anchor-scale", type=positive_float, default=8.0,
-                   help="anchor side = this x level stride (released: 8, i.e. 32..512 px anchors for ~1000 px "
-                        "images; use ~2 for images of ~128 px)")
-    g.add_argument("--rpn-batch-size", type=positive_int, default=256,
-                   help="anchors sampled per image for the RPN loss (released: 256)")
-    g.add_argument("--roi-batch-size", type=positive_int, default=512,
-                   help="proposals sampled per image for the box/mask heads (released: 512, sized for ~1333x800 "
-                        "images; small images with few objects learn faster with ~64)")
-    g.add_argument("--pad-divisor", type=positive_int, default=None, help="pad to multiples of this (default 224 / 64 / 32)")
-    d = p.add_argument_group("DINO (--kind dino; defaults: the released DINO 4-scale configs)")
-    d.add_argument("--num-queries", type=positive_int, default=900)
-    d.add_argument("--transformer-dim", type=positive_int, default=256)
-    d.add_argument("--transformer-heads", type=positive_int, default=8)
-    d.add_argument("--transformer-ffn", type=positive_int, default=2048)
-    d.add_argument("--enc-layers", type=positive_int, default=6)
-    d.add_argument("--dec-layers", type=positive_int, default=6)
-    d.add_argument("--dn-queries", type=non_negative_int, default=100, help="denoising queries (0 = no denoising)")
+    add_config_args(p.add_argument_group("detector (defaults: released Mask R-CNN 1x)"), DetectorConfig, "detector")
+    add_config_args(p.add_argument_group("DINO (--kind dino; defaults: the released DINO 4-scale configs)"),
+                    DetectorConfig, "dino")
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -112,37 +92,17 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval)
 
 
-def detection_forward(model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Loss dict of a torchvision detector on one collated batch."""
-    images, targets = batch
-    images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets]
-    return model(images, targets)
-
-
-def _det_cfg(args: argparse.Namespace, class_names: list[str], recipe: dict[str, Any]):
-    from ..tasks.detection import DetectorConfig
-
-    def pick(name: str) -> Any:
-        v = getattr(args, name)
-        return recipe.get(name) if v is None else v
-
-    return DetectorConfig(kind=args.kind, num_classes=len(class_names), fpn_channels=args.fpn_channels,
-                          box_head_dim=args.box_head_dim, mask_head_dim=args.mask_head_dim,
-                          min_size=pick("min_size"), max_size=pick("max_size"), pad_divisor=pick("pad_divisor"),
-                          anchor_scale=args.anchor_scale, rpn_batch_size=args.rpn_batch_size,
-                          roi_batch_size=args.roi_batch_size,
-                          class_names=list(class_names), aug=pick("aug") or "single",
-                          num_queries=args.num_queries, transformer_dim=args.transformer_dim,
-                          transformer_heads=args.transformer_heads, transformer_ffn=args.transformer_ffn,
-                          enc_layers=args.enc_layers, dec_layers=args.dec_layers, dn_queries=args.dn_queries)
+def _det_cfg(args: argparse.Namespace, class_names: list[str], recipe: dict[str, Any]) -> DetectorConfig:
+    """The head options, an unset one (None) taken from the model's recipe."""
+    values = config_args(args, DetectorConfig, "detector", "dino")
+    values = {k: recipe.get(k) if v is None else v for k, v in values.items()}
+    aug = recipe.get("aug") if args.aug is None else args.aug
+    return DetectorConfig(**values, num_classes=len(class_names), class_names=list(class_names), aug=aug or "single")
 
 
 def _backbone_defaults(kind: str) -> dict[str, Any]:
     """DINO reads pyramid levels 1-3 only: the backbone does not build the stride-4 map."""
     if kind == "dino":
-        from ..tasks.detection import DINO_PYRAMID_LEVELS
         return {"pyramid_levels": list(DINO_PYRAMID_LEVELS)}
     return {}
 
@@ -156,10 +116,10 @@ def _schedule(args: argparse.Namespace, recipe: dict[str, Any]) -> tuple[int, li
 
 def run_train(args: argparse.Namespace) -> int:
     from ..data import CocoDetection, detection_collate, detection_ms_transforms, detection_train_transforms
-    from ..engine import TrainConfig, Trainer, init_distributed, is_main
+    from ..engine import init_distributed
     from ..engine.checkpoint import check_writable, seed_everything
     from ..evaluation import evaluate_detector
-    from ..tasks.detection import MASK_KINDS, build_detector, detector_config_dict, resolve_sizes
+    from ..tasks.detection import MASK_KINDS, build_detector, detection_forward, resolve_sizes
     from ..zoo.recipes import head_recipe
 
     train_ann, train_img = _coco_paths(args, "train")
@@ -168,7 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
     val_ann, val_img = _coco_paths(args, "val")
     check_writable(args.output_dir)            # before anything slow: fail now, not after an epoch
     check_resume(args)
-    device, _, world = init_distributed(args.device)
+    device, _, _ = init_distributed(args.device)
     seed_everything(args.seed)                 # the seed fixes the initial weights too
     backbone = dense_backbone(args, "detection", _backbone_defaults(args.kind))
     probe = CocoDetection(train_ann, train_img, with_masks=False)  # class list before the real dataset
@@ -196,21 +156,12 @@ def run_train(args: argparse.Namespace) -> int:
         return evaluate_detector(m, val_set, device, args.batch_size, args.workers, args.amp,
                                  out_dir=os.path.join(args.output_dir, f"eval_epoch{epoch}"))
 
-    cfg = TrainConfig(output_dir=args.output_dir, epochs=epochs, batch_size=args.batch_size, lr=lr,
-                      weight_decay=args.weight_decay, layer_decay=layer_decay, warmup_iters=args.warmup_iters,
-                      lr_steps=lr_steps, clip_grad=clip_grad, amp=args.amp, workers=args.workers,
-                      seed=args.seed, device=str(device), save_every_steps=args.save_every_steps,
-                      max_steps=args.max_steps, log_every=args.log_every, strategy=args.strategy,
-                      find_unused_parameters=args.kind in ("retinanet", "dino"))
-    trainer = Trainer(model, dataset, cfg, detection_forward, detection_collate,
-                      extra_state={"model_config": detector_config_dict(model), "model_name": args.model},
-                      epoch_end=epoch_end)
-    if is_main():
-        n = sum(p.numel() for p in model.parameters())
-        print(f"training {args.kind} on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
-              f"{dataset.num_classes} classes, {world} process(es) on {device}; "
-              f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    resume_and_fit(trainer, args)
+    cfg = train_config(args, device, epochs=epochs, batch_size=args.batch_size, lr=lr, weight_decay=args.weight_decay,
+                       layer_decay=layer_decay, warmup_iters=args.warmup_iters, lr_steps=lr_steps, clip_grad=clip_grad,
+                       find_unused_parameters=args.kind in ("retinanet", "dino"))
+    trainer = task_trainer("detection", model, dataset, cfg, detection_forward, detection_collate, args, epoch_end)
+    announce_and_fit(trainer, model, args, lambda params: f"training {args.kind} on {args.model} ({params}) with "
+                                                          f"{len(dataset)} images, {dataset.num_classes} classes")
     return 0
 
 

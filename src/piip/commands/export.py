@@ -43,19 +43,11 @@ def load_for_export(args: argparse.Namespace):  # noqa: ANN201
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist")
     if args.checkpoint is not None:
+        from ..tasks.registry import TASKS, model_task
         from ..weights.io import read_checkpoint
-        ckpt = read_checkpoint(args.checkpoint, weights_only=True, map_location="cpu")
-        task = ckpt["model_config"].get("task") if isinstance(ckpt, dict) and isinstance(
-            ckpt.get("model_config"), dict) else None
-        if task == "segmentation":
-            from ..tasks.segmentation import load_segmentor
-            return load_segmentor(args.checkpoint)
-        if task == "classification":
-            from ..tasks.classification_train import load_classifier
-            return load_classifier(args.checkpoint)[0]
-        if task == "detection":
-            from ..tasks.detection import load_detector
-            return load_detector(args.checkpoint)
+        task = model_task(read_checkpoint(args.checkpoint, weights_only=True, map_location="cpu"))
+        if task in TASKS:
+            return TASKS[task].load(args.checkpoint)
         if args.model is None:
             raise ValueError(f"{args.checkpoint} holds no model config; pass the model name (--model) it belongs to")
         return create_model(args.model, checkpoint=args.checkpoint, **overrides)

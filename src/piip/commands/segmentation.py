@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
+from ..tasks.configs import SegmentorConfig
+from ._config_args import add_config_args
 from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, positive_float, positive_int,
                           unit_float)
-from ._train_common import check_resume, dense_backbone, resume_and_fit
+from ._train_common import announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
 
 
 def _add_data_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
@@ -51,8 +53,7 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
                    help="UperNet width (default: the model's recipe, 512 for B-sized, 1024 for L-sized models)")
     g.add_argument("--aux-channels", type=positive_int, default=None, help="FCN auxiliary head width (recipes: 256)")
     g.add_argument("--no-aux", action="store_true", help="no auxiliary head")
-    g.add_argument("--aux-weight", type=non_negative_float, default=0.4)
-    g.add_argument("--dropout", type=unit_float, default=0.1)
+    add_config_args(g, SegmentorConfig, "segmentor")   # --aux-weight, --dropout
     g.add_argument("--crop-size", type=positive_int, default=None,
                    help="training crop and sliding window (default: the finest branch's resolution)")
     g.add_argument("--slide-stride", type=positive_int, default=None, help="sliding-window stride (default 2/3 crop)")
@@ -99,20 +100,12 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval)
 
 
-def segmentation_forward(model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Loss dict of a segmentor on one collated (images, masks) batch (``forward(images, masks)`` is the
-    loss, so DDP sees the call)."""
-    images, masks = batch
-    images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-    return model(images, masks)
-
-
 def run_train(args: argparse.Namespace) -> int:
     from ..data.segmentation import SegTestTransform, SegTrainTransform, segmentation_collate
-    from ..engine import TrainConfig, Trainer, init_distributed, is_main
+    from ..engine import init_distributed
     from ..engine.checkpoint import check_writable, seed_everything
     from ..evaluation.segmentation import evaluate_segmentor
-    from ..tasks.segmentation import SegmentorConfig, build_segmentor, segmentor_config_dict
+    from ..tasks.segmentation import SegmentorConfig, build_segmentor, segmentation_forward
 
     if not (args.data_root or args.train_images or args.train_masks):
         raise ValueError("give --data-root (ADE20K layout) or --train-images, --train-masks and --classes")
@@ -148,21 +141,15 @@ def run_train(args: argparse.Namespace) -> int:
         return evaluate_segmentor(m, val_set, device, args.eval_mode, args.amp, args.workers,
                                   out_dir=os.path.join(args.output_dir, f"eval_epoch{epoch}"))
 
-    cfg = TrainConfig(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, layer_decay=args.layer_decay, warmup_iters=args.warmup_iters,
-                      warmup_ratio=1e-6, schedule="poly", lr_steps=[], clip_grad=args.clip_grad, amp=args.amp,
-                      workers=args.workers, seed=args.seed, device=str(device),
-                      save_every_steps=args.save_every_steps, max_steps=args.max_steps, log_every=args.log_every, strategy=args.strategy,
-                      find_unused_parameters=False)
-    trainer = Trainer(model, dataset, cfg, segmentation_forward, segmentation_collate,
-                      extra_state={"model_config": segmentor_config_dict(model), "model_name": args.model},
-                      epoch_end=epoch_end)
-    if is_main():
-        n = sum(p.numel() for p in model.parameters())
-        print(f"training UperNet on {args.model} ({n / 1e6:.1f}M params) with {len(dataset)} images, "
-              f"{dataset.num_classes} classes, crop {crop}, {world} process(es) on {device}; "
-              f"{trainer.iters_per_epoch} iterations/epoch; checkpoints in {args.output_dir}")
-    resume_and_fit(trainer, args)
+    cfg = train_config(args, device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       weight_decay=args.weight_decay, layer_decay=args.layer_decay, warmup_iters=args.warmup_iters,
+                       warmup_ratio=1e-6, schedule="poly", lr_steps=[], clip_grad=args.clip_grad,
+                       find_unused_parameters=False)
+    trainer = task_trainer("segmentation", model, dataset, cfg, segmentation_forward, segmentation_collate, args,
+                           epoch_end)
+    announce_and_fit(trainer, model, args, lambda params: f"training UperNet on {args.model} ({params}) with "
+                                                          f"{len(dataset)} images, {dataset.num_classes} classes, "
+                                                          f"crop {crop}")
     return 0
 
 
@@ -191,84 +178,4 @@ def run_eval(args: argparse.Namespace) -> int:
     evaluate_segmentor(model, dataset, device, args.mode, args.amp, args.workers, out_dir=out_dir)
     print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     cleanup()
-    return 0
-
-
-# ---------------------------------------------------------------------- piip predict (segmentation checkpoints)
-def is_segmentation_checkpoint(path: str) -> bool:
-    """True for a checkpoint written by ``piip train segmentation``; False for anything else,
-    unreadable files included (the detection path then reports them)."""
-    try:
-        from ..weights.io import read_checkpoint
-        ck = read_checkpoint(path, weights_only=True, map_location="cpu")
-    except Exception:  # noqa: BLE001 - not ours to report
-        return False
-    return isinstance(ck, dict) and isinstance(ck.get("model_config"), dict) \
-        and ck["model_config"].get("task") == "segmentation"
-
-
-def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
-    """A fixed, well-spread colour per class (golden-ratio hues, alternating brightness)."""
-    import colorsys
-    out = []
-    for k in range(num_classes):
-        r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 0.95 if k % 2 == 0 else 0.7)
-        out.append((int(r * 255), int(g * 255), int(b * 255)))
-    return out
-
-
-def draw_segmentation(image: torch.Tensor, pred: torch.Tensor, class_names: list[str], alpha: float = 0.5):
-    """PIL picture: the colour-coded prediction blended over ``image`` (uint8 (3, H, W)), with a
-    legend of the classes present (most pixels first) on the right."""
-    from PIL import Image, ImageDraw
-    k = len(class_names)
-    colours = torch.tensor(class_colours(k), dtype=torch.float32)
-    pred = pred.cpu().long()
-    blend = image.permute(1, 2, 0).float() * (1 - alpha) + colours[pred] * alpha
-    pic = Image.fromarray(blend.round().clamp(0, 255).to(torch.uint8).numpy())
-    counts = torch.bincount(pred.flatten(), minlength=k)
-    present = [int(c) for c in counts.argsort(descending=True) if counts[c] > 0]
-    row, pad = 14, 4
-    names = [f"{class_names[c]} {100 * counts[c].item() / pred.numel():.1f}%" for c in present]
-    width = pad * 3 + 12 + max(6 * len(n) for n in names)
-    canvas = Image.new("RGB", (pic.width + width, max(pic.height, pad + row * len(present))), (255, 255, 255))
-    canvas.paste(pic, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, (c, name) in enumerate(zip(present, names)):
-        y = pad + i * row
-        draw.rectangle([pic.width + pad, y, pic.width + pad + 10, y + 10], fill=class_colours(k)[c], outline=(0, 0, 0))
-        draw.text((pic.width + 2 * pad + 12, y - 1), name, fill=(0, 0, 0))
-    return canvas, [(class_names[c], counts[c].item() / pred.numel()) for c in present]
-
-
-_PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    """``piip predict IMAGE --checkpoint SEG_CKPT``: overlay picture + legend (and ``--mask-out``)."""
-    import torch.nn.functional as F
-
-    from ..data.images import read_rgb
-    from ..engine import init_distributed
-    from ..tasks.segmentation import load_segmentor
-    from .predict import check_picture_out
-    ext = check_picture_out(args.out, _PIL_FORMATS)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    img = read_rgb(args.image)
-    device, _, _ = init_distributed(args.device)
-    model = load_segmentor(args.checkpoint).eval().to(device)
-    h, w = img.shape[-2:]
-    s = model.test_size / min(h, w)
-    x = F.interpolate(img[None].float().div(255), size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))),
-                      mode="bilinear", align_corners=False).clamp(0, 1).to(device)
-    with torch.no_grad():
-        logits = model.predict(x, "slide")
-    pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
-    names = list(model.seg_cfg.class_names) or [str(i) for i in range(model.seg_cfg.num_classes)]
-    pic, present = draw_segmentation(img, pred, names)
-    os.makedirs(out_dir, exist_ok=True)
-    pic.save(args.out, _PIL_FORMATS[ext])
-    print(f"segmentation of {args.image} ({w}x{h}) drawn on {args.out}; classes present:")
-    for name, frac in present:
-        print(f"  {name:24s} {100 * frac:5.1f}%")
     return 0

@@ -20,10 +20,9 @@ from torch.utils.data import Dataset
 
 from .images import read_rgb
 from .robust import transform_sample
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageClassification(Dataset):

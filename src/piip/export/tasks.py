@@ -1,13 +1,15 @@
 """What each kind of model exports as: a wrapper whose forward takes plain tensors and returns a
 tuple of tensors, the input / output names, and how its inputs are made for a size.
 
-Tasks are looked up in :data:`TASKS` in order, first match wins; another task (the detectors)
-plugs in with :func:`register_task`. Built in: segmentors, classifiers, bare backbones.
+Tasks are looked up in :data:`TASKS` in order, first match wins; another task plugs in with
+:func:`register_task`. The built-in entries (bare backbones, classifiers, segmentors, detectors)
+come from :mod:`piip.tasks.registry`, which adds a source of entries with :func:`add_export_source`
+(read on the first lookup): this module imports nothing above ``torch``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,15 +46,32 @@ class ExportTask:
 
 
 TASKS: list[ExportTask] = []
+# callables giving more entries, added to TASKS (after the built-in ones) before the first lookup
+_SOURCES: list[Callable[[], Iterable[ExportTask]]] = []
+
+
+def add_export_source(source: Callable[[], Iterable[ExportTask]]) -> None:
+    """Entries of another layer (the task table), read lazily so that neither imports the other's models."""
+    _SOURCES.append(source)
+
+
+def _read_sources() -> None:
+    while _SOURCES:
+        for task in _SOURCES.pop(0)():
+            if all(t.name != task.name for t in TASKS):   # an entry registered by name already wins
+                TASKS.append(task)
+
 
 def register_task(task: ExportTask, first: bool = True) -> ExportTask:
     """Add (or replace, by name) a task; ``first`` puts it before the built-in ones."""
+    _read_sources()
     TASKS[:] = [t for t in TASKS if t.name != task.name]
     TASKS.insert(0 if first else len(TASKS), task)
     return task
 
 
 def find_task(model: nn.Module, name: Optional[str] = None) -> ExportTask:
+    _read_sources()
     for t in TASKS:
         if (name is None or t.name == name) and t.matches(model):
             return t
@@ -86,28 +105,15 @@ class TupleOutputs(nn.Module):
         return tuple(out.values())
 
 
-def _backbone_outputs(model: nn.Module) -> list[str]:
+def backbone_outputs(model: nn.Module) -> list[str]:
+    """Output names of a PIIP backbone: one per pyramid level (``features`` without a pyramid)."""
     if model.pyramid is None:
         return ["features"]
     levels = model.pyramid.levels
     return [f"stride{model.out_strides[lv]}" for lv in levels]
 
 
-def _register_builtins() -> None:
-    from ..backbone import PIIPBackbone
-    from ..tasks.classification import PIIPClassifier
-    from ..tasks.segmentation import PIIPSegmentor
-    for task in (
-        ExportTask("backbone", lambda m: isinstance(m, PIIPBackbone), TupleOutputs, ["images"],
-                   _backbone_outputs, lambda m: m),
-        ExportTask("classification", lambda m: isinstance(m, PIIPClassifier), TupleOutputs, ["images"],
-                   lambda m: ["logits"], lambda m: m.backbone),
-        ExportTask("segmentation", lambda m: isinstance(m, PIIPSegmentor), TupleOutputs, ["images"],
-                   lambda m: ["logits"], lambda m: m.backbone),
-    ):
-        register_task(task, first=False)
-    from ..tasks.detection_export import export_task as detection_task   # one image in, detections out
-    register_task(detection_task(), first=False)
-
-
-_register_builtins()
+def image_task(name: str, cls: type, output_names: Callable[[nn.Module], list[str]],
+               backbone: Callable[[nn.Module], nn.Module]) -> ExportTask:
+    """The entry of a model class whose forward takes a (B, 3, H, W) batch and returns a tensor or a dict."""
+    return ExportTask(name, lambda m: isinstance(m, cls), TupleOutputs, ["images"], output_names, backbone)

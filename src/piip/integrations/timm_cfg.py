@@ -6,9 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..config import PIIPConfig
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "imagenet": IMAGENET}
+from ..data.transforms import IMAGE_NORMS, IMAGENET
 
 
 def pretrained_cfg(name: Optional[str], cfg: PIIPConfig) -> dict[str, Any]:

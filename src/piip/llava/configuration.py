@@ -6,10 +6,9 @@ from typing import Any, Optional, Union
 from transformers import AutoConfig, PretrainedConfig
 
 from ..config import PIIPConfig
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_TOKEN_ID = -200                       # the official IMAGE_TOKEN_INDEX: outside every vocabulary
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_COLOR = tuple(int(255 * m) for m in IMAGENET_MEAN)   # (123, 116, 103): expand2square's background
 DEFAULT_PROJECTOR = {"type": "separate_2branch_v1", "norm": "gn", "num_groups": 32}
 

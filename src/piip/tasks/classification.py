@@ -7,6 +7,7 @@ merged map's tokens are normed, averaged and classified (from-scratch PIIP-B of 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.init import trunc_normal_
@@ -120,3 +121,13 @@ class PIIPClassifier(PretrainedCfgMixin, nn.Module):
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
         if "_pretrained_cfg" in self.__dict__:
             self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+
+
+if TYPE_CHECKING:
+    from ..export.tasks import ExportTask
+
+
+def export_task() -> "ExportTask":
+    """Classifiers' entry in ``piip export``'s task table: a (B, 3, H, W) batch in, ``logits`` out."""
+    from ..export.tasks import image_task
+    return image_task("classification", PIIPClassifier, lambda m: ["logits"], lambda m: m.backbone)

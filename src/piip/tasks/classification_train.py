@@ -126,13 +126,19 @@ def classifier_config_dict(model: nn.Module) -> dict[str, Any]:
     return {"task": "classification", "backbone": model.cfg.to_dict()}
 
 
+def classifier_from_config(d: dict[str, Any]) -> nn.Module:
+    """Rebuild a classifier (random weights) from :func:`classifier_config_dict`'s output."""
+    from ..config import PIIPConfig
+    from ..registry import build_from_config
+    return build_from_config(PIIPConfig.from_dict(d["backbone"]))
+
+
 def load_classifier(path: str, model: Optional[str] = None, overrides: Optional[dict[str, Any]] = None,
                     use_ema: bool = False, map_location: str = "cpu") -> tuple[nn.Module, Optional[list[str]]]:
     """``(classifier, class names or None)`` from a piip classification training checkpoint (rebuilt
     from the config inside it; ``use_ema`` takes its EMA weights) or, with ``model``, from an
     official / piip weights file (``create_model(model, checkpoint=path)``)."""
-    from ..config import PIIPConfig
-    from ..registry import build_from_config, create_model
+    from ..registry import create_model
     from ..weights.io import check_state_dict, read_checkpoint
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
@@ -141,7 +147,7 @@ def load_classifier(path: str, model: Optional[str] = None, overrides: Optional[
         task = ckpt["model_config"].get("task")
         if task != "classification":
             raise ValueError(f"{path} holds a {task} model, not a classifier")
-        net = build_from_config(PIIPConfig.from_dict(ckpt["model_config"]["backbone"]))
+        net = classifier_from_config(ckpt["model_config"])
         key = "model"
         if use_ema:
             if "model_ema" not in ckpt:
@@ -157,12 +163,29 @@ def load_classifier(path: str, model: Optional[str] = None, overrides: Optional[
     return create_model(model, checkpoint=path, **(overrides or {})), None
 
 
-def is_classification_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a piip training checkpoint of a classifier (for ``piip predict``)."""
-    from ..weights.io import read_checkpoint
-    try:
-        ckpt = read_checkpoint(path, weights_only=True, map_location="cpu")
-    except Exception:  # noqa: BLE001 - anything unreadable is left to the detector loader's errors
-        return False
-    return isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict) and \
-        ckpt["model_config"].get("task") == "classification"
+def classifier_from_checkpoint(path: str) -> nn.Module:
+    """The classifier of a ``piip train classification`` checkpoint (:func:`load_classifier` without
+    its class names: the task table's loader)."""
+    return load_classifier(path)[0]
+
+
+def classify(model: nn.Module, image: Tensor, crop_ratio: float = 1.0) -> Tensor:
+    """Class probabilities (K,) of one uint8 (3, H, W) RGB image under the evaluation transform."""
+    from PIL import Image
+
+    from ..data.classification import build_transforms
+    x = build_transforms(int(model.cfg.img_size), False, crop_ratio=crop_ratio)(
+        Image.fromarray(image.permute(1, 2, 0).numpy()))
+    with torch.no_grad():
+        return model(x[None].to(next(model.parameters()).device)).float().softmax(-1)[0].cpu()
+
+
+def predict_topk(image: str, checkpoint: str, k: int = 5, device: str = "cpu", crop_ratio: float = 1.0) -> list:
+    """``[(class name, probability)]`` of the ``k`` most likely classes of one image file."""
+    from ..data.images import read_rgb
+    img = read_rgb(image)
+    model, names = load_classifier(checkpoint)
+    prob = classify(model.eval().to(device), img, crop_ratio)
+    top = prob.topk(min(k, len(prob)))
+    names = names or [str(i) for i in range(len(prob))]
+    return [(names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]

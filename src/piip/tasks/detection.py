@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
@@ -33,70 +32,11 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..backbone import PIIPBackbone
-from ..config import PIIPConfig, strict_from_dict
+from ..config import PIIPConfig
+from ..data.transforms import IMAGE_NORMS
+from .configs import AUGS, DINO_PYRAMID_LEVELS, KINDS, MASK_KINDS, DetectorConfig
 
-KINDS = ("mask_rcnn", "faster_rcnn", "retinanet", "dino", "cascade_mask_rcnn")
-# kinds that predict instance masks (their training sets load masks)
-MASK_KINDS = ("mask_rcnn", "cascade_mask_rcnn")
-# pixel normalisations (mean, std) on [0, 1] RGB, selected by PIIPConfig.image_norm
-AUGS = ("single", "ms")
 ROI_STRIDES = (4, 8, 16, 32)     # the FPN levels '0'..'3' that RoIAlign reads
-DINO_PYRAMID_LEVELS = (1, 2, 3)   # strides 8 / 16 / 32, the released is_dino outputs
-IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-               "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
-
-
-@dataclass
-class DetectorConfig:
-    """Everything besides the backbone needed to rebuild a detector (saved in checkpoints).
-
-    Defaults are the released Mask R-CNN 1x settings. ``max_size`` None = the finest branch's
-    resolution S; ``min_size`` None = S, so the long side of every image becomes S (keep ratio).
-    The released mmdet pipeline caps the short side too: ``min_size = S * 800 // 1333``
-    (``img_scale=(S, S*800//1333)``) reproduces its evaluation protocol.
-    ``pad_divisor`` None = 224 for multi-branch PIIP, 64 for a single-branch ViTDet (released
-    configs), lowered to 32 when S < 224 so tiny models don't train on mostly padding.
-    """
-
-    kind: str = "mask_rcnn"
-    num_classes: int = 80
-    fpn_channels: int = 256
-    box_head_dim: int = 1024          # Shared2FC box head width
-    mask_head_dim: int = 256          # FCN mask head width (4 convs)
-    min_size: Optional[int] = None
-    max_size: Optional[int] = None
-    pad_divisor: Optional[int] = None
-    anchor_scale: float = 8.0         # anchor side = anchor_scale x level stride (mmdet scales=[8]: 32..512 px)
-    rpn_pre_nms_train: int = 2000
-    rpn_pre_nms_test: int = 1000
-    rpn_post_nms_train: int = 1000
-    rpn_post_nms_test: int = 1000
-    rpn_batch_size: int = 256
-    roi_batch_size: int = 512
-    score_thresh: float = 0.05
-    detections_per_img: Optional[int] = None   # None = 300 for DINO (released top-300), 100 otherwise
-    class_names: list[str] = field(default_factory=list)
-    # 'single' = one fixed scale, resized by the model's transform; 'ms' = the data pipeline already
-    # picked the training scale (vision_spec D.3), so the transform does not resize training images
-    aug: str = "single"
-    # DINO (kind='dino'), defaults = the released DINO 4-scale configs
-    num_queries: int = 900
-    transformer_dim: int = 256
-    transformer_heads: int = 8
-    transformer_points: int = 4
-    transformer_ffn: int = 2048
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dn_queries: int = 100
-    dn_label_noise: float = 0.5
-    dn_box_noise: float = 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
-        return strict_from_dict(cls, d, "detector")
 
 
 def resolve_sizes(backbone_cfg: PIIPConfig, det: DetectorConfig) -> tuple[int, int, int]:
@@ -417,6 +357,22 @@ def build_detector(backbone: Union[PIIPBackbone, str, PIIPConfig], num_classes: 
 def detector_config_dict(model: nn.Module) -> dict[str, Any]:
     """What :func:`detector_from_config` needs to rebuild ``model`` (stored in checkpoints)."""
     return {"task": "detection", "backbone": model.backbone.body.cfg.to_dict(), "detector": model.det_cfg.to_dict()}
+
+
+def detection_forward(model: nn.Module, batch: Any, device: torch.device) -> dict[str, Tensor]:
+    """Loss dict of a torchvision detector on one collated batch (the Trainer's step)."""
+    images, targets = batch
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return model(images, targets)
+
+
+def predict_detections(model: nn.Module, image: Tensor) -> dict[str, Tensor]:
+    """``boxes`` / ``labels`` / ``scores`` (+ ``masks``) of one uint8 (3, H, W) RGB image, in its pixels."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model([image.float().div(255).to(device)])[0]
 
 
 def detector_from_config(d: dict[str, Any]) -> nn.Module:

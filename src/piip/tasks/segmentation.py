@@ -23,7 +23,6 @@ ignore.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -31,60 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbone import PIIPBackbone
-from ..config import PIIPConfig, strict_from_dict
+from ..config import PIIPConfig
 from ..ops.symbolic import concrete
-from .detection import IMAGE_NORMS, _as_backbone
-
-IGNORE_INDEX = 255
-
-
-@dataclass
-class SegmentorConfig:
-    """Everything besides the backbone needed to rebuild a segmentor (saved in checkpoints).
-
-    Defaults: released UperNet (pool scales 1/2/3/6, dropout 0.1, FCN aux on level 2 with one conv,
-    weight 0.4). ``channels`` is 512 / 1024 / 1536 in the recipes (ViT-Adapter B / L, InternViT).
-    ``crop_size`` None = the finest branch's resolution; ``stride`` None = 2/3 of it (released
-    512 / 341); ``test_size`` None = crop_size (short side of test images before sliding).
-    """
-
-    num_classes: int = 150
-    channels: int = 512
-    pool_scales: tuple[int, ...] = (1, 2, 3, 6)
-    dropout: float = 0.1
-    aux_channels: Optional[int] = 256      # None = no auxiliary head
-    aux_index: int = 2
-    aux_num_convs: int = 1
-    aux_weight: float = 0.4
-    crop_size: Optional[int] = None
-    stride: Optional[int] = None
-    test_size: Optional[int] = None
-    class_names: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.pool_scales = tuple(int(s) for s in self.pool_scales)
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
-        if self.num_classes >= IGNORE_INDEX:
-            raise ValueError(f"num_classes must be < {IGNORE_INDEX} (the ignore index), got {self.num_classes}")
-        if self.channels < 1 or (self.aux_channels is not None and self.aux_channels < 1):
-            raise ValueError(f"channels / aux_channels must be >= 1, got {self.channels} / {self.aux_channels}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.aux_index <= 3:
-            raise ValueError(f"aux_index must be a pyramid level 0..3, got {self.aux_index}")
-        if self.class_names and len(self.class_names) != self.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["pool_scales"] = list(self.pool_scales)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SegmentorConfig":
-        return strict_from_dict(cls, d, "segmentor")
-
+from ..data.transforms import IMAGE_NORMS
+from .detection import _as_backbone
+from .configs import IGNORE_INDEX, SegmentorConfig
 
 # ---------------------------------------------------------------------- heads (HF-compatible names)
 class ConvModule(nn.Module):
@@ -353,6 +303,27 @@ def segmentor_config_dict(model: PIIPSegmentor) -> dict[str, Any]:
     return {"task": "segmentation", "backbone": model.backbone.cfg.to_dict(), "segmentor": model.seg_cfg.to_dict()}
 
 
+def segmentation_forward(model: nn.Module, batch: Any, device: torch.device) -> dict[str, Tensor]:
+    """Loss dict of a segmentor on one collated (images, masks) batch (``forward(images, masks)`` is the
+    loss, so DDP sees the call)."""
+    images, masks = batch
+    images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+    return model(images, masks)
+
+
+def predict_segmentation(model: PIIPSegmentor, image: Tensor) -> Tensor:
+    """(H, W) class map of one uint8 (3, H, W) RGB image: resized so its short side is the test
+    size, sliding-window logits, resized back."""
+    device = next(model.parameters()).device
+    h, w = image.shape[-2:]
+    s = model.test_size / min(h, w)
+    x = F.interpolate(image[None].float().div(255), size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))),
+                      mode="bilinear", align_corners=False).clamp(0, 1).to(device)
+    with torch.no_grad():
+        logits = model.predict(x, "slide")
+    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+
+
 def segmentor_from_config(d: dict[str, Any]) -> PIIPSegmentor:
     if d.get("task") != "segmentation":
         raise ValueError(f"not a segmentation model config (task={d.get('task')!r})")
@@ -372,3 +343,9 @@ def load_segmentor(path: str, map_location: str = "cpu") -> PIIPSegmentor:
     check_state_dict(model, ckpt["model"], path)
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def export_task() -> Any:
+    """Segmentors' entry in ``piip export``'s task table: a (B, 3, H, W) batch in, ``logits`` out."""
+    from ..export.tasks import image_task
+    return image_task("segmentation", PIIPSegmentor, lambda m: ["logits"], lambda m: m.backbone)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...backbone import PIIPBackbone
-from ..detection import DINO_PYRAMID_LEVELS
+from ..configs import DINO_PYRAMID_LEVELS
 from .criterion import SetCriterion
 from .denoising import CdnQueryGenerator, denoising_attn_mask
 from .matcher import cxcywh_to_xyxy
