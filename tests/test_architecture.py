@@ -15,7 +15,7 @@ MAX_KIND_CHECKS = 3          # config validation / registration may name kinds; 
 # folders (and root modules) from the bottom up: a module may import only its own layer or lower ones
 LOWER = {
     "errors": set(), "runtime": set(), "config": {"errors"},
-    "ops": {"errors", "runtime"}, "data": {"errors", "runtime"},
+    "ops": {"errors", "runtime"}, "data": {"config", "errors", "runtime"},
     "layers": {"ops", "errors", "runtime"},
     "branches": {"layers", "ops", "config", "errors", "runtime"},
 }

@@ -14,9 +14,9 @@ import torch
 from torch.nn.init import trunc_normal_
 from torch import Tensor, nn
 
-from .branches import Branch, Tokens, build_branch
-from .integrations.timm_cfg import PretrainedCfgMixin
+from .branches import Tokens, build_branch
 from .config import PIIPConfig
+from .integrations.timm_cfg import PretrainedCfgMixin
 from .layers.deform_attn import MSDeformAttn
 from .layers.interaction import InteractionGroup, default_edges, validate_edges
 from .layers.merge import BranchMerge

@@ -68,11 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "llava":
         from .llava import run_convert
         return run_convert(args)
-    import torch
     from safetensors.torch import save_file
 
     from ..config import PIIPConfig
-    from ..registry import build_from_config, get_config
+    from ..registry import build_on_meta, get_config
     from ..weights import check_state_dict, convert_mmdet_heads, convert_official_state_dict, fit_config_to_checkpoint
     from ..weights.io import piip_backbone_part, read_checkpoint, unwrap_state_dict
     check_out_file(args.out)
@@ -99,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--heads-out: {args.src} is a piip detector checkpoint, whose neck and heads are already "
                          "piip's own (load it whole with `piip eval detection --checkpoint`); drop --heads-out")
     cfg = fit_config_to_checkpoint(cfg, body if body is not None else sd, args.src)  # TSBL: finest width
-    with torch.device("meta"):  # names and shapes only: no memory for the weights
-        model = build_from_config(cfg)
+    model = build_on_meta(cfg)  # names and shapes only: no memory for the weights
     if body is not None:  # piip's own detector / training checkpoint: already our names
         check_state_dict(model, body, args.src)
         ours, extra = body, {}

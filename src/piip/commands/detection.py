@@ -54,11 +54,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=positive_int, default=None, help="default: from --schedule")
     g.add_argument("--batch-size", type=positive_int, default=2, help="images per process")
     g.add_argument("--lr", type=positive_float, default=None,
-                   help="peak learning rate (default: the model's released recipe, see piip.zoo.detection_recipe)")
+                   help="peak learning rate (default: the model's released recipe, see piip.zoo.recipes.detection_recipe)")
     g.add_argument("--weight-decay", type=non_negative_float, default=0.05)
     g.add_argument("--layer-decay", type=unit_float, default=None,
                    help="layer-wise lr decay rate on ViT blocks (default: the model's released recipe, "
-                        "see piip.zoo.detection_recipe; 1 = off)")
+                        "see piip.zoo.recipes.detection_recipe; 1 = off)")
     g.add_argument("--warmup-iters", type=non_negative_int, default=500)
     g.add_argument("--lr-steps", type=positive_int, nargs="*", default=None,
                    help="epochs at which lr drops x0.1 (default: from --schedule)")

@@ -31,7 +31,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                                    "(lr 1e-3 / 2e-5, cosine, 3%% warm-up, wd 0, 1 epoch). Multi-GPU: torchrun.")
     p.add_argument("--stage", required=True, choices=["pretrain", "finetune"])
     p.add_argument("--llm", default=None, help="Hugging Face causal LM folder or hub id (Vicuna / Llama)")
-    p.add_argument("--variant", default="clip_bl_512_256", help="tower (piip.zoo_llava.LLAVA_TOWERS name)")
+    p.add_argument("--variant", default="clip_bl_512_256", help="tower (piip.zoo.llava.LLAVA_TOWERS name)")
     p.add_argument("--interactions", type=positive_int, default=None, help="interaction count (default: 7B's)")
     p.add_argument("--vision-weights", nargs=2, default=None, metavar=("FINE", "COARSE"),
                    help="pretrained branch weights (HF CLIP / timm / open_clip files), fine branch first")

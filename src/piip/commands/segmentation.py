@@ -48,7 +48,7 @@ def _dataset(args: argparse.Namespace, split: str, transforms: Any, **kw: Any):
 
 
 def _add_head_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("segmentor (defaults: the model's recipe, see piip.zoo_segmentation)")
+    g = p.add_argument_group("segmentor (defaults: the model's recipe, see piip.zoo.recipes)")
     g.add_argument("--channels", type=positive_int, default=None,
                    help="UperNet width (default: the model's recipe, 512 for B-sized, 1024 for L-sized models)")
     g.add_argument("--aux-channels", type=positive_int, default=None, help="FCN auxiliary head width (recipes: 256)")
@@ -69,7 +69,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="per-branch weights (files or timm names, finest first; 'none' to skip one)")
     _add_data_args(p, ("train", "val"))
     _add_head_args(p)
-    g = p.add_argument_group("optimisation (defaults: the model's recipe, piip.zoo_segmentation.SEG_RECIPES: "
+    g = p.add_argument_group("optimisation (defaults: the model's recipe, piip.zoo.recipes.SEG_RECIPES: "
                                  "ViT-Adapter B / L UperNet, vision_spec E.3)")
     g.add_argument("--epochs", type=positive_int, default=127,
                    help="released: 160k iterations at batch 16, i.e. ~127 epochs of ADE20K's 20,210 images")

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from .images import read_rgb
 from .robust import transform_sample
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..config import IMAGENET_MEAN, IMAGENET_STD
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 

@@ -16,12 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Target = dict[str, Any]
-# pixel normalisations (mean, std) of [0, 1] RGB: ImageNet's statistics (classifiers, ConvNeXt and
-# hybrid weights, LLaVA towers) and 0.5 / 0.5 (the released ViT detectors); PIIPConfig.image_norm picks one
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
-IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "imagenet": IMAGENET}
 
 
 class Compose:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..config import PIIPConfig
-from ..data.transforms import IMAGE_NORMS, IMAGENET
+from ..config import IMAGE_NORMS, IMAGENET, PIIPConfig
 
 
 def pretrained_cfg(name: Optional[str], cfg: PIIPConfig) -> dict[str, Any]:

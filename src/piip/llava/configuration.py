@@ -5,8 +5,7 @@ from typing import Any, Optional, Union
 
 from transformers import AutoConfig, PretrainedConfig
 
-from ..config import PIIPConfig
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..config import IMAGENET_MEAN, IMAGENET_STD, PIIPConfig
 
 IMAGE_TOKEN_ID = -200                       # the official IMAGE_TOKEN_INDEX: outside every vocabulary
 PAD_COLOR = tuple(int(255 * m) for m in IMAGENET_MEAN)   # (123, 116, 103): expand2square's background

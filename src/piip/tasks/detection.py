@@ -32,8 +32,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..backbone import PIIPBackbone
-from ..config import PIIPConfig
-from ..data.transforms import IMAGE_NORMS
+from ..config import IMAGE_NORMS, PIIPConfig
 from .configs import AUGS, DINO_PYRAMID_LEVELS, KINDS, MASK_KINDS, DetectorConfig
 
 ROI_STRIDES = (4, 8, 16, 32)     # the FPN levels '0'..'3' that RoIAlign reads

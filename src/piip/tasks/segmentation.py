@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbone import PIIPBackbone
-from ..config import PIIPConfig
+from ..config import IMAGE_NORMS, PIIPConfig
 from ..ops.symbolic import concrete
-from ..data.transforms import IMAGE_NORMS
 from .detection import _as_backbone
 from .configs import IGNORE_INDEX, SegmentorConfig
 
