@@ -427,8 +427,7 @@ def _regular_fpn(backbone: nn.Module) -> bool:
 
 
 def _describe_branch(i: int, br: nn.Module, res: float) -> str:
-    kind = {"vit": "ViT", "convnext": "ConvNeXt"}.get(br.cfg.kind, br.cfg.kind)
-    return f"branch {i} ({kind} {br.cfg.embed_dim}d x{br.cfg.depth} @ {round(res, 1):g})"
+    return f"branch {i} ({br.label or br.cfg.kind} {br.cfg.embed_dim}d x{br.cfg.depth} @ {round(res, 1):g})"
 
 
 # ---------------------------------------------------------------------------- entry points

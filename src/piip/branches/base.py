@@ -39,6 +39,7 @@ class Branch(nn.Module):
     """Abstract branch. Subclasses set ``kind``, ``group_dims``, ``group_strides`` and ``name``."""
 
     kind: str = ""
+    label: str = ""                              # how reports name the kind (e.g. "ViT")
     name: str = "branch"
     supports_grad_checkpointing: bool = False   # whether ``cfg.with_cp`` recomputes its blocks in backward
     group_dims: list[int]

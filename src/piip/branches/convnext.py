@@ -23,6 +23,7 @@ class ConvNeXtBranch(Branch):
     """Stem (4x4 patch conv + LayerNorm2d) and 4 stages; no position table, linear drop path."""
 
     kind = "convnext"
+    label = "ConvNeXt"
 
     def __init__(self, cfg: BranchConfig, name: str = "branch") -> None:
         super().__init__()

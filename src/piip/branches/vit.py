@@ -95,6 +95,7 @@ class ViTBranch(Branch):
     """
 
     kind = "vit"
+    label = "ViT"
     supports_grad_checkpointing = True
 
     def __init__(self, cfg: BranchConfig, name: str = "branch") -> None:

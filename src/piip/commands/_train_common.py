@@ -6,11 +6,21 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Optional
 
+from ._model_args import add_model_args
+
 
 def check_resume(args: argparse.Namespace) -> None:
     """Refuse a ``--resume`` that names nothing resumable now, before anything is built or written."""
     from ..engine.checkpoint import resume_path
     resume_path(args.resume, args.output_dir)
+
+
+def add_train_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
+    """``--model`` and its overrides (:func:`add_model_args`), then ``--pretrained-branches``: the
+    model options every ``piip train TASK`` starts with."""
+    add_model_args(p, default_model)
+    p.add_argument("--pretrained-branches", nargs="+", default=None,
+                   help="per-branch weights (files or timm names, finest first; 'none' to skip one)")
 
 
 def pretrained_branches(args: argparse.Namespace) -> Optional[list[Optional[str]]]:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ._model_args import (add_model_args, add_run_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
-from ._train_common import announce_and_fit, check_resume, pretrained_branches, task_trainer, train_config
+from ._train_common import add_train_model_args, announce_and_fit, check_resume, pretrained_branches, task_trainer, train_config
 
 _RECIPE_FLAGS = ["epochs", "batch_size", "lr", "new_lr_scale", "weight_decay", "decay_all", "warmup_epochs",
                  "warmup_lr", "min_lr", "auto_augment", "reprob", "mixup", "cutmix", "smoothing", "ema_decay",
@@ -40,9 +40,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Recipe values (--recipe) are defaults; every flag below overrides its value. "
                                    + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
-    add_model_args(p, "piip_tsb_368_192_128_cls")
-    p.add_argument("--pretrained-branches", nargs="+", default=None,
-                   help="per-branch weights (files or timm names, finest first; 'none' to skip one)")
+    add_train_model_args(p, "piip_tsb_368_192_128_cls")
     p.add_argument("--checkpoint", default=None, help="start from these classifier weights (official or piip)")
     _add_data_args(p, True)
     g = p.add_argument_group("recipe (default values come from --recipe)")

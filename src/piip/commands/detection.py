@@ -11,7 +11,7 @@ from ..tasks.configs import DINO_PYRAMID_LEVELS, KINDS, DetectorConfig
 from ._config_args import add_config_args, config_args
 from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, parse_overrides,
                           positive_float, positive_int, unit_float)
-from ._train_common import announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
+from ._train_common import add_train_model_args, announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
 
 
 def _add_data_args(p: argparse.ArgumentParser, split: str, required: bool) -> None:
@@ -40,9 +40,7 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detection", help="train PIIP Mask R-CNN / Faster R-CNN / RetinaNet on a COCO-format set",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, "piip_tsb_1120_896_448")
-    p.add_argument("--pretrained-branches", nargs="+", default=None,
-                   help="per-branch weights (files or timm names, finest first; 'none' to skip one)")
+    add_train_model_args(p, "piip_tsb_1120_896_448")
     p.add_argument("--coco-root", default=None, help="COCO 2017 folder (annotations/, train2017/, val2017/)")
     _add_data_args(p, "train", False)
     _add_data_args(p, "val", False)

@@ -9,9 +9,9 @@ import torch
 
 from ..tasks.configs import SegmentorConfig
 from ._config_args import add_config_args
-from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, positive_float, positive_int,
+from ._model_args import (add_run_args, non_negative_float, non_negative_int, positive_float, positive_int,
                           unit_float)
-from ._train_common import announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
+from ._train_common import add_train_model_args, announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
 
 
 def _add_data_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
@@ -64,9 +64,7 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segmentation", help="train a PIIP UperNet segmentor on ADE20K-style data",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, "piip_tsb_896_448_336_seg")
-    p.add_argument("--pretrained-branches", nargs="+", default=None,
-                   help="per-branch weights (files or timm names, finest first; 'none' to skip one)")
+    add_train_model_args(p, "piip_tsb_896_448_336_seg")
     _add_data_args(p, ("train", "val"))
     _add_head_args(p)
     g = p.add_argument_group("optimisation (defaults: the model's recipe, piip.zoo.recipes.SEG_RECIPES: "

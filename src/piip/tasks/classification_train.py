@@ -139,22 +139,15 @@ def load_classifier(path: str, model: Optional[str] = None, overrides: Optional[
     from the config inside it; ``use_ema`` takes its EMA weights) or, with ``model``, from an
     official / piip weights file (``create_model(model, checkpoint=path)``)."""
     from ..registry import create_model
-    from ..weights.io import check_state_dict, read_checkpoint
+    from ..weights.io import read_checkpoint
+    from .registry import rebuild_trained
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     ckpt: Any = read_checkpoint(path, weights_only=True, map_location=map_location)
     if isinstance(ckpt, dict) and "model_config" in ckpt:
-        task = ckpt["model_config"].get("task")
-        if task != "classification":
-            raise ValueError(f"{path} holds a {task} model, not a classifier")
-        net = classifier_from_config(ckpt["model_config"])
-        key = "model"
-        if use_ema:
-            if "model_ema" not in ckpt:
-                raise ValueError(f"{path} has no EMA weights (trained without EMA)")
-            key = "model_ema"
-        check_state_dict(net, ckpt[key], path)
-        net.load_state_dict(ckpt[key])
+        if use_ema and "model_ema" not in ckpt and ckpt["model_config"].get("task") == "classification":
+            raise ValueError(f"{path} has no EMA weights (trained without EMA)")
+        net = rebuild_trained(path, ckpt, "classification", "classifier", "model_ema" if use_ema else "model")
         return net, ckpt.get("class_names")
     if model is None:
         raise ValueError(f"{path} holds no model config; pass the model name (--model) it belongs to")

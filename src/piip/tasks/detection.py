@@ -386,15 +386,11 @@ def load_detector(path: str, model: Optional[str] = None, overrides: Optional[di
                   num_classes: int = 80, kind: str = "mask_rcnn", map_location: str = "cpu") -> nn.Module:
     """A detector from a training checkpoint (rebuilt from the config inside it) or from a plain
     state dict (``.pt``/``.pth``/``.safetensors`` with detector keys), which needs ``model``."""
-    from ..weights.io import check_state_dict, read_checkpoint
+    from ..weights.io import read_checkpoint
+    from .registry import rebuild_trained
     ckpt: Any = read_checkpoint(path, weights_only=True, map_location=map_location)
     if isinstance(ckpt, dict) and "model_config" in ckpt:
-        if ckpt["model_config"].get("task") != "detection":
-            raise ValueError(f"{path} holds a {ckpt['model_config'].get('task')} model, not a detector")
-        det = detector_from_config(ckpt["model_config"])
-        check_state_dict(det, ckpt["model"], path)
-        det.load_state_dict(ckpt["model"])
-        return det
+        return rebuild_trained(path, ckpt, "detection", "detector")
     if model is None:
         raise ValueError(f"{path} holds no model config; pass the model name (--model) it was trained with")
     state = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else ckpt

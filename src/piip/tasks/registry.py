@@ -91,6 +91,20 @@ def checkpoint_task(path: str) -> Optional[str]:
     return model_task(ckpt)
 
 
+def rebuild_trained(path: str, ckpt: dict[str, Any], task: str, noun: str, key: str = "model") -> Any:
+    """The model a ``piip train TASK`` checkpoint ``ckpt`` (read from ``path``) holds: rebuilt from its
+    ``model_config`` by the task's builder, then strictly loaded from ``ckpt[key]``; a checkpoint of
+    another task is refused in one line naming ``noun`` (what the caller wanted)."""
+    from ..weights.io import check_state_dict
+    found = ckpt["model_config"].get("task")
+    if found != task:
+        raise ValueError(f"{path} holds a {found} model, not a {noun}")
+    model = TASKS[task].build(ckpt["model_config"])
+    check_state_dict(model, ckpt[key], path)
+    model.load_state_dict(ckpt[key])
+    return model
+
+
 def find_task(path: str) -> Optional[Task]:
     """The task whose checkpoint ``path`` is, or None (not a piip training checkpoint)."""
     return TASKS.get(checkpoint_task(path) or "")

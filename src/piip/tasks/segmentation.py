@@ -332,16 +332,12 @@ def segmentor_from_config(d: dict[str, Any]) -> PIIPSegmentor:
 
 def load_segmentor(path: str, map_location: str = "cpu") -> PIIPSegmentor:
     """A segmentor from a ``piip train segmentation`` checkpoint (rebuilt from the config inside it)."""
-    from ..weights.io import check_state_dict, read_checkpoint
+    from ..weights.io import read_checkpoint
+    from .registry import rebuild_trained
     ckpt: Any = read_checkpoint(path, weights_only=True, map_location=map_location)
     if not (isinstance(ckpt, dict) and "model_config" in ckpt):
         raise ValueError(f"{path} holds no model config: give a checkpoint written by `piip train segmentation`")
-    if ckpt["model_config"].get("task") != "segmentation":
-        raise ValueError(f"{path} holds a {ckpt['model_config'].get('task')} model, not a segmentor")
-    model = segmentor_from_config(ckpt["model_config"])
-    check_state_dict(model, ckpt["model"], path)
-    model.load_state_dict(ckpt["model"])
-    return model
+    return rebuild_trained(path, ckpt, "segmentation", "segmentor")
 
 
 def export_task() -> Any:

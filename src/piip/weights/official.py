@@ -15,6 +15,9 @@ from typing import Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
+from ..branches.convnext import ConvNeXtBranch
+from ..branches.vit import ViTBranch
+from ..config import BranchConfig
 from .convnext import timm_to_hf
 from .io import PIIP_DETECTOR_BACKBONE, check_state_dict, piip_backbone_part, read_state_dict, strict_load
 from .official_match import describe_official_checkpoint
@@ -25,15 +28,32 @@ _UNUSED_OFFICIAL = re.compile(r"(^|\.)convnext_model\.layernorm\.(weight|bias)$"
 _EDGE = re.compile(r"^interactions\.(\d+)\.edges\.(\d+)to(\d+)\.(proj|injector)\.(.+)$")
 
 
-def official_name(key: str, num_branches: int, kinds: Optional[Sequence[str]] = None) -> str:
+def _vit_key(rest: str, branch: Optional[BranchConfig]) -> str:
+    """A ViT branch's tensor in its flavour's official layout (as named without a config)."""
+    return rest if branch is None else to_official_branch_key(rest, branch)
+
+
+def _convnext_key(rest: str, branch: Optional[BranchConfig]) -> str:
+    """ConvNeXt branches are Hugging Face ``ConvNextModel`` s under ``convnext_model.``."""
+    return "convnext_model." + timm_to_hf(rest)
+
+
+# Branch.kind -> (branch-relative key, its BranchConfig or None) -> the official branch-relative key
+_BRANCH_KEY = {ViTBranch.kind: _vit_key, ConvNeXtBranch.kind: _convnext_key}
+
+
+def official_name(key: str, num_branches: int, kinds: Optional[Sequence[str]] = None,
+                  branch: Optional[BranchConfig] = None) -> str:
     """Our backbone key -> the official backbone key (no 'backbone.' prefix). ``kinds``: each
-    branch's kind (ConvNeXt branches are Hugging Face ``ConvNextModel`` s under ``convnext_model.``)."""
+    branch's kind (each kind's official layout is in ``_BRANCH_KEY``); ``branch``: the config of
+    the branch ``key`` belongs to, for a ViT flavour's own layout."""
     n = num_branches
     parts = key.split(".")
     if parts[0] == "branches":
         rest = ".".join(parts[2:])
-        if kinds is not None and kinds[int(parts[1])] == "convnext":
-            rest = "convnext_model." + timm_to_hf(rest)
+        if kinds is not None or branch is not None:
+            kind = branch.kind if branch is not None else kinds[int(parts[1])]
+            rest = _BRANCH_KEY.get(kind, _vit_key)(rest, branch)
         return rest if n == 1 else f"branch{n - int(parts[1])}.{rest}"
     if parts[0] == "inter_merges":  # regular-FPN merges after intermediate groups
         g, i = parts[1], int(parts[3])
@@ -64,15 +84,10 @@ def _backbone_names(backbone: nn.Module) -> dict[str, str]:
     """{official key: our backbone key}; branch-internal names follow each ViT branch's flavour
     layout (ConvNeXt branches: Hugging Face ``ConvNextModel`` names, see :func:`official_name`)."""
     n = len(backbone.branches)
-    kinds = [b.kind for b in backbone.cfg.branches]
     table = {}
     for k in backbone.state_dict():
-        if k.startswith("branches.") and kinds[int(k.split(".", 2)[1])] != "convnext":
-            _, i, rest = k.split(".", 2)
-            prefix = official_name(f"branches.{i}.x", n)[:-1]
-            table[prefix + to_official_branch_key(rest, backbone.cfg.branches[int(i)])] = k
-        else:
-            table[official_name(k, n, kinds)] = k
+        branch = backbone.cfg.branches[int(k.split(".", 2)[1])] if k.startswith("branches.") else None
+        table[official_name(k, n, branch=branch)] = k
     return table
 
 
