@@ -83,6 +83,12 @@ def parse_overrides(items: list[str], img_size: int | None = None) -> dict[str, 
     return out
 
 
+def model_overrides(args: Any) -> dict[str, Any]:
+    """What the options of :func:`add_model_args` (``--override``, ``--img-size``) ask of the
+    model, as ``create_model`` keyword overrides: the one place that reads them."""
+    return parse_overrides(args.override, args.img_size)
+
+
 def _typed(kind: type, test: Any, want: str):  # noqa: ANN202
     def parse(text: str):  # noqa: ANN202
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Optional
 
-from ._model_args import add_model_args
+from ._model_args import add_model_args, check_img_size, model_overrides
 
 
 def check_resume(args: argparse.Namespace) -> None:
@@ -35,8 +35,7 @@ def dense_backbone(args: argparse.Namespace, task: str, defaults: Optional[dict[
     be a dense model whose finest resolution is a multiple of its input stride. ``defaults`` are
     config overrides the task wants unless ``--override`` sets them."""
     from ..registry import create_model
-    from ._model_args import check_img_size, parse_overrides
-    overrides = {**(defaults or {}), **parse_overrides(args.override, args.img_size)}
+    overrides = {**(defaults or {}), **model_overrides(args)}
     backbone = create_model(args.model, pretrained_branches=pretrained_branches(args), **overrides)
     if backbone.cfg.task != "dense":
         raise ValueError(f"--model {args.model} is a {backbone.cfg.task} model; {task} needs a dense backbone")

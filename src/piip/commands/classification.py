@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Any, Optional
 
-from ._model_args import (add_model_args, add_run_args, check_img_size, non_negative_float, non_negative_int, parse_overrides,
+from ._model_args import (add_model_args, add_run_args, check_img_size, model_overrides, non_negative_float, non_negative_int,
                           positive_float, positive_int, unit_float)
 from ._train_common import add_train_model_args, announce_and_fit, check_resume, pretrained_branches, task_trainer, train_config
 
@@ -136,7 +136,7 @@ def _classifier(args: argparse.Namespace, rc: dict[str, Any], num_classes: int) 
     """The ``--model`` classifier with ``num_classes`` outputs, the recipe's drop path, ``--override`` /
     ``--img-size`` / ``--pretrained-branches`` and ``--checkpoint`` weights."""
     from ..registry import create_model
-    overrides = parse_overrides(args.override, args.img_size)
+    overrides = model_overrides(args)
     overrides["num_classes"] = num_classes
     if rc["drop_path"] is not None:
         br = overrides.setdefault("branches", {})
@@ -226,7 +226,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     src = _split_path(args, "val", True)
     device, _, _ = init_distributed(args.device)
-    overrides = parse_overrides(args.override, args.img_size)
+    overrides = model_overrides(args)
     model, names = load_classifier(args.checkpoint, args.model, overrides)
     size = int(model.cfg.img_size)
     dataset = ImageClassification(src, build_transforms(size, False, crop_ratio=args.crop_ratio), class_names=names)

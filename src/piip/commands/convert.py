@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._model_args import parse_overrides, positive_int
+from ._model_args import model_overrides, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +44,7 @@ def run_timm(args: argparse.Namespace) -> int:
 
     from ..tasks.classification_train import load_classifier
     from ..weights.timm_export import classifier_to_timm, timm_model_kwargs
-    model, classes = load_classifier(args.src, args.model, parse_overrides(args.override, args.img_size),
+    model, classes = load_classifier(args.src, args.model, model_overrides(args),
                                      use_ema=args.ema)
     sd = classifier_to_timm(model)
     kwargs = timm_model_kwargs(model.backbone.branches[0], model.num_classes)
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         check_out_file(args.heads_out, "--heads-out")
     if args.kind == "timm":
         return run_timm(args)
-    overrides = parse_overrides(args.override, args.img_size)   # a malformed override fails before any reading
+    overrides = model_overrides(args)   # a malformed override fails before any reading
     raw = read_checkpoint(args.src, weights_only=not args.unsafe_pickle)
     sd = unwrap_state_dict(raw, args.src)
     stored = raw.get("model_config") if isinstance(raw, dict) else None

@@ -9,7 +9,7 @@ import torch
 
 from ..tasks.configs import DINO_PYRAMID_LEVELS, KINDS, DetectorConfig
 from ._config_args import add_config_args, config_args
-from ._model_args import (add_model_args, add_run_args, non_negative_float, non_negative_int, parse_overrides,
+from ._model_args import (add_model_args, add_run_args, model_overrides, non_negative_float, non_negative_int,
                           positive_float, positive_int, unit_float)
 from ._train_common import add_train_model_args, announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
 
@@ -174,7 +174,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if not ann:
         raise ValueError("give --val-ann and --val-images (or --coco-root)")
     device, _, _ = init_distributed(args.device)
-    overrides = parse_overrides(args.override, args.img_size)
+    overrides = model_overrides(args)
     model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).to(device)
     dataset = CocoDetection(ann, img, with_masks=False, on_error="none")
     names = model.det_cfg.class_names

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._model_args import add_model_args, parse_overrides, positive_int
+from ._model_args import add_model_args, model_overrides, positive_int
 
 FORMATS = ("onnx", "pt2")
 
@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def load_for_export(args: argparse.Namespace):  # noqa: ANN201
     """The model the arguments name: a checkpoint (its task read from it) or a registered model."""
     from ..registry import create_model
-    overrides = parse_overrides(args.override, args.img_size)
+    overrides = model_overrides(args)
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist")
     if args.checkpoint is not None:

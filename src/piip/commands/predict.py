@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 
 from ..tasks.configs import KINDS
-from ._model_args import add_model_args, parse_overrides, positive_int, unit_float
+from ._model_args import add_model_args, model_overrides, positive_int, unit_float
 
 if TYPE_CHECKING:
     from ..tasks.registry import Task
@@ -152,7 +152,7 @@ def _predict_detection(args: argparse.Namespace, task: Task) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     img = read_rgb(args.image)                  # before the (slower) model
     device, _, _ = init_distributed(args.device)
-    overrides = parse_overrides(args.override, args.img_size)
+    overrides = model_overrides(args)
     if args.pretrained:
         from ..zoo.released import released_detector
         model = released_detector(args.model, **overrides).eval().to(device)
