@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+from typing import Optional, Sequence
 
 from ..tasks.registry import TASKS as VISION_TASKS
 
@@ -18,3 +20,19 @@ def add_task_command(sub: argparse._SubParsersAction, name: str, help: str, hook
     for path in TASKS:
         getattr(importlib.import_module(path), hook)(tasks)
     p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def check_eval_classes(names: Optional[Sequence[str]], dataset_names: Sequence[str], model_count: int,
+                       dataset_count: int) -> None:
+    """``piip eval TASK``: the checkpoint's classes must be the dataset's (by name when the checkpoint
+    stored its names, by count always)."""
+    if names and list(names) != list(dataset_names):
+        raise ValueError(f"the checkpoint's classes {list(names)[:5]}... differ from the dataset's "
+                         f"{list(dataset_names)[:5]}...")
+    if model_count != dataset_count:
+        raise ValueError(f"model has {model_count} classes, dataset {dataset_count}")
+
+
+def eval_out_dir(args: argparse.Namespace) -> str:
+    """``--out-dir``, or ``eval/`` next to the evaluated checkpoint."""
+    return args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")

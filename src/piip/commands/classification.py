@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from ._model_args import (add_model_args, add_run_args, check_img_size, model_overrides, non_negative_float, non_negative_int,
                           positive_float, positive_int, unit_float)
+from ._tasks import eval_out_dir
 from ._train_common import add_train_model_args, announce_and_fit, check_resume, pretrained_branches, task_trainer, train_config
 
 _RECIPE_FLAGS = ["epochs", "batch_size", "lr", "new_lr_scale", "weight_decay", "decay_all", "warmup_epochs",
@@ -232,7 +233,7 @@ def run_eval(args: argparse.Namespace) -> int:
     dataset = ImageClassification(src, build_transforms(size, False, crop_ratio=args.crop_ratio), class_names=names)
     if names is None and dataset.num_classes != model.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes, {src} {dataset.num_classes}")
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    out_dir = eval_out_dir(args)
     ck = read_checkpoint(args.checkpoint, weights_only=True, map_location="cpu")
     has_ema = isinstance(ck, dict) and "model_ema" in ck and "model_config" in ck
     del ck

@@ -11,6 +11,7 @@ from ..tasks.configs import DINO_PYRAMID_LEVELS, KINDS, DetectorConfig
 from ._config_args import add_config_args, config_args
 from ._model_args import (add_model_args, add_run_args, model_overrides, non_negative_float, non_negative_int,
                           positive_float, positive_int, unit_float)
+from ._tasks import check_eval_classes, eval_out_dir
 from ._train_common import add_train_model_args, announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
 
 
@@ -177,12 +178,9 @@ def run_eval(args: argparse.Namespace) -> int:
     overrides = model_overrides(args)
     model = load_detector(args.checkpoint, args.model, overrides, args.num_classes, args.kind).to(device)
     dataset = CocoDetection(ann, img, with_masks=False, on_error="none")
-    names = model.det_cfg.class_names
-    if names and names != dataset.class_names:
-        raise ValueError(f"the checkpoint's classes {names[:5]}... differ from the dataset's {dataset.class_names[:5]}...")
-    if not names and len(dataset.class_names) != model.det_cfg.num_classes:
-        raise ValueError(f"model has {model.det_cfg.num_classes} classes, dataset {len(dataset.class_names)}")
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    check_eval_classes(model.det_cfg.class_names, dataset.class_names, model.det_cfg.num_classes,
+                       len(dataset.class_names))
+    out_dir = eval_out_dir(args)
     evaluate_detector(model, dataset, device, args.batch_size, args.workers, args.amp, out_dir=out_dir)
     print(f"wrote {os.path.join(out_dir, 'metrics.json')} and detections.json")
     cleanup()

@@ -11,6 +11,7 @@ from ..tasks.configs import SegmentorConfig
 from ._config_args import add_config_args
 from ._model_args import (add_run_args, non_negative_float, non_negative_int, positive_float, positive_int,
                           unit_float)
+from ._tasks import check_eval_classes, eval_out_dir
 from ._train_common import add_train_model_args, announce_and_fit, check_resume, dense_backbone, task_trainer, train_config
 
 
@@ -167,12 +168,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.data_root and not args.classes and model.seg_cfg.class_names:
         args.classes = model.seg_cfg.class_names
     dataset = _dataset(args, "val", SegTestTransform(model.test_size), on_error="none")
-    names = model.seg_cfg.class_names
-    if names and list(names) != list(dataset.class_names):
-        raise ValueError(f"the checkpoint's classes {names[:5]}... differ from the dataset's {dataset.class_names[:5]}...")
-    if dataset.num_classes != model.seg_cfg.num_classes:
-        raise ValueError(f"model has {model.seg_cfg.num_classes} classes, dataset {dataset.num_classes}")
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    check_eval_classes(model.seg_cfg.class_names, dataset.class_names, model.seg_cfg.num_classes, dataset.num_classes)
+    out_dir = eval_out_dir(args)
     evaluate_segmentor(model, dataset, device, args.mode, args.amp, args.workers, out_dir=out_dir)
     print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     cleanup()
