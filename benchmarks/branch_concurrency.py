@@ -39,15 +39,6 @@ def forked_features(backbone: torch.nn.Module, x: torch.Tensor, pool: ThreadPool
     return backbone.merge_tokens(states)
 
 
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="piip_tsb_1120_896_448")
@@ -65,13 +56,15 @@ def main() -> None:
         torch.set_num_threads(1)
         out = forked_features(model, x, pool)
         print(f"max |fork - intra| = {(out - ref).abs().max().item():.2e}")
-        medians = {}
+        times = {}
         for _ in range(args.repeats):      # interleaved: one pass each per round
             for name, threads, fn in (("intra", args.threads, model.forward_features),
                                       ("fork", 1, lambda t: forked_features(model, t, pool))):
                 torch.set_num_threads(threads)
-                medians.setdefault(name, []).append(_median(lambda: fn(x), 1))
-    intra, fork = (statistics.median(medians[k]) for k in ("intra", "fork"))
+                start = time.perf_counter()
+                fn(x)
+                times.setdefault(name, []).append(time.perf_counter() - start)
+    intra, fork = (statistics.median(times[k]) for k in ("intra", "fork"))
     print(f"{args.model} at {args.side} px, {args.threads} threads: intra {intra:.3f} s, fork {fork:.3f} s, "
           f"fork / intra {fork / intra:.3f}")
 
