@@ -85,7 +85,8 @@ def checkpoint_task(path: str) -> Optional[str]:
     loader then reports it)."""
     from ..weights.io import read_checkpoint
     try:
-        ckpt = read_checkpoint(path, weights_only=True, map_location="cpu")
+        # the task is in the file's model_config: an FSDP run's shards need not be gathered for it
+        ckpt = read_checkpoint(path, weights_only=True, map_location="cpu", consolidate_shards=False)
     except Exception:  # noqa: BLE001 - not ours to report
         return None
     return model_task(ckpt)
