@@ -6,6 +6,19 @@ import torch
 
 import piip
 
+# pytest-xdist (`-n auto`, the README's command): each worker gets its share of the cores, so two
+# workers on two cores do not oversubscribe them with two intra-op thread pools each
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``heavy`` (Inductor, ONNX exports, multi-process runs: 10 s to 3 min each on 2
+    cores) are collected first. With ``-n auto --maxschedchunk 1`` (the README's command) xdist hands
+    them out one at a time, so they spread over the workers and the light tests fill in behind them,
+    instead of one worker getting every heavy test in its first chunk."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)   # stable: order kept otherwise
+
 
 def made_coco(tmp_path_factory, name: str, **kwargs) -> tuple[str, str, dict]:
     """A generated COCO folder (``piip.data.synthetic.make_coco(**kwargs)``): root, annotation file, its JSON."""

@@ -104,6 +104,7 @@ def test_far_off_map_locations(impl):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable in this environment")
 @pytest.mark.skipif(interpreting(), reason="already running under TRITON_INTERPRET=1 (tests above cover triton)")
 def test_triton_under_interpreter():

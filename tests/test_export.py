@@ -57,6 +57,7 @@ def _exported(model, fmt, path, size, again):
     return result
 
 
+@pytest.mark.heavy
 def test_pt2_vit_backbone(tmp_path):
     model = tiny("piip_tsb_1568_1120_672")
     r = _exported(model, "pt2", tmp_path / "tsb.pt2", (96, 128), (160, 96))
@@ -76,11 +77,13 @@ def tiny_hybrid():
                              deform_num_heads=2, out_groups=[0, 1, 2]).eval()
 
 
+@pytest.mark.heavy
 @needs_onnx
 def test_onnx_hybrid_convnext_vit(tmp_path):
     _exported(tiny_hybrid(), "onnx", tmp_path / "hybrid.onnx", (160, 192), (224, 160))
 
 
+@pytest.mark.heavy
 @needs_onnx
 def test_onnx_classifier(tmp_path):
     model = tiny("piip_tsb_368_192_128_cls")
@@ -94,11 +97,13 @@ def tiny_segmentor():
                                                                                 aux_channels=None)).eval()
 
 
+@pytest.mark.heavy
 def test_segmentor_pt2_dynamic(tmp_path):
     r = _exported(tiny_segmentor(), "pt2", tmp_path / "seg.pt2", (96, 128), (128, 96))
     assert r.task == "segmentation" and r.outputs == [("logits", "batch x 3 x H x W")]
 
 
+@pytest.mark.heavy
 @needs_onnx
 def test_segmentor_onnx_dynamic(tmp_path):
     """UperNet's pyramid pooling (bins 1/2/3/6 of a map whose size changes) follows the size in ONNX
@@ -146,6 +151,7 @@ def test_cli_bad_inputs(tmp_path, capsys, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.heavy
 def test_cli_export_pt2(tmp_path, capsys):
     out = tmp_path / "tsb.pt2"
     assert main(["export", *TINY_ARGS, "--format", "pt2", "--out", str(out), "--example-size", "96", "128"]) == 0

@@ -75,6 +75,7 @@ def test_resize_and_paste_match_torchvision():
     assert paste_masks(masks[:0], boxes[:0], 100, 90).shape == (0, 1, 100, 90)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn", "retinanet", "cascade_mask_rcnn", "dino"])
 def test_export_pt2_and_onnx_at_other_sizes(kind, tmp_path):
     if kind not in QUICK_KINDS and not os.environ.get("PIIP_EXPORT_ALL"):

@@ -97,6 +97,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.heavy
 def test_fsdp_two_processes_match_one_and_resume_across_process_counts(tmp_path):
     tmp = str(tmp_path)
     mp.spawn(_worker, args=(2, _free_port(), tmp), nprocs=2, join=True)

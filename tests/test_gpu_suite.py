@@ -24,6 +24,7 @@ def test_skips_without_cuda(monkeypatch, capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.heavy
 def test_dry_run_writes_results(tmp_path):
     pytest.importorskip("triton", reason="the dry run checks the Triton kernels with its interpreter")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TRITON_INTERPRET="1")

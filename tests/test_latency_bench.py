@@ -30,6 +30,7 @@ def _check_row(row: dict) -> None:
     assert row["eager_ratio"] == pytest.approx(row["piip_eager_s"] / row["base_eager_s"])
 
 
+@pytest.mark.heavy
 def test_trunk_case_eager_and_compiled(tmp_path):
     row = latency.measure_case(_case("tsb-1120", 1 / 16), True, 1, torch.device("cpu"), {"backend": "aot_eager"},
                                overrides={"piip": _tiny(3), "base": {"branches": [TINY_VIT]}})

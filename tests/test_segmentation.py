@@ -371,6 +371,7 @@ def test_transformers_upernet_runs_on_a_piip_autobackbone():
         piip_backbone_config("deit_b_224_cls")
 
 
+@pytest.mark.heavy
 def test_torchrun_two_cpu_processes_train_and_evaluate(data, tmp_path):
     """DDP (gloo) with an uneven split: 6 images over 2 ranks at batch 2, eval of 2 images summed over ranks."""
     import subprocess
