@@ -1,7 +1,8 @@
 """Deformable-attention implementations at the PIIP interaction shapes: forward and forward+backward.
 
-Run: ``PYTHONPATH=src python benchmarks/deform_attn.py [--pairs tsb sbl] [--repeats 5] [--impls ...]``.
-Prints one table (median times, ratio of the reference time to each implementation's) and a summary line.
+Run: ``PYTHONPATH=src python benchmarks/deform_attn.py [--pairs tsb sbl cls] [--repeats 5] [--impls ...]``.
+Prints one table (median times, ratio of the reference time to each implementation's, and which one
+the automatic choice takes for a training call) and a summary line.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from piip.ops import available_impls, ms_deform_attn
 from piip.ops.deform_triton import interpreting
+from piip.ops.ms_deform_attn import _select_impl
 
 # (edge, query tokens, value map (H, W), value width) for batch 1, 16 heads, 4 points, ratio 0.5
 SHAPES = {
@@ -22,7 +24,11 @@ SHAPES = {
     # PIIP-SBL 1344/896/448: S 84x84 (384-d), B 56x56 (768-d), L 28x28 (1024-d)
     "sbl": [("B->S", 84 * 84, (56, 56), 192), ("S->B", 56 * 56, (84, 84), 384),
             ("L->B", 56 * 56, (28, 28), 384), ("B->L", 28 * 28, (56, 56), 512)],
+    # the PIIP-TSB 368/192/128 classifier, batch 2 (BATCH): T 23x23, S 12x12, B 8x8
+    "cls": [("S->T", 23 * 23, (12, 12), 96), ("T->S", 12 * 12, (23, 23), 192),
+            ("B->S", 12 * 12, (8, 8), 192), ("S->B", 8 * 8, (12, 12), 384)],
 }
+BATCH = {"cls": 2}
 HEADS, POINTS = 16, 4
 
 
@@ -72,12 +78,14 @@ def main() -> None:
     impls = args.impls or [i for i in available_impls() if i != "triton" or dev == "cuda" or interpreting()]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     print(f"device {dev}, threads {torch.get_num_threads()}, median of {args.repeats}, implementations interleaved")
-    print(f"{'model':5} {'edge':5} {'impl':10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10}")
+    print(f"{'model':5} {'edge':5} {'impl':10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10}"
+          f"  auto (training)")
     speedups: dict[tuple[str, str], list[float]] = {}
     order = ["reference"] + [i for i in impls if i != "reference"]
     for pair in args.pairs:
         for edge, lq, hw, width in SHAPES[pair]:
-            inp = make_inputs(lq, hw, width, dev)
+            inp = make_inputs(lq, hw, width, dev, batch=BATCH.get(pair, 1))
+            auto = _select_impl(None, inp[0], inp[3])
 
             def fwd(impl=None):
                 with torch.no_grad():
@@ -92,7 +100,7 @@ def main() -> None:
                 tf, tb = t[impl, "f"], t[impl, "b"]
                 speedups.setdefault((pair, impl), []).append(t["reference", "b"] / tb)
                 print(f"{pair:5} {edge:5} {impl:10} {tf * 1e3:9.1f} {tb * 1e3:11.1f} "
-                      f"{t['reference', 'f'] / tf:7.2f} {t['reference', 'b'] / tb:10.2f}")
+                      f"{t['reference', 'f'] / tf:7.2f} {t['reference', 'b'] / tb:10.2f}  {'<-' if impl == auto else ''}")
     summary = ", ".join(f"{impl} {pair.upper()} {statistics.geometric_mean(v):.2f}x"
                         for (pair, impl), v in speedups.items() if impl != "reference")
     print(f"summary: forward+backward speed-up over reference (geometric mean over the edges): {summary}")

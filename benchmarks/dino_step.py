@@ -72,7 +72,7 @@ def run_one(setting: str, label: str, steps: int, threads: int) -> dict:
     hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
     return {"backbone": label, "model": name, "input": f"{size}x{h}", "params_m": round(
         sum(p.numel() for p in model.parameters()) / 1e6, 1), "step_s": round(statistics.median(times), 3),
-        "peak_rss_mb": round(int(hwm) / 1024), "deform_impl": _select_impl(None, torch.zeros(1))}
+        "peak_rss_mb": round(int(hwm) / 1024), "deform_impl": _select_impl(None, torch.zeros(1), torch.zeros(1, 1, 1, 1, 1, 2))}
 
 
 def main() -> int:

@@ -75,13 +75,22 @@ def test_selection_env_and_argument(monkeypatch):
 
 
 def test_auto_selection_cpu():
+    """CPU: ``fused`` for inference; for training too, except when both the samples and the value map
+    are small, where grid_sample's backward is the cheaper one (benchmarks/deform_attn.py --pairs cls)."""
+    from piip.ops.deform_fused import SMALL_TRAINING_SAMPLES, SMALL_TRAINING_VALUES
     from piip.ops.ms_deform_attn import _select_impl
-    value = torch.zeros(1, 4, 1, 2)
-    assert _select_impl(None, value) == ("fused" if not os.environ.get("PIIP_DEFORM_IMPL") else
-                                         os.environ["PIIP_DEFORM_IMPL"])
+    forced = os.environ.get("PIIP_DEFORM_IMPL")
+    value, loc = torch.zeros(1, 4, 1, 2), torch.zeros(1, 3, 1, 1, 4, 2)
+    assert _select_impl(None, value, loc) == (forced or "fused")
     value.requires_grad_()
-    if not os.environ.get("PIIP_DEFORM_IMPL"):
-        assert _select_impl(None, value) == "fused"  # training on CPU too: its backward beats grid_sample's
+    assert _select_impl(None, value, loc) == (forced or "reference")        # small training call
+    with torch.no_grad():
+        assert _select_impl(None, value, loc) == (forced or "fused")        # no gradient: fused
+    many = torch.zeros(1, SMALL_TRAINING_SAMPLES // 4 + 1, 1, 1, 4, 2, requires_grad=True)
+    assert _select_impl(None, value, many) == (forced or "fused")           # many samples
+    wide = torch.zeros(1, SMALL_TRAINING_VALUES // 2 + 1, 1, 2, requires_grad=True)
+    assert _select_impl(None, wide, loc) == (forced or "fused")             # a large value map
+    assert _select_impl(None, wide[:, :SMALL_TRAINING_VALUES // 2], loc) == (forced or "reference")
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)

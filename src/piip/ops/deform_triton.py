@@ -172,7 +172,7 @@ def _runnable(value: Tensor) -> bool:
     return HAS_TRITON and (value.is_cuda or interpreting())
 
 
-def _supports(value: Tensor) -> bool:
+def _supports(value: Tensor, sampling_locations: Tensor) -> bool:
     """Auto-selection: CUDA tensors only (the interpreter is for tests, it is slow)."""
     return HAS_TRITON and value.is_cuda
 

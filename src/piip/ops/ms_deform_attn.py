@@ -2,9 +2,10 @@
 
 The reference implementation samples every level with ``grid_sample``; it is the ground
 truth that the faster ones are checked against: ``fused`` (deform_fused.py: one gather-reduce,
-analytic backward; auto-selected for CPU inference) and ``triton`` (deform_triton.py: Triton
-kernels, auto-selected for CUDA). An implementation may carry ``.supports(value) -> bool``,
-consulted only by the automatic choice; ``impl=`` or ``PIIP_DEFORM_IMPL`` force one.
+analytic backward; auto-selected on CPU except for small training calls) and ``triton``
+(deform_triton.py: Triton kernels, auto-selected for CUDA). An implementation may carry
+``.supports(value, sampling_locations) -> bool``, consulted only by the automatic choice;
+``impl=`` or ``PIIP_DEFORM_IMPL`` force one.
 """
 from __future__ import annotations
 
@@ -145,12 +146,12 @@ def use_impl(name: str) -> Iterator[None]:
         _FORCED.pop()
 
 
-def _select_impl(impl: Optional[str], value: Tensor) -> str:
+def _select_impl(impl: Optional[str], value: Tensor, sampling_locations: Tensor) -> str:
     name = impl or (_FORCED[-1] if _FORCED else "") or os.environ.get("PIIP_DEFORM_IMPL") or ""
     if not name:
         # Best available, fastest first; each declares what it supports.
         for candidate in ("triton", "fused", "reference"):
-            if candidate in _IMPLS and _supports(candidate, value):
+            if candidate in _IMPLS and _supports(candidate, value, sampling_locations):
                 return candidate
         return "reference"
     if name not in _IMPLS:
@@ -159,10 +160,10 @@ def _select_impl(impl: Optional[str], value: Tensor) -> str:
     return name
 
 
-def _supports(name: str, value: Tensor) -> bool:
+def _supports(name: str, value: Tensor, sampling_locations: Tensor) -> bool:
     fn = _IMPLS[name]
     check = getattr(fn, "supports", None)
-    return True if check is None else bool(check(value))
+    return True if check is None else bool(check(value, sampling_locations))
 
 
 def ms_deform_attn(value: Tensor, spatial_shapes: ShapesArg,
@@ -185,4 +186,5 @@ def ms_deform_attn(value: Tensor, spatial_shapes: ShapesArg,
     """
     shapes, starts = level_layout(spatial_shapes, level_start_index)
     _check_inputs(value, shapes, sampling_locations, attention_weights)
-    return _IMPLS[_select_impl(impl, value)](value, shapes, starts, sampling_locations, attention_weights)
+    return _IMPLS[_select_impl(impl, value, sampling_locations)](value, shapes, starts, sampling_locations,
+                                                                 attention_weights)
