@@ -60,8 +60,8 @@ def _loss(out) -> torch.Tensor:
 @pytest.mark.skipif(os.environ.get("PIIP_SKIP_COMPILE") == "1",
                     reason="PIIP_SKIP_COMPILE=1 (Inductor's C++ compilation of forward + backward takes minutes on 2 cores)")
 def test_inductor_training_matches_eager_as_batch_changes(monkeypatch):
-    """Forward + backward through Inductor (default dynamic settings): batch 2, then 3 (a dynamic
-    recompile, where 'cannot determine truth value of Relational: 8*s12 < 8' used to stop it).
+    """Forward + backward through Inductor: batch 2, then 3, through one graph with a symbolic batch
+    (the graph whose build once stopped at 'cannot determine truth value of Relational: 8*s12 < 8').
     Both sides use the ``reference`` deformable op (what compiling selects on CPU).
     Stochastic depth is off: in training mode each side draws its own drop-path masks (Inductor
     has its own RNG); that alone made two *eager* copies differ by 8e-3 on branches.0.pos_embed, the
@@ -78,7 +78,7 @@ def test_inductor_training_matches_eager_as_batch_changes(monkeypatch):
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # Inductor's forward is compared too (test_backbone_speed's eval-mode twin was folded in here).
     # The batch is symbolic from the first call: the graph the batch-3 recompile used to build, built
-    # once (a static batch-2 graph first doubled a cold run: ~310 s instead of ~175 s on 2 cores)
+    # once (a static batch-2 graph first doubled a cold run: ~310 s instead of ~150 s on 2 cores)
     _same_training_steps(model, model, ref, 128, _loss, outputs=True, dynamic_batch=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1   # batch 3: no recompile
 
