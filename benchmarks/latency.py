@@ -56,7 +56,7 @@ class Case:
     """One PIIP-vs-baseline comparison; ``kind`` picks how models are built and stepped."""
 
     key: str
-    kind: str                 # 'trunk' | 'as-built' | 'train' | 'cls' | 'seg' | 'dino'
+    kind: str                 # 'trunk' | 'as-built' | 'train' | 'cls' | 'cls-eval' | 'seg' | 'dino'
     piip: str
     base: str
     size: int                 # PIIP finest-branch input side at the papers' setting
@@ -83,8 +83,12 @@ def _table1() -> list[Case]:
     return cases
 
 
+EVAL_BATCH = 8    # the classifiers' inference-throughput case
+
 CASES = {c.key: c for c in _table1() + [
     Case("cls", "cls", "piip_tsb_368_192_128_cls", "deit_b_224_cls", 368, 224, 0.5, True, "train step, batch 2"),
+    Case("cls-eval", "cls-eval", "piip_tsb_368_192_128_cls", "deit_b_224_cls", 368, 224, 0.5, False,
+         f"eval forward, batch {EVAL_BATCH}"),
     Case("seg", "seg", "piip_tsb_896_448_336_seg", "vit_b_640_seg", 896, 640, 0.25, True, "eval forward"),
     Case("tsb-1120-train", "train", "piip_tsb_1120_896_448", "vitdet_b_1024", 1120, 1024, 0.25, False,
          "train step (as built)"),
@@ -114,8 +118,8 @@ def build_model(case: Case, which: str, side: int, device: torch.device, **overr
         model = build_segmentor(name, 150, SegmentorConfig(channels=512, aux_channels=256), img_size=side,
                                 **overrides).eval()
         flops = count(name, img_size=[side], **overrides).built_flops
-    elif case.kind == "cls":
-        model = piip.create_model(name, img_size=side, **overrides).train()
+    elif case.kind in ("cls", "cls-eval"):
+        model = piip.create_model(name, img_size=side, **overrides).train(case.kind == "cls")
         flops = count(name, img_size=[side], **overrides).flops
     elif case.kind == "dino":
         from piip.tasks.detection import DetectorConfig, build_detector
@@ -172,7 +176,8 @@ def make_step(case: Case, model: nn.Module, side: int, device: torch.device,
             loss.backward()
             model.zero_grad(set_to_none=True)
         return cls_step
-    x = (torch.rand if case.kind == "seg" else torch.randn)(1, 3, side, side, generator=g).to(device)
+    batch = EVAL_BATCH if case.kind == "cls-eval" else 1
+    x = (torch.rand if case.kind == "seg" else torch.randn)(batch, 3, side, side, generator=g).to(device)
 
     def eval_step() -> Any:
         with torch.inference_mode():
@@ -203,7 +208,7 @@ def case_sides(case: Case, quick: bool) -> dict[str, int]:
     """Input sides of the PIIP and baseline models (multiples of 32, 16 for the classifiers)."""
     if not quick:
         return {"piip": case.size, "base": case.base_size}
-    mult = 16 if case.kind == "cls" else 32
+    mult = 16 if case.kind.startswith("cls") else 32
     return {"piip": _side(case.size, case.quick_scale, mult), "base": _side(case.base_size, case.quick_scale, mult)}
 
 

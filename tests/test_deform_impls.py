@@ -93,6 +93,23 @@ def test_auto_selection_cpu():
     assert _select_impl(None, wide[:, :SMALL_TRAINING_VALUES // 2], loc) == (forced or "reference")
 
 
+def test_auto_selection_while_compiling(monkeypatch):
+    """Under torch.compile ``fused`` only without a gradient (its backward's data-dependent shapes
+    break the graph; its forward traces as one, test_compile's fullgraph test runs it); under
+    torch.export never (each format picks its implementation)."""
+    from piip.ops.ms_deform_attn import _select_impl
+    if os.environ.get("PIIP_DEFORM_IMPL"):
+        pytest.skip("PIIP_DEFORM_IMPL forces an implementation")
+    many = torch.zeros(1, 70_000, 1, 1, 4, 2)                  # not a small call
+    value = torch.zeros(1, 4, 1, 2, requires_grad=True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _select_impl(None, value, many) == "reference"      # training
+    with torch.no_grad():
+        assert _select_impl(None, value, many) == "fused"      # inference
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        assert _select_impl(None, value, many) == "reference"  # export
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_far_off_map_locations(impl):
     """Locations far outside the map (and exactly on its border) read zeros like grid_sample."""

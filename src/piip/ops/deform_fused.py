@@ -204,18 +204,21 @@ SMALL_TRAINING_VALUES = 256 * 1024      # N * S * M * D value elements
 
 def _supports(value: Tensor, sampling_locations: Tensor) -> bool:
     """Auto-selection: CPU inference, and CPU training except small calls (see below); never CUDA,
-    where the Triton kernels (or grid_sample) are used; never while torch.compile traces (its
-    backward sorts and counts samples, data-dependent shapes that break the graph; Inductor
-    compiles grid_sample's decomposition instead).
+    where the Triton kernels (or grid_sample) are used. Under torch.compile only without a gradient:
+    the forward traces as one graph, but the backward sorts and counts samples, data-dependent
+    shapes that break it (Inductor compiles grid_sample's decomposition there instead). Never under
+    torch.export, whose formats pick their implementation themselves (``export.core.DEFAULT_IMPL``).
 
     Small training calls go to grid_sample: this forward is 1.5-3x faster at every measured size,
     but its sort-based backward costs ~0.1 us a sample, while grid_sample's scatter into a small
     value map is cheaper; so when a gradient is needed and both the samples and the value map are
     small (the classifiers' 8-23 px grids, detection at a quarter of its size) grid_sample's
     forward + backward wins (1.25-1.75x on one thread, docs/performance.md)."""
-    if value.is_cuda or torch.compiler.is_compiling():
+    if value.is_cuda or torch.compiler.is_exporting():
         return False
     needs_grad = torch.is_grad_enabled() and (value.requires_grad or sampling_locations.requires_grad)
+    if torch.compiler.is_compiling() and needs_grad:
+        return False
     small = (sampling_locations.numel() // 2 <= SMALL_TRAINING_SAMPLES
              and value.numel() <= SMALL_TRAINING_VALUES)
     return not (needs_grad and small)
