@@ -1,8 +1,9 @@
 """Deformable-attention implementations at the PIIP interaction shapes: forward and forward+backward.
 
-Run: ``PYTHONPATH=src python benchmarks/deform_attn.py [--pairs tsb sbl cls] [--repeats 5] [--impls ...]``.
-Prints one table (median times, ratio of the reference time to each implementation's, and which one
-the automatic choice takes for a training call) and a summary line.
+Run: ``PYTHONPATH=src python benchmarks/deform_attn.py [--pairs tsb sbl cls] [--repeats 5] [--impls ...]
+[--compile]``. Prints one table (median times, ratio of the eager reference time to each implementation's,
+and which one the automatic choice takes for a training call) and a summary line. ``--compile`` adds
+each implementation under ``torch.compile`` (Inductor), forward and forward + backward, as its own rows.
 """
 from __future__ import annotations
 
@@ -64,6 +65,13 @@ def timed_interleaved(fns: dict, repeats: int, sync) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _one_impl(impl: str):
+    """``ms_deform_attn`` on one implementation, as a plain function torch.compile traces."""
+    def run(value, shapes, starts, loc, attn):
+        return ms_deform_attn(value, shapes, starts, loc, attn, impl=impl)
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", nargs="+", default=["tsb", "sbl"], choices=sorted(SHAPES))
@@ -71,6 +79,8 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=None, help="default: all runnable on this device")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="also run each implementation under torch.compile "
+                    "(rows 'IMPL+c'; the warm-up pass compiles)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,28 +88,34 @@ def main() -> None:
     impls = args.impls or [i for i in available_impls() if i != "triton" or dev == "cuda" or interpreting()]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     print(f"device {dev}, threads {torch.get_num_threads()}, median of {args.repeats}, implementations interleaved")
-    print(f"{'model':5} {'edge':5} {'impl':10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10}"
+    print(f"{'model':5} {'edge':5} {'impl':12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10}"
           f"  auto (training)")
     speedups: dict[tuple[str, str], list[float]] = {}
     order = ["reference"] + [i for i in impls if i != "reference"]
     for pair in args.pairs:
         for edge, lq, hw, width in SHAPES[pair]:
             inp = make_inputs(lq, hw, width, dev, batch=BATCH.get(pair, 1))
+            runners = {i: functools.partial(ms_deform_attn, impl=i) for i in order}
+            if args.compile:
+                # fresh static graphs for each shape: one compiled function across all edges would
+                # hit dynamo's recompile limit and silently run the later edges eagerly
+                torch._dynamo.reset()
+                runners.update({f"{i}+c": torch.compile(_one_impl(i), dynamic=False) for i in order})
             auto = _select_impl(None, inp[0], inp[3])
 
-            def fwd(impl=None):
+            def fwd(run):
                 with torch.no_grad():
-                    ms_deform_attn(*inp, impl=impl)
+                    run(*inp)
 
-            def fwd_bwd(impl=None):
-                ms_deform_attn(*inp, impl=impl).sum().backward()
+            def fwd_bwd(run):
+                run(*inp).sum().backward()
 
-            t = timed_interleaved({(i, k): functools.partial(fn, impl=i) for i in order
+            t = timed_interleaved({(i, k): functools.partial(fn, run) for i, run in runners.items()
                                    for k, fn in (("f", fwd), ("b", fwd_bwd))}, args.repeats, sync)
-            for impl in order:
+            for impl in runners:
                 tf, tb = t[impl, "f"], t[impl, "b"]
                 speedups.setdefault((pair, impl), []).append(t["reference", "b"] / tb)
-                print(f"{pair:5} {edge:5} {impl:10} {tf * 1e3:9.1f} {tb * 1e3:11.1f} "
+                print(f"{pair:5} {edge:5} {impl:12} {tf * 1e3:9.1f} {tb * 1e3:11.1f} "
                       f"{t['reference', 'f'] / tf:7.2f} {t['reference', 'b'] / tb:10.2f}  {'<-' if impl == auto else ''}")
     summary = ", ".join(f"{impl} {pair.upper()} {statistics.geometric_mean(v):.2f}x"
                         for (pair, impl), v in speedups.items() if impl != "reference")

@@ -62,7 +62,8 @@ def _loss(out) -> torch.Tensor:
 def test_inductor_training_matches_eager_as_batch_changes(monkeypatch):
     """Forward + backward through Inductor: batch 2, then 3, through one graph with a symbolic batch
     (the graph whose build once stopped at 'cannot determine truth value of Relational: 8*s12 < 8').
-    Both sides use the ``reference`` deformable op (what compiling selects on CPU).
+    Both sides use the ``fused`` deformable op (what compiling selects on CPU): the compiled side
+    runs its compiler-facing backward (gather-reduce + index_add_), the eager side its sorted one.
     Stochastic depth is off: in training mode each side draws its own drop-path masks (Inductor
     has its own RNG); that alone made two *eager* copies differ by 8e-3 on branches.0.pos_embed, the
     difference this test used to be skipped for (docs/deploy.md, "Compiled training"). 128 px, not
@@ -71,7 +72,7 @@ def test_inductor_training_matches_eager_as_batch_changes(monkeypatch):
     The parameters are perturbed: at the released init the interaction gammas and the offset /
     attention-weight projections are zero, and no gradient would flow back through the deformable op.
     One block per branch (one interaction unit, all three branches and edges): the cheapest compile."""
-    monkeypatch.setenv("PIIP_DEFORM_IMPL", "reference")
+    monkeypatch.setenv("PIIP_DEFORM_IMPL", "fused")
     model = _perturbed("piip_tsb_1120_896_448", 128, depth=1)
     ref = copy.deepcopy(model)
     maybe_compile(model)
@@ -90,12 +91,12 @@ def test_compiled_training_step_hybrid_and_classifier(name, size, monkeypatch):
     """A compiled training step (forward + backward through AOT autograd, batch 2 then 3) of the
     other two families gives eager's gradients; ``aot_eager`` keeps it cheap (Inductor's codegen is
     covered by the ViT test above, and the traced graph is the same). Both sides run the
-    ``reference`` deformable op, as compiling selects on CPU. Interaction drop paths are off too:
+    ``fused`` deformable op, as compiling selects on CPU. Interaction drop paths are off too:
     left on (the hybrid's default), they alone made pos_embed grads differ by 3e-4."""
     if "vt_cs" in name and not os.environ.get("PIIP_COMPILE_ALL"):
         pytest.skip("the hybrid's 39 ConvNeXt blocks and 12 interaction groups take ~200 s to trace on 2 cores; "
                     "PIIP_COMPILE_ALL=1 runs it (passed 2026-12-06)")
-    monkeypatch.setenv("PIIP_DEFORM_IMPL", "reference")
+    monkeypatch.setenv("PIIP_DEFORM_IMPL", "fused")
     model = _perturbed(name, size)
     ref = copy.deepcopy(model)
     loss = (lambda o: o.float().pow(2).mean()) if name.endswith("_cls") else _loss

@@ -94,20 +94,54 @@ def test_auto_selection_cpu():
 
 
 def test_auto_selection_while_compiling(monkeypatch):
-    """Under torch.compile ``fused`` only without a gradient (its backward's data-dependent shapes
-    break the graph; its forward traces as one, test_compile's fullgraph test runs it); under
-    torch.export never (each format picks its implementation)."""
+    """Under torch.compile ``fused`` for training and inference, small calls included (its traced
+    forward + backward beat grid_sample's decomposition everywhere); under torch.export never
+    (each format picks its implementation)."""
     from piip.ops.ms_deform_attn import _select_impl
     if os.environ.get("PIIP_DEFORM_IMPL"):
         pytest.skip("PIIP_DEFORM_IMPL forces an implementation")
     many = torch.zeros(1, 70_000, 1, 1, 4, 2)                  # not a small call
+    few = torch.zeros(1, 3, 1, 1, 4, 2)                        # a small one
     value = torch.zeros(1, 4, 1, 2, requires_grad=True)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert _select_impl(None, value, many) == "reference"      # training
+    assert _select_impl(None, value, many) == "fused"          # training
+    assert _select_impl(None, value, few) == "fused"           # small training call
     with torch.no_grad():
         assert _select_impl(None, value, many) == "fused"      # inference
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
         assert _select_impl(None, value, many) == "reference"  # export
+
+
+def test_fused_compiled_training_one_dynamic_graph():
+    """``fused`` under torch.compile with a gradient: one graph (fullgraph) whose batch is symbolic
+    from the first call, forward and the three gradients equal to the eager op's for two batch
+    sizes without a recompile. ``aot_eager`` traces the compiler-facing backward (gather-reduce
+    for the corner dots, index_add_ for the value gradient) as Inductor sees it; the Inductor
+    codegen of that graph runs in test_compile's training test."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    shapes, starts = ((6, 5),), (0,)
+
+    def op(value, loc, attn):
+        return ms_deform_attn(value, shapes, starts, loc, attn, impl="fused")
+
+    compiled = torch.compile(op, backend="aot_eager", fullgraph=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for n in (2, 3):
+        value = torch.randn(n, 30, 2, 4, requires_grad=True)
+        loc = (torch.rand(n, 7, 2, 1, 4, 2) * 1.4 - 0.2).requires_grad_()   # some samples off the map
+        attn = torch.rand(n, 7, 2, 1, 4).softmax(-1).requires_grad_()
+        for t in (value, loc, attn):
+            torch._dynamo.mark_dynamic(t, 0)
+        want = op(value, loc, attn)
+        got = compiled(value, loc, attn)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        grad = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad(got, (value, loc, attn), grad),
+                        torch.autograd.grad(want, (value, loc, attn), grad)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
