@@ -15,7 +15,8 @@ The two backbones keep the papers' input ratio (PIIP-TSB 1120 : ViTDet-B 1024) a
   100 denoising queries).
 
 Both backbones return only the maps DINO reads (strides 8/16/32). Deformable attention uses the
-automatic choice (``fused`` on CPU; no grid_sample), printed with the results.
+automatic choice; the implementations the step actually ran (backbone and DINO head) are printed
+with the results.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def run_one(setting: str, label: str, steps: int, threads: int) -> dict:
     """Runs in the child process: build, warm up, time ``steps`` steps; returns the measurements."""
     import torch
 
-    from piip.ops.ms_deform_attn import _select_impl
+    import piip.ops.ms_deform_attn as deform
     from piip.runtime import tune_malloc
     from piip.tasks.detection import DetectorConfig, build_detector
     tune_malloc()
@@ -59,6 +60,14 @@ def run_one(setting: str, label: str, steps: int, threads: int) -> dict:
     xy = torch.rand(6, 2, generator=g) * torch.tensor([size * 0.7, h * 0.7])
     wh = (torch.rand(6, 2, generator=g) * 0.25 + 0.05) * torch.tensor([size, h])
     target = {"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 81, (6,), generator=g)}
+    used: set[str] = set()
+    select = deform._select_impl
+
+    def recording(impl, value, loc):   # which implementation each call of the step picks
+        name = select(impl, value, loc)
+        used.add(name)
+        return name
+    deform._select_impl = recording
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -72,7 +81,7 @@ def run_one(setting: str, label: str, steps: int, threads: int) -> dict:
     hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
     return {"backbone": label, "model": name, "input": f"{size}x{h}", "params_m": round(
         sum(p.numel() for p in model.parameters()) / 1e6, 1), "step_s": round(statistics.median(times), 3),
-        "peak_rss_mb": round(int(hwm) / 1024), "deform_impl": _select_impl(None, torch.zeros(1), torch.zeros(1, 1, 1, 1, 1, 2))}
+        "peak_rss_mb": round(int(hwm) / 1024), "deform_impl": " + ".join(sorted(used))}
 
 
 def main() -> int:

@@ -27,7 +27,6 @@ One thread by default (``--threads``); CUDA too when present (``--devices``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json

@@ -46,6 +46,26 @@ def test_each_task_round_trips_through_the_table(name, tmp_path):
     assert task.export_task().name == name
 
 
+def test_task_lookup_maps_the_tensors(tmp_path, monkeypatch):
+    """``piip predict`` looks the task up, then loads the file: the lookup maps the tensors instead of
+    reading them (a training checkpoint with optimizer state is GBs); a legacy non-zip file, which
+    cannot be mapped, is still recognised."""
+    calls = []
+    load = torch.load
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("mmap"))
+        return load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", recording)
+    ckpt = {"model_config": {"task": "segmentation"}, "model": {"w": torch.zeros(4)}}
+    path, legacy = tmp_path / "checkpoint.pt", tmp_path / "legacy.pt"
+    torch.save(ckpt, path)
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    assert checkpoint_task(str(path)) == "segmentation" and calls == [True]
+    calls.clear()
+    assert checkpoint_task(str(legacy)) == "segmentation" and calls == [True, False]
+
+
 def test_unreadable_and_plain_files_belong_to_no_task(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

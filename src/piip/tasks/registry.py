@@ -11,6 +11,7 @@ hands ``piip export`` each task's export entry (:func:`piip.export.tasks.add_exp
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -82,14 +83,21 @@ def model_task(ckpt: Any) -> Optional[str]:
 
 def checkpoint_task(path: str) -> Optional[str]:
     """:func:`model_task` of the file at ``path``; None for anything unreadable (the caller's
-    loader then reports it)."""
+    loader then reports it).
+
+    Only ``model_config`` is needed, so the tensors are memory-mapped rather than read (the caller
+    reads the file again to load it; a training checkpoint with optimizer state is GBs), and an FSDP
+    run's shards are not gathered. A safetensors file holds tensors only, never a ``model_config``."""
     from ..weights.io import read_checkpoint
-    try:
-        # the task is in the file's model_config: an FSDP run's shards need not be gathered for it
-        ckpt = read_checkpoint(path, weights_only=True, map_location="cpu", consolidate_shards=False)
-    except Exception:  # noqa: BLE001 - not ours to report
+    if os.fspath(path).endswith(".safetensors"):
         return None
-    return model_task(ckpt)
+    for mmap in (True, False):   # the legacy non-zip format cannot be mapped: read it whole
+        try:
+            ckpt = read_checkpoint(path, weights_only=True, map_location="cpu", consolidate_shards=False, mmap=mmap)
+        except Exception:  # noqa: BLE001 - not ours to report
+            continue
+        return model_task(ckpt)
+    return None
 
 
 def rebuild_trained(path: str, ckpt: dict[str, Any], task: str, noun: str, key: str = "model") -> Any:

@@ -13,11 +13,13 @@ _WRAPPERS = ("state_dict", "model", "module", "model_ema")
 
 
 def read_checkpoint(path: str, weights_only: bool = True, map_location: object = "cpu",
-                    consolidate_shards: bool = True) -> object:
+                    consolidate_shards: bool = True, mmap: bool = False) -> object:
     """The object stored in a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file.
 
     An FSDP run's ``checkpoint.pt`` gets its ``model`` weights gathered from the shards folder beside it
-    (``consolidate_shards``; resuming reads the shards itself).
+    (``consolidate_shards``; resuming reads the shards itself). ``mmap``: torch files' tensors are
+    mapped, not read (for a caller that only looks at the small entries; the legacy non-zip format
+    cannot be mapped and fails as unreadable).
     Every way a file can be unusable (missing, a folder, truncated, not a checkpoint, pickled
     Python objects under ``weights_only``) becomes one ValueError / FileNotFoundError naming the file.
     """
@@ -37,7 +39,7 @@ def read_checkpoint(path: str, weights_only: bool = True, map_location: object =
                              f"file): {e}") from None
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
-            obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+            obj = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as e:
         if weights_only and "global" in str(e).lower():
             raise ValueError(f"checkpoint {path!r} holds pickled Python objects besides tensors, which the safe "
