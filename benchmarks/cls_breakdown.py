@@ -5,8 +5,10 @@ For each model, one profiled step (``torch.profiler``, self CPU time) split into
 calls; then, for PIIP, the forward time spent inside the branch blocks and the interaction groups
 (forward hooks, median of ``--repeats`` steps; backward = the rest of the step) next to the
 interactions' share of ``piip flops``. The models and the step are ``latency.py``'s ``cls`` case.
+``--compiled``: the same split of both models' ``torch.compile``d steps (Inductor's generated
+kernels count as "other"; the forward hooks are skipped, a compiled graph runs none).
 
-    PYTHONPATH=src python benchmarks/cls_breakdown.py [--threads 1] [--repeats 3]
+    PYTHONPATH=src python benchmarks/cls_breakdown.py [--threads 1] [--repeats 3] [--compiled]
 """
 from __future__ import annotations
 
@@ -65,20 +67,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compiled", action="store_true", help="profile the torch.compile'd steps instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch 2 train step")
     steps = {}
     for role, side in (("piip", CASE.size), ("base", CASE.base_size)):
         model, _ = build_model(CASE, role, side, CPU)
-        step = make_step(CASE, model, side, CPU)
-        step()                                             # warm-up
+        step = make_step(CASE, model, side, CPU, compiled={} if args.compiled else None)
+        step()                                             # warm-up (compiles)
+        step()
         s = op_split(step)
         total = s["gemm"] + s["attention"] + s["other"]
         name = CASE.piip if role == "piip" else CASE.base
-        print(f"{name}: profiled step {total:.3f} s = GEMMs {s['gemm']:.3f} + attention {s['attention']:.3f} "
+        print(f"{name}{' compiled' if args.compiled else ''}: profiled step {total:.3f} s = GEMMs {s['gemm']:.3f} + attention {s['attention']:.3f} "
               f"+ other {s['other']:.3f} s, {int(s['calls'])} aten op calls")
         steps[role] = (model, step)
+    if args.compiled:
+        return
     name, side = CASE.piip, CASE.size
     parts = forward_parts(*steps["piip"], args.repeats)
     c = count(name, img_size=[side])

@@ -1,7 +1,9 @@
 """Compiled vs eager training gradients, both measured against a float64 eager reference.
 
 Run: ``PYTHONPATH=src python benchmarks/compile_grad_check.py [--backend inductor|aot_eager] [--size 128]
-[--depth 1] [--drop-path]``. Tiny PIIP-TSB (tests/conftest.py widths), ``reference`` deformable op,
+[--depth 1] [--drop-path] [--deform-impl fused]``. Tiny PIIP-TSB (tests/conftest.py widths), the
+deformable op forced on both sides (default ``fused``, what compiling selects on CPU; the eager side
+then runs its sorted backward, the compiled side the one written for Inductor),
 parameters perturbed by N(0, 0.05) so that gradients flow through the interactions, batch 2 then 3
 (a dynamic recompile). Prints, per step, the largest value of each column over all parameters and the four parameters with the largest compiled-vs-eager
 difference, each as max |diff| / the largest |grad| of the three for compiled-eager, compiled-f64 and eager-f64.
@@ -26,8 +28,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--depth", type=int, default=1)
     ap.add_argument("--drop-path", action="store_true")
+    ap.add_argument("--deform-impl", default="fused", choices=["fused", "reference"])
     args = ap.parse_args()
-    os.environ["PIIP_DEFORM_IMPL"] = "reference"
+    os.environ["PIIP_DEFORM_IMPL"] = args.deform_impl
     import piip
     from conftest import tiny_overrides
     torch.manual_seed(0)
