@@ -17,7 +17,7 @@ Under torch.compile the backward is written for the compiler instead: the corner
 as one gather-multiply-reduce and the value gradient as one ``index_add_`` (a scatter), each of
 which Inductor generates as a single loop with nothing materialised; no sort, no chunk loop over
 a (possibly symbolic) row count, so the whole op stays in one graph with a dynamic batch.
-Compiled, this forward + backward runs 2.6-3x faster than the eager one above at PIIP-TSB's
+Compiled, the op alone runs forward + backward 2.6-3x faster than the eager one above at PIIP-TSB's
 detection shapes (``benchmarks/deform_attn.py --compile``). Eagerly the scatter would materialise
 every weighted gradient row first, hence the sorted gather-reduce there.
 
@@ -224,7 +224,8 @@ def _supports(value: Tensor, sampling_locations: Tensor) -> bool:
     """Auto-selection: CPU inference, and CPU training except small eager calls (see below); never
     CUDA, where the Triton kernels (or grid_sample) are used. Under torch.compile always, with or
     without a gradient: forward and backward trace into one graph, and Inductor's loops for them
-    beat its decomposition of grid_sample's by 3-20x at every measured shape (docs/performance.md).
+    beat its decomposition of grid_sample's at every measured shape (the op alone by 2-20x, a whole
+    compiled train step by 0.8-2.1 %; docs/performance.md).
     Never under torch.export, whose formats pick their implementation themselves
     (``export.core.DEFAULT_IMPL``).
 
