@@ -226,8 +226,8 @@ def _supports(value: Tensor, sampling_locations: Tensor) -> bool:
     """Auto-selection: CPU inference, and CPU training except small eager calls (see below); never
     CUDA, where the Triton kernels (or grid_sample) are used. Under torch.compile always, with or
     without a gradient: forward and backward trace into one graph, and Inductor's loops for them
-    beat its decomposition of grid_sample's at every measured shape (the op alone by 3.8-27x, a whole
-    compiled train step by 0.8-2.1 %; docs/performance.md).
+    beat its decomposition of grid_sample's at every measured shape (the op alone by 3.8-27x; whole
+    compiled train steps took 0.98-1.01x the time, docs/performance.md).
     Never under torch.export, whose formats pick their implementation themselves
     (``export.core.DEFAULT_IMPL``).
 
