@@ -93,6 +93,12 @@ def _corner_offsets(w: int, m: int) -> list[int]:
     return [0, m, (w + 2) * m, (w + 3) * m]
 
 
+def _corner_rows(rows: Tensor, w: int, m: int) -> Tensor:
+    """(R, P*4) padded-grid rows of every sample's 4 corners, from its (R, P) patch rows."""
+    r, p = rows.shape
+    return torch.stack([rows + off for off in _corner_offsets(w, m)], -1).view(r, p * 4)
+
+
 class _FusedLevel(torch.autograd.Function):
     """One level: value (N, H, W, M, D), loc (N, Lq, M, P, 2), attn (N, Lq, M, P) -> (N*Lq*M, D)."""
 
@@ -104,7 +110,7 @@ class _FusedLevel(torch.autograd.Function):
         vpad = F.pad(value, (0, 0, 0, 0, 1, 1, 1, 1))                 # (N, H+2, W+2, M, D)
         a = attn.reshape(r, p) * geo.inside
         cw = _corner_weights(geo.fx, geo.fy, a).view(r, p * 4)
-        idx = torch.stack([geo.rows + off for off in _corner_offsets(w, m)], -1).view(r, p * 4)
+        idx = _corner_rows(geo.rows, w, m)
         out = F.embedding_bag(idx, vpad.view(-1, d), mode="sum", per_sample_weights=cw)
         ctx.save_for_backward(vpad, a, *geo)
         ctx.hw = (h, w)
@@ -157,8 +163,7 @@ def _corner_dots(vpad: Tensor, rows: Tensor, g: Tensor, chunk_bytes: int = 1 << 
     if torch.compiler.is_compiling():
         # traced: one gather-multiply-reduce that Inductor runs as a single loop, no table, no
         # chunks (a Python loop over a symbolic row count would specialise the graph on it)
-        idx = torch.stack([rows + off for off in _corner_offsets(wp - 2, m)], -1).view(r, p * 4)
-        return (flat[idx] * g[:, None, :]).sum(-1)
+        return (flat[_corner_rows(rows, wp - 2, m)] * g[:, None, :]).sum(-1)
     table = vpad.new_zeros(total, 4, d)
     for c, off in enumerate(_corner_offsets(wp - 2, m)):
         table[:total - off, c] = flat[off:]
@@ -184,7 +189,7 @@ def _value_grad(g: Tensor, geo: _Geometry, a: Tensor, pad_shape: torch.Size) -> 
     if torch.compiler.is_compiling():
         # traced: a scatter-add of the weighted gradients that Inductor runs as one loop (no sort)
         cw = _corner_weights(geo.fx, geo.fy, a).view(r, p * 4, 1)
-        idx = torch.stack([geo.rows + off for off in _corner_offsets(wp - 2, m)], -1).view(-1)
+        idx = _corner_rows(geo.rows, wp - 2, m).view(-1)
         return g.new_zeros(total, d).index_add_(0, idx, (cw * g[:, None, :]).view(-1, d))
     flat = geo.rows.view(-1)
     order = torch.argsort(flat, stable=True)
