@@ -11,12 +11,11 @@ the PIIP / baseline ratio in both precisions.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Any, Callable
 
 import torch
 
+from deform_attn import timed_interleaved
 from latency import CASES, _autocast, _side, build_model, make_step
 
 CPU = torch.device("cpu")
@@ -37,18 +36,6 @@ def pair(which: str, scale: float) -> dict[tuple[str, str], Callable[[], Any]]:
     return steps
 
 
-def measure(steps: dict[tuple[str, str], Callable[[], Any]], repeats: int) -> dict[tuple[str, str], float]:
-    for step in steps.values():
-        step()
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pairs", nargs="+", choices=["trunk", "cls"])
@@ -59,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}, interleaved")
     for which in args.pairs:
-        med = measure(pair(which, args.scale), args.repeats)
+        med = timed_interleaved(pair(which, args.scale), args.repeats, sync=lambda: None)
         names = list(dict.fromkeys(name for name, _ in med))
         for k in names:
             print(f"{which}: {k}: fp32 {med[k, 'fp32']:.3f} s, bf16 {med[k, 'bf16']:.3f} s, "
