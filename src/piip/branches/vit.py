@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..config import BranchConfig
 from ..layers.attention import Attention
 from ..layers.drop import DropPath
+from ..layers.linear import unhooked
 from ..layers.mlp import Mlp
 from ..layers.norm import make_norm
 from ..ops.symbolic import concrete, real, same_sizes, tracing
@@ -49,6 +50,11 @@ class Block(nn.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        if (self.gamma_1 is None and (isinstance(self.drop_path, nn.Identity) or not self.training)
+                and unhooked(self.attn, Attention) and unhooked(self.mlp, Mlp)):
+            # plain residuals: the projections add them as they write out (piip.ops.linear)
+            x = self.attn(self.norm1(x), hw, residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         a = self.attn(self.norm1(x), hw)
         x = x + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)
         m = self.mlp(self.norm2(x))

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.linear import linear
 from ..ops.window import window_partition, window_unpartition
+from .linear import apply_linear
 from .norm import make_norm
 
 
@@ -57,9 +59,9 @@ class Attention(nn.Module):
 
     def _qkv(self, x: Tensor) -> Tensor:
         if self.q_bias is None:
-            return self.qkv(x)
+            return apply_linear(self.qkv, x)
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        return F.linear(x, self.qkv.weight, bias)
+        return linear(x, self.qkv.weight, bias)
 
     def _bias(self, n: int, dtype: torch.dtype) -> Optional[Tensor]:
         if self.relative_position_bias_table is None:
@@ -79,9 +81,17 @@ class Attention(nn.Module):
                                              dropout_p=self.attn_drop if self.training else 0.0)
         return out.transpose(1, 2).reshape(b, n, c)
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    def _project(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        if residual is None:
+            return self.proj_drop(apply_linear(self.proj, x))
+        if self.proj_drop.p and self.training:
+            return residual + self.proj_drop(apply_linear(self.proj, x))
+        return apply_linear(self.proj, x, residual=residual)
+
+    def forward(self, x: Tensor, hw: tuple[int, int], residual: Optional[Tensor] = None) -> Tensor:
+        """``residual + attention(x)`` when ``residual`` is given (one fused write-out where possible)."""
         if self.window_size <= 0:
-            return self.proj_drop(self.proj(self._attend(x)))
+            return self._project(self._attend(x), residual)
         b, n, c = x.shape
         h, w = hw
         if n != h * w:
@@ -89,7 +99,7 @@ class Attention(nn.Module):
                              "(class tokens cannot be used with windowed attention)")
         windows, padded = window_partition(x.view(b, h, w, c), self.window_size)
         out = window_unpartition(self._attend(windows), self.window_size, padded, hw)
-        return self.proj_drop(self.proj(out.reshape(b, n, c)))
+        return self._project(out.reshape(b, n, c), residual)
 
 
 def relative_position_index(window: int) -> Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.ms_deform_attn import ShapesArg, StartsArg, level_layout, ms_deform_attn
+from .linear import apply_linear
 
 
 class MSDeformAttn(nn.Module):
@@ -61,12 +62,12 @@ class MSDeformAttn(nn.Module):
         spatial_shapes, level_start_index = level_layout(spatial_shapes, level_start_index)
         n, lq, _ = query.shape
         s = feat.shape[1]
-        value = self.value_proj(feat)
+        value = apply_linear(self.value_proj, feat)
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(n, s, self.num_heads, self.value_dim // self.num_heads)
-        offsets = self.sampling_offsets(query).view(n, lq, self.num_heads, self.num_levels, self.num_points, 2)
-        weights = self.attention_weights(query).view(n, lq, self.num_heads, self.num_levels * self.num_points)
+        offsets = apply_linear(self.sampling_offsets, query).view(n, lq, self.num_heads, self.num_levels, self.num_points, 2)
+        weights = apply_linear(self.attention_weights, query).view(n, lq, self.num_heads, self.num_levels * self.num_points)
         weights = softmax_last(weights).view(n, lq, self.num_heads, self.num_levels, self.num_points)
         if reference_points.shape[-1] == 4:
             ref = reference_points[:, :, None, :, None]
@@ -76,7 +77,7 @@ class MSDeformAttn(nn.Module):
         # sampling runs in at least float32, as the released code does, for bf16/fp16 models
         dt = torch.promote_types(value.dtype, torch.float32)
         out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))
-        return self.output_proj(out.to(value.dtype))
+        return apply_linear(self.output_proj, out.to(value.dtype))
 
 
 def softmax_last(x: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .attention import CrossAttention
 from .deform_attn import MSDeformAttn
 from .drop import DropPath
+from .linear import apply_linear
 from .mlp import ConvFFN
 
 
@@ -80,7 +81,7 @@ class InteractionEdge(nn.Module):
         self.injector = Injector(dst_dim, dst_dim if with_proj else src_dim, **injector_kwargs)
 
     def forward(self, query: Tensor, query_hw: tuple[int, int], feat: Tensor, feat_hw: tuple[int, int]) -> Tensor:
-        return self.injector(query, query_hw, self.proj(feat), feat_hw)
+        return self.injector(query, query_hw, apply_linear(self.proj, feat), feat_hw)
 
 
 def default_edges(num_branches: int) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.symbolic import same_sizes
+from .linear import apply_linear
 
 
 class _TokenNormLinear(nn.Module):
@@ -29,7 +30,7 @@ class _TokenNormLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm_in(x.permute(0, 2, 3, 1))
         if self.proj is not None:
-            x = self.norm_out(self.proj(x))
+            x = self.norm_out(apply_linear(self.proj, x))
         return x.permute(0, 3, 1, 2)
 
 

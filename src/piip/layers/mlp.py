@@ -1,8 +1,12 @@
 """Feed-forward layers: the ViT MLP and the interaction unit's ConvFFN."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
+
+from .linear import apply_linear, unhooked
 
 
 class QuickGELU(nn.Module):
@@ -29,8 +33,18 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``residual + mlp(x)`` when ``residual`` is given (one fused write-out where possible)."""
+        if unhooked(self.act, nn.GELU):   # fused into fc1 where piip.ops.linear allows it
+            h = apply_linear(self.fc1, x, act="gelu_tanh" if self.act.approximate == "tanh" else "gelu")
+        else:
+            h = self.act(apply_linear(self.fc1, x))
+        h = self.drop(h)
+        if residual is None:
+            return self.drop(apply_linear(self.fc2, h))
+        if self.drop.p and self.training:
+            return residual + self.drop(apply_linear(self.fc2, h))
+        return apply_linear(self.fc2, h, residual=residual)
 
 
 class DWConv(nn.Module):
@@ -64,5 +78,5 @@ class ConvFFN(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        x = self.drop(self.act(self.dwconv(self.fc1(x), hw)))
-        return self.drop(self.fc2(x))
+        x = self.drop(self.act(self.dwconv(apply_linear(self.fc1, x), hw)))
+        return self.drop(apply_linear(self.fc2, x))

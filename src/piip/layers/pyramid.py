@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.linear import linear
 from ..ops.symbolic import tracing
 
 
@@ -38,7 +39,7 @@ class Upsample2x(nn.ConvTranspose2d):
         b, c, h, w = x.shape
         cout = self.out_channels
         weight = self.weight.permute(2, 3, 1, 0).reshape(4 * cout, c)       # rows (i, j, c_out)
-        y = F.linear(x.permute(0, 2, 3, 1), weight)                           # (B, H, W, 4*C_out)
+        y = linear(x.permute(0, 2, 3, 1), weight)                             # (B, H, W, 4*C_out)
         y = y.view(b, h, w, 2, 2, cout).transpose(2, 3)                       # (B, H, i, W, j, C_out)
         if tracing() or (torch.is_grad_enabled() and (y.requires_grad or self.bias.requires_grad)):
             # autograd needs the plain expression; Inductor fuses the add into the reshape copy

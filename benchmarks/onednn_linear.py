@@ -1,0 +1,100 @@
+"""oneDNN linears with fused epilogues (``piip.ops.linear``) against the stock ``F.linear`` path,
+eager CPU inference, both sides of a latency pair, interleaved in one run.
+
+For each ``latency.py`` case (eval forwards only), the PIIP model and its baseline each run with
+the oneDNN path on and off (``piip.ops.linear.set_enabled``), round-robin, median of ``--repeats``;
+printed: the four times, each model's speed-up, and the PIIP / baseline ratio with and without it.
+``--gemms`` first times single GEMM shapes of the ViT-T/S/B branches and ViTDet-B (MKL ``F.linear``
+against oneDNN, plain and with the GELU / residual-add epilogue).
+
+    PYTHONPATH=src python benchmarks/onednn_linear.py [--cases tsb-1120 tsb-1120-built cls-eval]
+        [--threads 1] [--repeats 3] [--quick] [--gemms]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+import torch.nn.functional as F
+
+from deform_attn import timed_interleaved
+from latency import CASES, build_model, case_sides, make_step
+from piip.ops import linear as onednn
+from piip.runtime import tune_malloc
+
+CPU = torch.device("cpu")
+# (rows, in, out): tokens of one image at the papers' sizes
+GEMMS = {"ViT-T qkv (1120)": (4900, 192, 576), "ViT-T fc1": (4900, 192, 768), "ViT-T fc2": (4900, 768, 192),
+         "ViT-S qkv (896)": (3136, 384, 1152), "ViT-S fc1": (3136, 384, 1536), "ViT-S fc2": (3136, 1536, 384),
+         "ViT-B fc1 (448)": (784, 768, 3072), "ViT-B fc2": (784, 3072, 768),
+         "ViTDet-B fc1 (1024)": (4096, 768, 3072), "ViTDet-B fc2": (4096, 3072, 768)}
+
+
+def gemm_table(repeats: int) -> None:
+    print("| shape | rows x in x out | MKL ms | oneDNN ms | MKL + GELU ms | fused GELU ms | MKL + add ms | fused add ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for name, (m, k, n) in GEMMS.items():
+        x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+        res = torch.randn(m, n, generator=g)
+        t = timed_interleaved({
+            "mkl": lambda: F.linear(x, w, b), "dnnl": lambda: onednn.linear(x, w, b),
+            "mkl_gelu": lambda: F.gelu(F.linear(x, w, b)), "dnnl_gelu": lambda: onednn.linear(x, w, b, act="gelu"),
+            "mkl_add": lambda: res + F.linear(x, w, b), "dnnl_add": lambda: onednn.linear(x, w, b, residual=res),
+        }, repeats, lambda: None)
+        print(f"| {name} | {m}x{k}x{n} | " + " | ".join(f"{t[k_] * 1e3:.1f}" for k_ in t) + " |")
+
+
+def _switched(step, flag: bool):
+    def run():
+        previous = onednn.set_enabled(flag)
+        try:
+            return step()
+        finally:
+            onednn.set_enabled(previous)
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="*", default=["tsb-1120", "tsb-1120-built", "cls-eval"],
+                    help="latency.py eval cases (none: only --gemms)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="latency.py's reduced sizes")
+    ap.add_argument("--gemms", action="store_true", help="time single GEMM shapes first")
+    args = ap.parse_args()
+    bad = [c for c in args.cases if c not in CASES or CASES[c].kind not in ("trunk", "as-built", "cls-eval", "seg")]
+    if bad:
+        ap.error(f"--cases: {bad} are not eval-forward cases of latency.py; pick from "
+                 f"{[k for k, c in CASES.items() if c.kind in ('trunk', 'as-built', 'cls-eval', 'seg')]}")
+    torch.set_num_threads(args.threads)
+    tuned = tune_malloc()
+    print(f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), float32, "
+          f"median of {args.repeats} interleaved passes, malloc tuned: {tuned}, oneDNN op built in: {onednn.enabled()}")
+    if not onednn.enabled():
+        print("this torch build has no oneDNN linear op: nothing to compare")
+        return
+    if args.gemms:
+        gemm_table(args.repeats)
+    if not args.cases:
+        return
+    print("| case | PIIP stock s | PIIP oneDNN s | speed-up | base stock s | base oneDNN s | speed-up | ratio stock | ratio oneDNN |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key in args.cases:
+        case = CASES[key]
+        sides = case_sides(case, args.quick)
+        steps = {}
+        for role in ("piip", "base"):
+            model, _ = build_model(case, role, sides[role], CPU)
+            step = make_step(case, model, sides[role], CPU)
+            steps[f"{role}_stock"], steps[f"{role}_dnnl"] = _switched(step, False), _switched(step, True)
+        t = timed_interleaved(steps, args.repeats, lambda: None)
+        print(f"| {key} | {t['piip_stock']:.3f} | {t['piip_dnnl']:.3f} | {t['piip_stock'] / t['piip_dnnl']:.3f}x "
+              f"| {t['base_stock']:.3f} | {t['base_dnnl']:.3f} | {t['base_stock'] / t['base_dnnl']:.3f}x "
+              f"| {t['piip_stock'] / t['base_stock']:.3f} | {t['piip_dnnl'] / t['base_dnnl']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Calling an ``nn.Linear`` with its epilogue (GELU, residual add) fused where that is invisible."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+from ..ops.linear import linear
+
+
+def unhooked(mod: nn.Module, kind: type) -> bool:
+    """``mod`` is exactly a ``kind`` (not a subclass, wrapper or quantized swap) and no forward hook
+    watches it: running its computation fused into a neighbour's changes nothing anyone can
+    observe. Otherwise (activation capture, FLOP counting, LoRA) the module is called as usual."""
+    return (type(mod) is kind and not (mod._forward_hooks or mod._forward_pre_hooks)
+            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks))
+
+
+def apply_linear(mod: nn.Module, x: Tensor, act: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """``residual + act(mod(x))`` (either optional; ``act`` None, 'gelu' or 'gelu_tanh'), fused in
+    one oneDNN call where ``piip.ops.linear`` allows it."""
+    if unhooked(mod, nn.Linear):
+        return linear(x, mod.weight, mod.bias, act, residual)
+    y = mod(x)
+    if act is not None:
+        y = F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+    return y if residual is None else residual + y

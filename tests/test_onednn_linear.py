@@ -1,0 +1,158 @@
+"""piip.ops.linear: oneDNN linears with fused GELU / residual add on the eager CPU inference path.
+
+They must equal the stock expression, run only where nothing can tell them apart (no gradient, no
+autocast, no dispatch mode, no hook, no wrapped layer), and leave every other path untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import piip
+from piip.layers.attention import Attention
+from piip.layers.linear import apply_linear
+from piip.layers.mlp import Mlp
+from piip.ops import linear as onednn
+
+needs_op = pytest.mark.skipif(not onednn.enabled(), reason="this torch build has no mkldnn::_linear_pointwise "
+                              "(or PIIP_ONEDNN_LINEAR=0): the stock path is the only one")
+OP = "mkldnn::_linear_pointwise"
+
+
+@pytest.fixture(autouse=True)
+def _restore_switch():
+    previous = onednn.set_enabled(True)
+    yield
+    onednn.set_enabled(previous)
+
+
+def ran_onednn(fn) -> tuple[object, bool]:
+    """``fn()``'s result and whether it called the oneDNN op (the profiler, unlike a dispatch mode,
+    does not switch the path off)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, any(e.name.startswith(OP) for e in prof.events())
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_epilogues_equal_the_stock_expression(dtype):
+    x = torch.randn(2, 37, 24).to(dtype)
+    w, b = (torch.randn(40, 24) * 0.2).to(dtype), torch.randn(40).to(dtype)
+    res = torch.randn(2, 37, 40).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    cases = {
+        None: (dict(), F.linear(x, w, b)),
+        "gelu": (dict(act="gelu"), F.gelu(F.linear(x, w, b))),
+        "gelu_tanh": (dict(act="gelu_tanh"), F.gelu(F.linear(x, w, b), approximate="tanh")),
+        "residual": (dict(residual=res), res + F.linear(x, w, b)),
+        "no bias": (dict(), F.linear(x, w)),
+    }
+    for name, (kw, want) in cases.items():
+        with torch.inference_mode():
+            got, used = ran_onednn(lambda: onednn.linear(x, w, None if name == "no bias" else b, **kw))
+        assert used, name
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol, msg=name)
+    assert torch.equal(res, res.clone())   # the residual is read, never written
+
+
+@needs_op
+def test_paths_that_must_stay_stock():
+    x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+    # a gradient is wanted: autograd must see F.linear (the oneDNN op has no backward)
+    wg = w.clone().requires_grad_()
+    y, used = ran_onednn(lambda: onednn.linear(x, wg, b, act="gelu"))
+    assert not used and y.grad_fn is not None
+    y.sum().backward()
+    wr = w.clone().requires_grad_()
+    F.gelu(F.linear(x, wr, b)).sum().backward()
+    torch.testing.assert_close(wg.grad, wr.grad)
+    with torch.no_grad():
+        assert ran_onednn(lambda: onednn.linear(x, wg, b))[1]       # same weight, no grad mode: fast
+        # autocast decides the GEMM dtype; calling the op directly would bypass it
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, used = ran_onednn(lambda: onednn.linear(x, w, b))
+        assert not used and y.dtype == torch.bfloat16
+        # a dispatch mode (here the FLOP counter) must see an aten GEMM
+        with FlopCounterMode(display=False) as fc:
+            onednn.linear(x, w, b)
+        assert fc.get_total_flops() == 2 * 5 * 8 * 6
+        assert not ran_onednn(lambda: onednn.linear(x.double(), w.double(), b.double()))[1]
+        onednn.set_enabled(False)
+        assert not ran_onednn(lambda: onednn.linear(x, w, b))[1]
+
+
+def test_bad_arguments_are_refused():
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="act must be one of"):
+        onednn.linear(x, w, act="relu")
+    with pytest.raises(ValueError, match="cannot both be fused"):
+        onednn.linear(x, w, act="gelu", residual=torch.zeros(2, 3))
+
+
+@needs_op
+def test_hooks_and_wrapped_layers_see_the_stock_values():
+    """A forward hook on fc1 (activation capture) must get fc1's own output, not the GELU'd one, and a
+    hook on the attention must not see the block's residual folded in."""
+    torch.manual_seed(0)
+    mlp = Mlp(16, 32).eval()
+    x = torch.randn(1, 9, 16)
+    seen = {}
+    mlp.fc1.register_forward_hook(lambda m, i, o: seen.__setitem__("fc1", o))
+    with torch.inference_mode():
+        out, used = ran_onednn(lambda: mlp(x, residual=x))
+    torch.testing.assert_close(seen["fc1"], F.linear(x, mlp.fc1.weight, mlp.fc1.bias))
+    with torch.no_grad():
+        want = x + mlp.fc2(F.gelu(mlp.fc1(x)))
+    torch.testing.assert_close(out, want)
+    assert used            # fc2 (unhooked) still took the fused residual add
+
+    class Wrapped(nn.Module):                       # what LoRA-style wrappers look like
+        def __init__(self, base: nn.Linear) -> None:
+            super().__init__()
+            self.base, self.delta = base, nn.Linear(base.in_features, base.out_features, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + self.delta(x)
+    wrapped = Wrapped(nn.Linear(16, 32))
+    with torch.inference_mode():
+        got = apply_linear(wrapped, x, act="gelu")
+        torch.testing.assert_close(got, F.gelu(wrapped(x)))
+
+    model = piip.create_model("piip_tsb_368_192_128_cls", img_size=64, num_classes=5,
+                              branches={"embed_dim": 32, "num_heads": 2}, deform_num_heads=2).eval()
+    block = model.backbone.branches[0].blocks[0]
+    assert isinstance(block.attn, Attention)
+    captured = {}
+    handle = block.attn.register_forward_hook(lambda m, i, o: captured.update(args=i, out=o))
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 64, 64))
+        handle.remove()
+        onednn.set_enabled(False)
+        alone = block.attn(*captured["args"])     # the attention's own output, stock path
+    torch.testing.assert_close(captured["out"], alone)
+
+
+@needs_op
+@pytest.mark.parametrize("name", ["piip_tsb_1120_896_448", "piip_tsb_368_192_128_cls"])
+def test_models_equal_with_and_without_the_onednn_path(name):
+    torch.manual_seed(0)
+    extra = {"num_classes": 5} if name.endswith("cls") else {}
+    model = piip.create_model(name, img_size=64, branches={"embed_dim": 32, "num_heads": 2},
+                              deform_num_heads=2, **extra).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fast, used = ran_onednn(lambda: model(x))
+        onednn.set_enabled(False)
+        stock, used_off = ran_onednn(lambda: model(x))
+    assert used and not used_off
+    fast, stock = (fast, stock) if isinstance(fast, dict) else ({"logits": fast}, {"logits": stock})
+    for k in stock:
+        torch.testing.assert_close(fast[k], stock[k], atol=1e-5, rtol=1e-5)
+    # training keeps the stock path and its gradients
+    model.train()
+    _, used_train = ran_onednn(lambda: model(x))
+    assert not used_train
