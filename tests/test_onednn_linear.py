@@ -117,6 +117,15 @@ def test_hooks_and_wrapped_layers_see_the_stock_values():
 
         def forward(self, x):
             return self.base(x) + self.delta(x)
+    # a per-instance forward (how accelerate attaches its hooks) is respected too
+    patched = nn.Linear(16, 32)
+    plain_forward = patched.forward
+    patched.forward = lambda t: plain_forward(t) * 2.0
+    with torch.inference_mode():
+        res = torch.randn(1, 9, 32)
+        torch.testing.assert_close(apply_linear(patched, x, residual=res),
+                                   res + 2.0 * F.linear(x, patched.weight, patched.bias))
+
     wrapped = Wrapped(nn.Linear(16, 32))
     with torch.inference_mode():
         got = apply_linear(wrapped, x, act="gelu")

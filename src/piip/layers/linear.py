@@ -11,10 +11,13 @@ from ..ops.linear import linear
 
 
 def unhooked(mod: nn.Module, kind: type) -> bool:
-    """``mod`` is exactly a ``kind`` (not a subclass, wrapper or quantized swap) and no forward hook
-    watches it: running its computation fused into a neighbour's changes nothing anyone can
-    observe. Otherwise (activation capture, FLOP counting, LoRA) the module is called as usual."""
-    return (type(mod) is kind and not (mod._forward_hooks or mod._forward_pre_hooks)
+    """``mod`` is exactly a ``kind`` (not a subclass, wrapper, parametrization or quantized swap),
+    no forward hook watches it and no per-instance ``forward`` replaces its own (accelerate's
+    device / offload hooks): running its computation fused into a neighbour's changes nothing
+    anyone can observe. Otherwise (activation capture, FLOP counting, LoRA, pruning masks) the
+    module is called as usual."""
+    return (type(mod) is kind and "forward" not in mod.__dict__
+            and not (mod._forward_hooks or mod._forward_pre_hooks)
             and not (_module._global_forward_hooks or _module._global_forward_pre_hooks))
 
 
