@@ -42,12 +42,14 @@ def test_fused_epilogues_equal_the_stock_expression(dtype):
     x = torch.randn(2, 37, 24).to(dtype)
     w, b = (torch.randn(40, 24) * 0.2).to(dtype), torch.randn(40).to(dtype)
     res = torch.randn(2, 37, 40).to(dtype)
+    gate = torch.randn(40).to(dtype)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
     cases = {
         None: (dict(), F.linear(x, w, b)),
         "gelu": (dict(act="gelu"), F.gelu(F.linear(x, w, b))),
         "gelu_tanh": (dict(act="gelu_tanh"), F.gelu(F.linear(x, w, b), approximate="tanh")),
         "residual": (dict(residual=res), res + F.linear(x, w, b)),
+        "gated residual": (dict(residual=res, scale=gate), res + gate * F.linear(x, w, b)),
         "no bias": (dict(), F.linear(x, w)),
     }
     for name, (kw, want) in cases.items():
@@ -89,8 +91,10 @@ def test_bad_arguments_are_refused():
     x, w = torch.randn(2, 4), torch.randn(3, 4)
     with pytest.raises(ValueError, match="act must be one of"):
         onednn.linear(x, w, act="relu")
-    with pytest.raises(ValueError, match="cannot both be fused"):
+    with pytest.raises(ValueError, match="cannot be fused together"):
         onednn.linear(x, w, act="gelu", residual=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="cannot be fused together"):
+        onednn.linear(x, w, act="gelu", scale=torch.ones(3))
 
 
 @needs_op
@@ -146,12 +150,47 @@ def test_hooks_and_wrapped_layers_see_the_stock_values():
 
 
 @needs_op
-@pytest.mark.parametrize("name", ["piip_tsb_1120_896_448", "piip_tsb_368_192_128_cls"])
+def test_interaction_gates_fold_and_hooks_still_see_the_attention():
+    """The interaction units' gated residuals (``query + gamma * attn``) fuse into the output
+    projections; a hook on the deformable attention still gets its own output."""
+    from piip.layers.deform_attn import MSDeformAttn
+    torch.manual_seed(0)
+    model = piip.create_model("piip_tsb_1120_896_448", img_size=64, branches={"embed_dim": 32, "num_heads": 2},
+                              deform_num_heads=2).eval()
+    for p in model.parameters():            # non-zero gates, so that folding them is exercised
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fast, used = ran_onednn(lambda: model(x))
+        onednn.set_enabled(False)
+        stock = model(x)
+        onednn.set_enabled(True)
+    assert used
+    for k in stock:
+        # relative to the map's scale (random gates of 0.5-1.5 grow the activations)
+        torch.testing.assert_close(fast[k], stock[k], atol=1e-5 * float(stock[k].abs().max()), rtol=1e-5)
+    attn = next(m for m in model.modules() if isinstance(m, MSDeformAttn))
+    captured = {}
+    attn.register_forward_hook(lambda m, i, o: captured.update(args=i, out=o))
+    with torch.inference_mode():
+        model(x)
+        onednn.set_enabled(False)
+        alone = attn(*captured["args"])
+    torch.testing.assert_close(captured["out"], alone)
+
+
+@needs_op
+@pytest.mark.parametrize("name", ["piip_tsb_1120_896_448", "piip_tsb_368_192_128_cls",
+                                  "piip_sbl_1568_1120_672_dinov2"])   # the last: layer scale
 def test_models_equal_with_and_without_the_onednn_path(name):
     torch.manual_seed(0)
     extra = {"num_classes": 5} if name.endswith("cls") else {}
     model = piip.create_model(name, img_size=64, branches={"embed_dim": 32, "num_heads": 2},
                               deform_num_heads=2, **extra).eval()
+    for p in model.parameters():            # gates and layer scales away from 0 / 1e-5: folding shows
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         fast, used = ran_onednn(lambda: model(x))
@@ -160,7 +199,8 @@ def test_models_equal_with_and_without_the_onednn_path(name):
     assert used and not used_off
     fast, stock = (fast, stock) if isinstance(fast, dict) else ({"logits": fast}, {"logits": stock})
     for k in stock:
-        torch.testing.assert_close(fast[k], stock[k], atol=1e-5, rtol=1e-5)
+        # relative to the map's scale (random gates of 0.5-1.5 grow the activations)
+        torch.testing.assert_close(fast[k], stock[k], atol=1e-5 * float(stock[k].abs().max()), rtol=1e-5)
     # training keeps the stock path and its gradients
     model.train()
     _, used_train = ran_onednn(lambda: model(x))

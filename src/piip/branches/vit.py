@@ -50,11 +50,11 @@ class Block(nn.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        if (self.gamma_1 is None and (isinstance(self.drop_path, nn.Identity) or not self.training)
+        if ((isinstance(self.drop_path, nn.Identity) or not self.training)
                 and unhooked(self.attn, Attention) and unhooked(self.mlp, Mlp)):
-            # plain residuals: the projections add them as they write out (piip.ops.linear)
-            x = self.attn(self.norm1(x), hw, residual=x)
-            return self.mlp(self.norm2(x), residual=x)
+            # the projections add the (layer-scaled) residuals as they write out (piip.ops.linear)
+            x = self.attn(self.norm1(x), hw, residual=x, scale=self.gamma_1)
+            return self.mlp(self.norm2(x), residual=x, scale=self.gamma_2)
         a = self.attn(self.norm1(x), hw)
         x = x + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)
         m = self.mlp(self.norm2(x))

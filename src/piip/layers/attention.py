@@ -81,17 +81,19 @@ class Attention(nn.Module):
                                              dropout_p=self.attn_drop if self.training else 0.0)
         return out.transpose(1, 2).reshape(b, n, c)
 
-    def _project(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+    def _project(self, x: Tensor, residual: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
         if residual is None:
             return self.proj_drop(apply_linear(self.proj, x))
         if self.proj_drop.p and self.training:
-            return residual + self.proj_drop(apply_linear(self.proj, x))
-        return apply_linear(self.proj, x, residual=residual)
+            y = self.proj_drop(apply_linear(self.proj, x))
+            return residual + (y if scale is None else scale * y)
+        return apply_linear(self.proj, x, residual=residual, scale=scale)
 
-    def forward(self, x: Tensor, hw: tuple[int, int], residual: Optional[Tensor] = None) -> Tensor:
-        """``residual + attention(x)`` when ``residual`` is given (one fused write-out where possible)."""
+    def forward(self, x: Tensor, hw: tuple[int, int], residual: Optional[Tensor] = None,
+                scale: Optional[Tensor] = None) -> Tensor:
+        """``residual + scale * attention(x)`` when ``residual`` is given (one fused write-out where possible)."""
         if self.window_size <= 0:
-            return self._project(self._attend(x), residual)
+            return self._project(self._attend(x), residual, scale)
         b, n, c = x.shape
         h, w = hw
         if n != h * w:
@@ -99,7 +101,7 @@ class Attention(nn.Module):
                              "(class tokens cannot be used with windowed attention)")
         windows, padded = window_partition(x.view(b, h, w, c), self.window_size)
         out = window_unpartition(self._attend(windows), self.window_size, padded, hw)
-        return self._project(out.reshape(b, n, c), residual)
+        return self._project(out.reshape(b, n, c), residual, scale)
 
 
 def relative_position_index(window: int) -> Tensor:

@@ -53,12 +53,15 @@ class MSDeformAttn(nn.Module):
 
     def forward(self, query: Tensor, reference_points: Tensor, feat: Tensor,
                 spatial_shapes: ShapesArg, level_start_index: StartsArg = None,
-                padding_mask: Optional[Tensor] = None) -> Tensor:
+                padding_mask: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                scale: Optional[Tensor] = None) -> Tensor:
         """query (N, Lq, C); feat (N, S, C_feat); reference_points (1 or N, Lq, L, 2) points in [0, 1],
         or (N, Lq, L, 4) boxes (cx, cy, w, h): then offsets are in units of half the box over the
         number of points (Deformable-DETR box refinement); padding_mask (N, S) True = padded
         position, whose value is zeroed. ``spatial_shapes``: (h, w) int pairs per level (an (L, 2)
-        tensor is accepted eagerly; see :func:`piip.ops.ms_deform_attn.level_layout`)."""
+        tensor is accepted eagerly; see :func:`piip.ops.ms_deform_attn.level_layout`). With
+        ``residual`` the result is ``residual + scale * attention`` (a gated residual fused into the
+        output projection where ``piip.ops.linear`` allows it)."""
         spatial_shapes, level_start_index = level_layout(spatial_shapes, level_start_index)
         n, lq, _ = query.shape
         s = feat.shape[1]
@@ -77,7 +80,10 @@ class MSDeformAttn(nn.Module):
         # sampling runs in at least float32, as the released code does, for bf16/fp16 models
         dt = torch.promote_types(value.dtype, torch.float32)
         out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))
-        return apply_linear(self.output_proj, out.to(value.dtype))
+        out = out.to(value.dtype)
+        if residual is None:
+            return apply_linear(self.output_proj, out)
+        return apply_linear(self.output_proj, out, residual=residual, scale=scale)
 
 
 def softmax_last(x: Tensor) -> Tensor:

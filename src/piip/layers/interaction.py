@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .attention import CrossAttention
 from .deform_attn import MSDeformAttn
 from .drop import DropPath
-from .linear import apply_linear
+from .linear import apply_linear, unhooked
 from .mlp import ConvFFN
 
 
@@ -63,13 +63,17 @@ class Injector(nn.Module):
         q, f = self.query_norm(query), self.feat_norm(feat)
         if self.attn_type == "deform":
             ref, shapes, start = deform_inputs(query_hw, feat_hw, query.device)
-            attn = self.attn(q, ref, f, shapes, start)
+            if unhooked(self.attn, MSDeformAttn):   # gated residual added as output_proj writes out
+                query = self.attn(q, ref, f, shapes, start, residual=query, scale=self.ca_gamma)
+            else:
+                query = query + self.ca_gamma * self.attn(q, ref, f, shapes, start)
         else:
-            attn = self.attn(q, f)
-        query = query + self.ca_gamma * attn
-        if self.with_cffn:
-            query = query + self.cffn_gamma * self.drop_path(self.ffn(self.ffn_norm(query), query_hw))
-        return query
+            query = query + self.ca_gamma * self.attn(q, f)
+        if not self.with_cffn:
+            return query
+        if unhooked(self.ffn, ConvFFN) and (isinstance(self.drop_path, nn.Identity) or not self.training):
+            return self.ffn(self.ffn_norm(query), query_hw, residual=query, scale=self.cffn_gamma)
+        return query + self.cffn_gamma * self.drop_path(self.ffn(self.ffn_norm(query), query_hw))
 
 
 class InteractionEdge(nn.Module):

@@ -21,12 +21,15 @@ def unhooked(mod: nn.Module, kind: type) -> bool:
             and not (_module._global_forward_hooks or _module._global_forward_pre_hooks))
 
 
-def apply_linear(mod: nn.Module, x: Tensor, act: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
-    """``residual + act(mod(x))`` (either optional; ``act`` None, 'gelu' or 'gelu_tanh'), fused in
-    one oneDNN call where ``piip.ops.linear`` allows it."""
+def apply_linear(mod: nn.Module, x: Tensor, act: Optional[str] = None, residual: Optional[Tensor] = None,
+                 scale: Optional[Tensor] = None) -> Tensor:
+    """``residual + scale * act(mod(x))`` (each optional; ``act`` None, 'gelu' or 'gelu_tanh'),
+    fused in one oneDNN call where ``piip.ops.linear`` allows it."""
     if unhooked(mod, nn.Linear):
-        return linear(x, mod.weight, mod.bias, act, residual)
+        return linear(x, mod.weight, mod.bias, act, residual, scale)
     y = mod(x)
     if act is not None:
         y = F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+    if scale is not None:
+        y = scale * y
     return y if residual is None else residual + y

@@ -33,8 +33,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """``residual + mlp(x)`` when ``residual`` is given (one fused write-out where possible)."""
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
+        """``residual + scale * mlp(x)`` when ``residual`` is given (one fused write-out where possible)."""
         if unhooked(self.act, nn.GELU):   # fused into fc1 where piip.ops.linear allows it
             h = apply_linear(self.fc1, x, act="gelu_tanh" if self.act.approximate == "tanh" else "gelu")
         else:
@@ -43,8 +43,9 @@ class Mlp(nn.Module):
         if residual is None:
             return self.drop(apply_linear(self.fc2, h))
         if self.drop.p and self.training:
-            return residual + self.drop(apply_linear(self.fc2, h))
-        return apply_linear(self.fc2, h, residual=residual)
+            y = self.drop(apply_linear(self.fc2, h))
+            return residual + (y if scale is None else scale * y)
+        return apply_linear(self.fc2, h, residual=residual, scale=scale)
 
 
 class DWConv(nn.Module):
@@ -77,6 +78,13 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int], residual: Optional[Tensor] = None,
+                scale: Optional[Tensor] = None) -> Tensor:
+        """``residual + scale * ffn(x)`` when ``residual`` is given (one fused write-out where possible)."""
         x = self.drop(self.act(self.dwconv(apply_linear(self.fc1, x), hw)))
-        return self.drop(apply_linear(self.fc2, x))
+        if residual is None:
+            return self.drop(apply_linear(self.fc2, x))
+        if self.drop.p and self.training:
+            y = self.drop(apply_linear(self.fc2, x))
+            return residual + (y if scale is None else scale * y)
+        return apply_linear(self.fc2, x, residual=residual, scale=scale)

@@ -3,7 +3,7 @@
 PyTorch's CPU ``F.linear`` runs float32 GEMMs on MKL and each epilogue as its own pass over the
 output. oneDNN's inner product (the op Inductor itself emits, ``mkldnn::_linear_pointwise``) ran
 the ViT shapes 10-13 % faster on one core here, and fuses the bias, the MLP's GELU and the
-block's residual add into the GEMM's write-out (``benchmarks/onednn_linear.py``). PIIP's narrow
+block's (gated) residual add into the GEMM's write-out (``benchmarks/onednn_linear.py``). PIIP's narrow
 branches spend a larger share of their time in those epilogues than a ViT-B does, so the fusion
 also narrows their latency gap.
 
@@ -54,10 +54,10 @@ def enabled() -> bool:
     return _enabled and _AVAILABLE
 
 
-def _eligible(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> bool:
+def _eligible(x: Tensor, *others: Optional[Tensor]) -> bool:
     if not (_enabled and _AVAILABLE and torch.backends.mkldnn.enabled):
         return False
-    tensors = [t for t in (x, weight, bias, residual) if t is not None]
+    tensors = [t for t in (x, *others) if t is not None]
     # plain tensors only: a Proxy (fx), FakeTensor, DTensor or other subclass keeps the stock path
     if any(type(t) not in (Tensor, torch.nn.Parameter) for t in tensors):
         return False
@@ -71,20 +71,29 @@ def _eligible(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optio
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Optional[str] = None,
-           residual: Optional[Tensor] = None) -> Tensor:
-    """``residual + act(x @ weight.T + bias)``, either term optional; ``act`` is None, 'gelu'
-    (erf) or 'gelu_tanh'. A residual cannot be combined with an activation."""
+           residual: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
+    """``residual + scale * act(x @ weight.T + bias)``, each term optional; ``act`` is None, 'gelu'
+    (erf) or 'gelu_tanh'; ``scale`` is a per-output-channel gate (layer scale, the interaction
+    units' gammas). An activation cannot be combined with a residual or a scale.
+
+    Fused, the scale is folded into the weight and bias (``scale * W``: out x in multiplies, next to
+    rows x in x out for the GEMM), so a gated residual is one GEMM write-out."""
     if act not in ACTS:
         raise ValueError(f"linear: act must be one of {ACTS}, got {act!r}")
-    if act is not None and residual is not None:
-        raise ValueError("linear: an activation and a residual cannot both be fused")
-    if _eligible(x, weight, bias, residual):
-        if residual is None:
+    if act is not None and (residual is not None or scale is not None):
+        raise ValueError("linear: an activation cannot be fused together with a residual or a scale")
+    if _eligible(x, weight, bias, residual, scale):
+        if scale is not None and scale.shape == weight.shape[:1]:
+            weight, bias = weight * scale[:, None], None if bias is None else bias * scale
+            scale = None
+        if scale is None and residual is None:
             attr, algo = ("none", "") if act is None else ("gelu", "tanh" if act == "gelu_tanh" else "none")
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algo)
-        if residual.shape == x.shape[:-1] + weight.shape[:1]:
+        if scale is None and residual.shape == x.shape[:-1] + weight.shape[:1]:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     y = F.linear(x, weight, bias)
     if act is not None:
         y = F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+    if scale is not None:
+        y = scale * y
     return y if residual is None else residual + y
