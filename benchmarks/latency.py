@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import piip
 from piip.complexity import count
+from piip.ops import linear as onednn_linear
 from piip.runtime import tune_malloc
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
@@ -328,6 +329,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     ap.add_argument("--mode", default=None, help="torch.compile mode (e.g. max-autotune)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights float32)")
+    ap.add_argument("--no-onednn", action="store_true",
+                    help="eager CPU inference through F.linear instead of piip.ops.linear's oneDNN path")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
     ap.add_argument("--docs", action="store_true", help=f"regenerate the table in {DOCS.name}")
@@ -345,10 +348,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     torch.set_num_threads(args.threads)
     tuned = tune_malloc()
+    if args.no_onednn:
+        onednn_linear.set_enabled(False)
     header = (f"Measured {datetime.date.today()} with `python benchmarks/latency.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`: {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, {args.threads} thread(s), {'bfloat16 autocast' if args.bf16 else 'float32'}, "
-              f"median of {args.repeats} interleaved passes, malloc tuned: {tuned}, compile: "
+              f"median of {args.repeats} interleaved passes, malloc tuned: {tuned}, "
+              f"oneDNN linears (eager inference): {'on' if onednn_linear.enabled() else 'off'}, compile: "
               f"{'off' if args.no_compile else f'backend {args.backend}, mode {args.mode}'}"
               + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else "") + ".")
     print(header, flush=True)
