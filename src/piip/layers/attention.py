@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..ops.linear import linear
 from ..ops.window import window_partition, window_unpartition
-from .linear import apply_linear
+from .linear import apply_linear, apply_output_linear
 from .norm import make_norm
 
 
@@ -81,19 +81,11 @@ class Attention(nn.Module):
                                              dropout_p=self.attn_drop if self.training else 0.0)
         return out.transpose(1, 2).reshape(b, n, c)
 
-    def _project(self, x: Tensor, residual: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
-        if residual is None:
-            return self.proj_drop(apply_linear(self.proj, x))
-        if self.proj_drop.p and self.training:
-            y = self.proj_drop(apply_linear(self.proj, x))
-            return residual + (y if scale is None else scale * y)
-        return apply_linear(self.proj, x, residual=residual, scale=scale)
-
     def forward(self, x: Tensor, hw: tuple[int, int], residual: Optional[Tensor] = None,
                 scale: Optional[Tensor] = None) -> Tensor:
         """``residual + scale * attention(x)`` when ``residual`` is given (one fused write-out where possible)."""
         if self.window_size <= 0:
-            return self._project(self._attend(x), residual, scale)
+            return apply_output_linear(self.proj, self._attend(x), self.proj_drop, residual, scale)
         b, n, c = x.shape
         h, w = hw
         if n != h * w:
@@ -101,7 +93,7 @@ class Attention(nn.Module):
                              "(class tokens cannot be used with windowed attention)")
         windows, padded = window_partition(x.view(b, h, w, c), self.window_size)
         out = window_unpartition(self._attend(windows), self.window_size, padded, hw)
-        return self._project(out.reshape(b, n, c), residual, scale)
+        return apply_output_linear(self.proj, out.reshape(b, n, c), self.proj_drop, residual, scale)
 
 
 def relative_position_index(window: int) -> Tensor:

@@ -33,3 +33,16 @@ def apply_linear(mod: nn.Module, x: Tensor, act: Optional[str] = None, residual:
     if scale is not None:
         y = scale * y
     return y if residual is None else residual + y
+
+
+def apply_output_linear(mod: nn.Module, x: Tensor, drop: nn.Module, residual: Optional[Tensor] = None,
+                        scale: Optional[Tensor] = None) -> Tensor:
+    """``residual + scale * drop(mod(x))`` (residual and scale optional): an output projection and
+    its dropout, with the (gated) residual fused in where the dropout is inactive."""
+    if residual is None and scale is None:
+        return drop(apply_linear(mod, x))
+    if getattr(drop, "p", 0.0) and drop.training:
+        y = drop(apply_linear(mod, x))
+        y = y if scale is None else scale * y
+        return y if residual is None else residual + y
+    return apply_linear(mod, x, residual=residual, scale=scale)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .linear import apply_linear, unhooked
+from .linear import apply_linear, apply_output_linear, unhooked
 
 
 class QuickGELU(nn.Module):
@@ -39,13 +39,7 @@ class Mlp(nn.Module):
             h = apply_linear(self.fc1, x, act="gelu_tanh" if self.act.approximate == "tanh" else "gelu")
         else:
             h = self.act(apply_linear(self.fc1, x))
-        h = self.drop(h)
-        if residual is None:
-            return self.drop(apply_linear(self.fc2, h))
-        if self.drop.p and self.training:
-            y = self.drop(apply_linear(self.fc2, h))
-            return residual + (y if scale is None else scale * y)
-        return apply_linear(self.fc2, h, residual=residual, scale=scale)
+        return apply_output_linear(self.fc2, self.drop(h), self.drop, residual, scale)
 
 
 class DWConv(nn.Module):
@@ -82,9 +76,4 @@ class ConvFFN(nn.Module):
                 scale: Optional[Tensor] = None) -> Tensor:
         """``residual + scale * ffn(x)`` when ``residual`` is given (one fused write-out where possible)."""
         x = self.drop(self.act(self.dwconv(apply_linear(self.fc1, x), hw)))
-        if residual is None:
-            return self.drop(apply_linear(self.fc2, x))
-        if self.drop.p and self.training:
-            y = self.drop(apply_linear(self.fc2, x))
-            return residual + (y if scale is None else scale * y)
-        return apply_linear(self.fc2, x, residual=residual, scale=scale)
+        return apply_output_linear(self.fc2, x, self.drop, residual, scale)
