@@ -4,11 +4,13 @@ eager CPU inference, both sides of a latency pair, interleaved in one run.
 For each ``latency.py`` case (eval forwards only), the PIIP model and its baseline each run with
 the oneDNN path on and off (``piip.ops.linear.set_enabled``), round-robin, median of ``--repeats``;
 printed: the four times, each model's speed-up, and the PIIP / baseline ratio with and without it.
+``--compiled``: the same under ``torch.compile`` (the switch is read while tracing, so each setting
+gets its own graph, compiled during the warm-up pass).
 ``--gemms`` first times single GEMM shapes of the ViT-T/S/B branches and ViTDet-B (MKL ``F.linear``
 against oneDNN, plain and with the GELU / residual-add epilogue).
 
     PYTHONPATH=src python benchmarks/onednn_linear.py [--cases tsb-1120 tsb-1120-built cls-eval]
-        [--threads 1] [--repeats 3] [--quick] [--gemms]
+        [--threads 1] [--repeats 3] [--quick] [--gemms] [--compiled]
 """
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="latency.py's reduced sizes")
     ap.add_argument("--gemms", action="store_true", help="time single GEMM shapes first")
+    ap.add_argument("--compiled", action="store_true",
+                    help="the models under torch.compile (Inductor): piip::onednn_linear against Inductor's own GEMMs")
     args = ap.parse_args()
     bad = [c for c in args.cases if c not in CASES or CASES[c].kind not in ("trunk", "as-built", "cls-eval", "seg")]
     if bad:
@@ -72,6 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tuned = tune_malloc()
     print(f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), float32, "
+          f"{'compiled (inductor)' if args.compiled else 'eager'}, "
           f"median of {args.repeats} interleaved passes, malloc tuned: {tuned}, oneDNN op built in: {onednn.enabled()}")
     if not onednn.enabled():
         print("this torch build has no oneDNN linear op: nothing to compare")
@@ -88,7 +93,7 @@ def main() -> None:
         steps = {}
         for role in ("piip", "base"):
             model, _ = build_model(case, role, sides[role], CPU)
-            step = make_step(case, model, sides[role], CPU)
+            step = make_step(case, model, sides[role], CPU, compiled={} if args.compiled else None)
             steps[f"{role}_stock"], steps[f"{role}_dnnl"] = _switched(step, False), _switched(step, True)
         t = timed_interleaved(steps, args.repeats, lambda: None)
         print(f"| {key} | {t['piip_stock']:.3f} | {t['piip_dnnl']:.3f} | {t['piip_stock'] / t['piip_dnnl']:.3f}x "

@@ -197,3 +197,34 @@ def test_models_equal_with_and_without_the_onednn_path(name):
     model.train()
     _, used_train = ran_onednn(lambda: model(x))
     assert not used_train
+
+
+def _custom_op_calls(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and "onednn_linear" in str(n.target))
+
+
+@needs_op
+def test_compiled_inference_calls_the_custom_op_and_export_never_does():
+    """Under torch.compile without gradients the linears go through ``piip::onednn_linear`` (one
+    graph, same outputs); with gradients, and in an exported program, they stay aten linears."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model, x = tiny_gated("piip_tsb_1120_896_448"), torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x)
+        onednn.set_enabled(False)
+        want = model(x)
+        onednn.set_enabled(True)
+    assert counter.frame_count == 1 and _custom_op_calls(counter.graphs[0]) > 0
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5 * float(want[k].abs().max()), rtol=1e-5)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    sum(v.sum() for v in torch.compile(model, backend=counter, fullgraph=True)(x).values()).backward()
+    assert counter.frame_count == 1 and _custom_op_calls(counter.graphs[0]) == 0
+    torch._dynamo.reset()
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,), strict=False)
+    assert _custom_op_calls(exported.graph_module) == 0

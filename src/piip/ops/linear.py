@@ -9,11 +9,15 @@ also narrows their latency gap.
 
 The op has no autograd formula and is invisible to ``torch.utils.flop_counter`` and to tracers,
 so it is taken only where nothing can tell: a plain CPU float32 / bfloat16 tensor, no gradient
-wanted, no autocast, no dispatch mode (FlopCounterMode, FakeTensorMode), no tracing or
-compiling (Inductor does its own fusion). Everything else gets the stock expression. Results
-equal the stock path to float rounding (GEMM identical here; a fused add may round once
-differently). ``PIIP_ONEDNN_LINEAR=0`` in the environment, or ``set_enabled(False)``, turns the
-path off.
+wanted, no autocast, no dispatch mode (FlopCounterMode, FakeTensorMode), no export or
+``jit.trace``. Everything else gets the stock expression. Results equal the stock path to float
+rounding (GEMM identical here; a fused add may round once differently). ``PIIP_ONEDNN_LINEAR=0``
+in the environment, or ``set_enabled(False)``, turns the path off.
+
+Under ``torch.compile`` (inference only, never export) the call goes through the custom op
+``piip::onednn_linear``, which Inductor runs as an opaque kernel between its own fused loops.
+Inductor's lowering of ``mkldnn::_linear_pointwise`` itself needs the weights frozen into the
+graph as constants ("weight must be a graph constant"), and its unfrozen graphs call MKL.
 """
 from __future__ import annotations
 
@@ -54,6 +58,30 @@ def enabled() -> bool:
     return _enabled and _AVAILABLE
 
 
+def _onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual: Optional[Tensor]) -> Tensor:
+    """The oneDNN call: ``act`` is 'none', 'gelu' or 'gelu_tanh'; a residual only with 'none'."""
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    attr, algo = ("none", "") if act == "none" else ("gelu", "tanh" if act == "gelu_tanh" else "none")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algo)
+
+
+def _register_compiled_op():
+    """``piip::onednn_linear``: :func:`_onednn` as a custom op, opaque to Dynamo and Inductor."""
+    @torch.library.custom_op("piip::onednn_linear", mutates_args=())
+    def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str,
+                      residual: Optional[Tensor]) -> Tensor:
+        return _onednn(x, weight, bias, act, residual)
+
+    @onednn_linear.register_fake
+    def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual: Optional[Tensor]) -> Tensor:
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return onednn_linear
+
+
+_COMPILED_OP = _register_compiled_op() if _AVAILABLE else None
+
+
 def _eligible(x: Tensor, *others: Optional[Tensor]) -> bool:
     if not (_enabled and _AVAILABLE and torch.backends.mkldnn.enabled):
         return False
@@ -67,7 +95,11 @@ def _eligible(x: Tensor, *others: Optional[Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return not (tracing() or torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None)
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.compiler.is_compiling():       # the custom op; never into an exported program
+        return not torch.compiler.is_exporting()
+    return not (tracing() or _get_current_dispatch_mode() is not None)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Optional[str] = None,
@@ -86,11 +118,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Option
         if scale is not None and scale.shape == weight.shape[:1]:
             weight, bias = weight * scale[:, None], None if bias is None else bias * scale
             scale = None
-        if scale is None and residual is None:
-            attr, algo = ("none", "") if act is None else ("gelu", "tanh" if act == "gelu_tanh" else "none")
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algo)
-        if scale is None and residual.shape == x.shape[:-1] + weight.shape[:1]:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+        if scale is None and (residual is None or residual.shape == x.shape[:-1] + weight.shape[:1]):
+            call = _COMPILED_OP if torch.compiler.is_compiling() else _onednn
+            return call(x, weight, bias, act or "none", residual)
     y = F.linear(x, weight, bias)
     if act is not None:
         y = F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
