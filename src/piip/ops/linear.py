@@ -32,7 +32,6 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .symbolic import tracing
 
 ACTS = (None, "gelu", "gelu_tanh")
-_DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("PIIP_ONEDNN_LINEAR", "1") != "0"
 
 
@@ -44,6 +43,18 @@ def _op_available() -> bool:
 
 
 _AVAILABLE = _op_available()
+
+
+def _bf16_supported() -> bool:
+    """oneDNN runs bfloat16 inner products only on CPUs with the instructions for them (AVX-512
+    BF16 / AMX, or the Arm equivalents); elsewhere bf16 models keep ``F.linear``."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_DTYPES = (torch.float32, torch.bfloat16) if _AVAILABLE and _bf16_supported() else (torch.float32,)
 
 
 def set_enabled(flag: bool) -> bool:
