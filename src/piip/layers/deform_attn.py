@@ -80,10 +80,7 @@ class MSDeformAttn(nn.Module):
         # sampling runs in at least float32, as the released code does, for bf16/fp16 models
         dt = torch.promote_types(value.dtype, torch.float32)
         out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))
-        out = out.to(value.dtype)
-        if residual is None:
-            return apply_linear(self.output_proj, out)
-        return apply_linear(self.output_proj, out, residual=residual, scale=scale)
+        return apply_linear(self.output_proj, out.to(value.dtype), residual=residual, scale=scale)
 
 
 def softmax_last(x: Tensor) -> Tensor:
