@@ -245,3 +245,21 @@ def test_compiled_inference_calls_the_custom_op_and_export_never_does():
     with torch.no_grad():
         exported = torch.export.export(model, (x,), strict=False)
     assert _custom_op_calls(exported.graph_module) == 0
+
+
+def test_an_unknown_dropout_module_is_called_not_skipped():
+    """Only an identity, an inactive ``nn.Dropout`` or ``DropPath`` may be skipped when the residual
+    is fused; a dropout replaced by any other module runs, and the residual is added after it."""
+    from piip.layers.linear import apply_output_linear
+
+    class Halve(nn.Module):
+        def forward(self, t):
+            return t * 0.5
+    torch.manual_seed(0)
+    proj, x, res = nn.Linear(8, 4).eval(), torch.randn(3, 8), torch.randn(3, 4)
+    gate = torch.rand(4)
+    with torch.inference_mode():
+        torch.testing.assert_close(apply_output_linear(proj, x, Halve(), res, gate),
+                                   res + gate * (0.5 * F.linear(x, proj.weight, proj.bias)))
+        torch.testing.assert_close(apply_output_linear(proj, x, nn.Dropout(0.3).eval(), res, gate),
+                                   res + gate * F.linear(x, proj.weight, proj.bias), atol=1e-6, rtol=1e-6)

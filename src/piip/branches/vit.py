@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import BranchConfig
 from ..layers.attention import Attention
-from ..layers.drop import DropPath
+from ..layers.drop import DropPath, inactive
 from ..layers.linear import unhooked
 from ..layers.mlp import Mlp
 from ..layers.norm import make_norm
@@ -50,8 +50,7 @@ class Block(nn.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        if ((isinstance(self.drop_path, nn.Identity) or not self.training)
-                and unhooked(self.attn, Attention) and unhooked(self.mlp, Mlp)):
+        if inactive(self.drop_path) and unhooked(self.attn, Attention) and unhooked(self.mlp, Mlp):
             # the projections add the (layer-scaled) residuals as they write out (piip.ops.linear)
             x = self.attn(self.norm1(x), hw, residual=x, scale=self.gamma_1)
             return self.mlp(self.norm2(x), residual=x, scale=self.gamma_2)

@@ -24,3 +24,16 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+def inactive(drop: nn.Module) -> bool:
+    """``drop`` (an ``nn.Dropout``, a :class:`DropPath` or an ``nn.Identity``) passes its input
+    through unchanged right now: identity, rate 0, or eval mode. Any other module counts as
+    active, so a caller that would skip it calls it instead."""
+    if type(drop) is nn.Identity:
+        return True
+    if type(drop) is nn.Dropout:
+        return drop.p == 0.0 or not drop.training
+    if type(drop) is DropPath:
+        return drop.drop_prob == 0.0 or not drop.training
+    return False

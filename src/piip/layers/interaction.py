@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .attention import CrossAttention
 from .deform_attn import MSDeformAttn
-from .drop import DropPath
+from .drop import DropPath, inactive
 from .linear import apply_linear, unhooked
 from .mlp import ConvFFN
 
@@ -71,7 +71,7 @@ class Injector(nn.Module):
             query = query + self.ca_gamma * self.attn(q, f)
         if not self.with_cffn:
             return query
-        if unhooked(self.ffn, ConvFFN) and (isinstance(self.drop_path, nn.Identity) or not self.training):
+        if unhooked(self.ffn, ConvFFN) and inactive(self.drop_path):
             return self.ffn(self.ffn_norm(query), query_hw, residual=query, scale=self.cffn_gamma)
         return query + self.cffn_gamma * self.drop_path(self.ffn(self.ffn_norm(query), query_hw))
 

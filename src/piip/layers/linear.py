@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from ..ops.linear import linear
+from ..ops.linear import epilogue, linear
+from .drop import inactive
 
 
 def unhooked(mod: nn.Module, kind: type) -> bool:
@@ -27,12 +27,7 @@ def apply_linear(mod: nn.Module, x: Tensor, act: Optional[str] = None, residual:
     fused in one oneDNN call where ``piip.ops.linear`` allows it."""
     if unhooked(mod, nn.Linear):
         return linear(x, mod.weight, mod.bias, act, residual, scale)
-    y = mod(x)
-    if act is not None:
-        y = F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
-    if scale is not None:
-        y = scale * y
-    return y if residual is None else residual + y
+    return epilogue(mod(x), act, residual, scale)
 
 
 def apply_output_linear(mod: nn.Module, x: Tensor, drop: nn.Module, residual: Optional[Tensor] = None,
@@ -41,8 +36,6 @@ def apply_output_linear(mod: nn.Module, x: Tensor, drop: nn.Module, residual: Op
     its dropout, with the (gated) residual fused in where the dropout is inactive."""
     if residual is None and scale is None:
         return drop(apply_linear(mod, x))
-    if getattr(drop, "p", 0.0) and drop.training:
-        y = drop(apply_linear(mod, x))
-        y = y if scale is None else scale * y
-        return y if residual is None else residual + y
+    if not inactive(drop):
+        return epilogue(drop(apply_linear(mod, x)), None, residual, scale)
     return apply_linear(mod, x, residual=residual, scale=scale)

@@ -2,13 +2,13 @@
 
 PyTorch's CPU ``F.linear`` runs float32 GEMMs on MKL and each epilogue as its own pass over the
 output. oneDNN's inner product (the op Inductor itself emits, ``mkldnn::_linear_pointwise``) ran
-the ViT shapes 10-13 % faster on one core here, and fuses the bias, the MLP's GELU and the
-block's (gated) residual add into the GEMM's write-out (``benchmarks/onednn_linear.py``). PIIP's narrow
-branches spend a larger share of their time in those epilogues than a ViT-B does, so the fusion
-also narrows their latency gap.
+the ViT shapes 7-14 % faster on one core here, and fuses the bias, the MLP's GELU and the
+block's (gated) residual add into the GEMM's write-out (``benchmarks/onednn_linear.py``). Whole
+eager forwards got 6-19 % faster, PIIP and the ViT baselines alike (docs/performance.md).
 
 The op has no autograd formula and is invisible to ``torch.utils.flop_counter`` and to tracers,
-so it is taken only where nothing can tell: a plain CPU float32 / bfloat16 tensor, no gradient
+so it is taken only where nothing can tell: a plain CPU float32 tensor (bfloat16 where oneDNN has
+the bf16 inner product), no gradient
 wanted, no autocast, no dispatch mode (FlopCounterMode, FakeTensorMode), no export or
 ``jit.trace``. Everything else gets the stock expression. Results equal the stock path to float
 rounding (GEMM identical here; a fused add may round once differently). ``PIIP_ONEDNN_LINEAR=0``
@@ -132,7 +132,13 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Option
         if scale is None and (residual is None or residual.shape == x.shape[:-1] + weight.shape[:1]):
             call = _COMPILED_OP if torch.compiler.is_compiling() else _onednn
             return call(x, weight, bias, act or "none", residual)
-    y = F.linear(x, weight, bias)
+    return epilogue(F.linear(x, weight, bias), act, residual, scale)
+
+
+def epilogue(y: Tensor, act: Optional[str] = None, residual: Optional[Tensor] = None,
+             scale: Optional[Tensor] = None) -> Tensor:
+    """``residual + scale * act(y)`` as separate ops: the stock path of :func:`linear`, and of a
+    layer that cannot be fused (hooked, wrapped, followed by an active dropout)."""
     if act is not None:
         y = F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
     if scale is not None:
