@@ -54,18 +54,19 @@ class MSDeformAttn(nn.Module):
     def forward(self, query: Tensor, reference_points: Tensor, feat: Tensor,
                 spatial_shapes: ShapesArg, level_start_index: StartsArg = None,
                 padding_mask: Optional[Tensor] = None, residual: Optional[Tensor] = None,
-                scale: Optional[Tensor] = None) -> Tensor:
+                scale: Optional[Tensor] = None, value: Optional[Tensor] = None) -> Tensor:
         """query (N, Lq, C); feat (N, S, C_feat); reference_points (1 or N, Lq, L, 2) points in [0, 1],
         or (N, Lq, L, 4) boxes (cx, cy, w, h): then offsets are in units of half the box over the
         number of points (Deformable-DETR box refinement); padding_mask (N, S) True = padded
         position, whose value is zeroed. ``spatial_shapes``: (h, w) int pairs per level (an (L, 2)
         tensor is accepted eagerly; see :func:`piip.ops.ms_deform_attn.level_layout`). With
         ``residual`` the result is ``residual + scale * attention`` (a gated residual fused into the
-        output projection where ``piip.ops.linear`` allows it)."""
+        output projection where ``piip.ops.linear`` allows it). ``value``: ``value_proj(feat)`` computed
+        by the caller (``feat`` is then not read)."""
         spatial_shapes, level_start_index = level_layout(spatial_shapes, level_start_index)
         n, lq, _ = query.shape
-        s = feat.shape[1]
-        value = apply_linear(self.value_proj, feat)
+        value = apply_linear(self.value_proj, feat) if value is None else value
+        s = value.shape[1]
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(n, s, self.num_heads, self.value_dim // self.num_heads)

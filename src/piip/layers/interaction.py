@@ -6,7 +6,7 @@ adjacent edges are the paper's default, any directed set expresses the direction
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .attention import CrossAttention
 from .deform_attn import MSDeformAttn
 from .drop import DropPath, inactive
+from .fold import folded_path
 from .linear import apply_linear, unhooked
 from .mlp import ConvFFN
 
@@ -59,12 +60,16 @@ class Injector(nn.Module):
             self.ffn_norm = norm_layer(dim)
             self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, query: Tensor, query_hw: tuple[int, int], feat: Tensor, feat_hw: tuple[int, int]) -> Tensor:
-        q, f = self.query_norm(query), self.feat_norm(feat)
+    def forward(self, query: Tensor, query_hw: tuple[int, int], feat: Tensor, feat_hw: tuple[int, int],
+                value: Optional[Tensor] = None) -> Tensor:
+        """``value``: the attention's values already computed from ``feat`` (the edge's fold), which
+        ``feat`` (then None) and ``feat_norm`` are skipped for."""
+        q = self.query_norm(query)
+        f = self.feat_norm(feat) if value is None else None
         if self.attn_type == "deform":
             ref, shapes, start = deform_inputs(query_hw, feat_hw, query.device)
             if unhooked(self.attn, MSDeformAttn):   # gated residual added as output_proj writes out
-                query = self.attn(q, ref, f, shapes, start, residual=query, scale=self.ca_gamma)
+                query = self.attn(q, ref, f, shapes, start, residual=query, scale=self.ca_gamma, value=value)
             else:
                 query = query + self.ca_gamma * self.attn(q, ref, f, shapes, start)
         else:
@@ -85,7 +90,13 @@ class InteractionEdge(nn.Module):
         self.injector = Injector(dst_dim, dst_dim if with_proj else src_dim, **injector_kwargs)
 
     def forward(self, query: Tensor, query_hw: tuple[int, int], feat: Tensor, feat_hw: tuple[int, int]) -> Tensor:
-        return self.injector(query, query_hw, apply_linear(self.proj, feat), feat_hw)
+        inj = self.injector
+        if inj.attn_type == "deform" and unhooked(inj, Injector) and unhooked(inj.attn, MSDeformAttn):
+            # proj -> feat_norm -> value_proj in fewer multiply-adds where nobody can tell (layers/fold.py)
+            value = folded_path(self.proj, inj.feat_norm, inj.attn.value_proj, feat)
+            if value is not None:
+                return inj(query, query_hw, None, feat_hw, value=value)
+        return inj(query, query_hw, apply_linear(self.proj, feat), feat_hw)
 
 
 def default_edges(num_branches: int) -> list[tuple[int, int]]:

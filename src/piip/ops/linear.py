@@ -93,24 +93,32 @@ def _register_compiled_op():
 _COMPILED_OP = _register_compiled_op() if _AVAILABLE else None
 
 
+def unobserved(*tensors: Optional[Tensor]) -> bool:
+    """Nothing can tell how these tensors' computation is carried out: plain tensors (no Proxy,
+    FakeTensor, DTensor or other subclass), one device and dtype, no gradient wanted, no autocast,
+    no dispatch mode (FlopCounterMode, fake tensors), no export or ``jit.trace``. Under
+    ``torch.compile`` (not export) it is True too: callers that cannot be traced check
+    ``torch.compiler.is_compiling()`` themselves."""
+    ts = [t for t in tensors if t is not None]
+    if not ts or any(type(t) not in (Tensor, torch.nn.Parameter) for t in ts):
+        return False
+    if any(t.device != ts[0].device or t.dtype != ts[0].dtype for t in ts):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    if torch.is_autocast_enabled(ts[0].device.type):
+        return False
+    if torch.compiler.is_compiling():
+        return not torch.compiler.is_exporting()
+    return not (tracing() or _get_current_dispatch_mode() is not None)
+
+
 def _eligible(x: Tensor, *others: Optional[Tensor]) -> bool:
     if not (_enabled and _AVAILABLE and torch.backends.mkldnn.enabled):
         return False
-    tensors = [t for t in (x, *others) if t is not None]
-    # plain tensors only: a Proxy (fx), FakeTensor, DTensor or other subclass keeps the stock path
-    if any(type(t) not in (Tensor, torch.nn.Parameter) for t in tensors):
-        return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2 or x.numel() == 0:
         return False
-    if any(t.device.type != "cpu" or t.dtype != x.dtype for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    if torch.compiler.is_compiling():       # the custom op; never into an exported program
-        return not torch.compiler.is_exporting()
-    return not (tracing() or _get_current_dispatch_mode() is not None)
+    return unobserved(x, *others)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Optional[str] = None,
