@@ -106,8 +106,8 @@ def unobserved(*tensors: Optional[Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return False
-    if torch.is_autocast_enabled(ts[0].device.type):
-        return False
+    if ts[0].device.type == "meta" or torch.is_autocast_enabled(ts[0].device.type):
+        return False    # (meta: autocast has no such device; nothing is computed there anyway)
     if torch.compiler.is_compiling():
         return not torch.compiler.is_exporting()
     return not (tracing() or _get_current_dispatch_mode() is not None)
