@@ -44,8 +44,12 @@ def _median_ms(fn, repeats: int) -> float:
 def edge_paths(model, step, repeats: int) -> list[str]:
     """Per folded edge kind (d_in -> d_out -> v at its token count): stock vs folded path time."""
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, (mod, a[2])))
-             for n, m in model.named_modules() if type(m) is InteractionEdge]
+
+    def keep(name: str):
+        def hook(mod, args) -> None:       # (a pre-hook returning a value would replace the args)
+            inputs.setdefault(name, (mod, args[2]))
+        return hook
+    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in model.named_modules() if type(m) is InteractionEdge]
     fold.set_enabled(False)
     step()
     for h in hooks:

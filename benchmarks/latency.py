@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import piip
 from piip.complexity import count
+from piip.layers import fold as feat_fold
 from piip.ops import linear as onednn_linear
 from piip.runtime import tune_malloc
 
@@ -331,6 +332,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights float32)")
     ap.add_argument("--no-onednn", action="store_true",
                     help="eager CPU inference through F.linear instead of piip.ops.linear's oneDNN path")
+    ap.add_argument("--no-fold", action="store_true",
+                    help="interaction edges' feature path unfolded (piip.layers.fold off), eager and compiled")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
     ap.add_argument("--docs", action="store_true", help=f"regenerate the table in {DOCS.name}")
@@ -350,11 +353,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     tuned = tune_malloc()
     if args.no_onednn:
         onednn_linear.set_enabled(False)
+    if args.no_fold:
+        feat_fold.set_enabled(False)
     header = (f"Measured {datetime.date.today()} with `python benchmarks/latency.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`: {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, {args.threads} thread(s), {'bfloat16 autocast' if args.bf16 else 'float32'}, "
               f"median of {args.repeats} interleaved passes, malloc tuned: {tuned}, "
-              f"oneDNN linears (eager inference): {'on' if onednn_linear.enabled() else 'off'}, compile: "
+              f"oneDNN linears (eager inference): {'on' if onednn_linear.enabled() else 'off'}, "
+              f"feature-path fold (inference): {'on' if feat_fold.enabled() else 'off'}, compile: "
               f"{'off' if args.no_compile else f'backend {args.backend}, mode {args.mode}'}"
               + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else "") + ".")
     print(header, flush=True)

@@ -11,14 +11,18 @@ d_out x k, k = min(d_in, d_out)) and ``c = C b_p = Q Q^T c + c_perp``:
     value = (W_v diag(gamma) (Q u + c_perp)) * rsqrt(var + eps) + W_v beta + b_v
 
 i.e. two GEMMs of k*d_in + v*k: half the stock cost at PIIP's fine-to-coarse edges (d_out = 2 d_in,
-v = d_in), where it cut the path's time by 46-58 % on one core (``benchmarks/fold_feat.py``). With
+v = d_in), where the path ran 1.99-2.41x faster on one core (``benchmarks/fold_feat.py``). With
 the norm an Identity (the released '_speedup' configs) the two linears are one.
 
-Taken only where nobody can tell (:func:`piip.ops.linear.unobserved`: no gradient wanted, no tracer,
-no dispatch mode, eager, float32/float64) and the modules involved are exactly the stock ones with
-no hooks; the folded weights are computed in float64 once and cached per edge until any of the
-weights changes (in place, or replaced). Results equal the stock path to float32 rounding (~1e-6
-relative). ``PIIP_FOLD=0`` in the environment, or ``set_enabled(False)``, turns it off.
+Taken only where nobody can tell (:func:`piip.ops.linear.unobserved`: no gradient wanted, no
+autocast, no dispatch mode, no export or ``jit.trace``; float32 / float64) and the three modules are
+exactly the stock ones with no hooks. Under ``torch.compile`` (inference) it is one opaque custom op,
+``piip::folded_feat``, whose weights are graph inputs. The folded weights are computed in float64 on
+first use and cached by the weights' identity (address, storage alive, version counter), so any
+change of a weight, in place or by replacement, refolds; weights made under ``inference_mode`` (no
+version counter) keep the stock computation. Results equal the stock path to float32 rounding
+(below 1e-6 of the largest output on the PIIP-TSB models). ``PIIP_FOLD=0`` in the environment, or
+``set_enabled(False)``, turns it off.
 """
 from __future__ import annotations
 
