@@ -23,6 +23,11 @@ segmentor and DINO the backbone as built, heads not counted) and the ratio torch
 whole step. ``--quick`` scales every input by its case's quick factor (a quarter of the side for the
 dense pairs) and keeps one Table I configuration per family; FLOPs are counted at the sizes that run.
 One thread by default (``--threads``); CUDA too when present (``--devices``).
+
+Set ``OMP_NUM_THREADS`` to the ``--threads`` value in the environment (the header prints it):
+``torch.set_num_threads`` alone leaves Inductor's compiled CPU graphs slower here. On this 2-vCPU VM the
+compiled PIIP classifier ran 0.89x of its eager speed without it and 1.04x with
+``OMP_NUM_THREADS=1`` (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -359,6 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`: {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, {args.threads} thread(s), {'bfloat16 autocast' if args.bf16 else 'float32'}, "
               f"median of {args.repeats} interleaved passes, malloc tuned: {tuned}, "
+              f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, "
               f"oneDNN linears (eager inference): {'on' if onednn_linear.enabled() else 'off'}, "
               f"feature-path fold (inference): {'on' if feat_fold.enabled() else 'off'}, compile: "
               f"{'off' if args.no_compile else f'backend {args.backend}, mode {args.mode}'}"
