@@ -4,6 +4,8 @@ The fold must equal the stock modules, run only where nobody can tell (inference
 tracer or dispatch mode), follow every change of the weights, and stay off where it does not pay."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +154,20 @@ def test_compiled_edge_runs_the_fold_as_one_op():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     ops = [n.target for g in gm for n in g.graph.nodes if n.op == "call_function"]
     assert torch.ops.piip.folded_feat.default in ops or torch.ops.piip.folded_feat in ops
+
+
+def test_cache_is_bounded_and_drops_dead_weights(monkeypatch):
+    monkeypatch.setattr(fold, "_CACHE", {})
+    monkeypatch.setattr(fold, "_MAX_ENTRIES", 2)
+    x = torch.randn(1, 4, 8)
+    paths = [(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 8)) for _ in range(3)]
+    with torch.inference_mode():
+        for p in paths[:2]:
+            fold.folded_path(*p, x)
+        assert len(fold._CACHE) == 2
+        del paths[0]                                   # its weights die: its entry goes first
+        gc.collect()
+        got = fold.folded_path(*paths[-1], x)
+        torch.testing.assert_close(got, stock(*paths[-1], x), atol=2e-5, rtol=1e-5)
+    assert len(fold._CACHE) == 2
+    assert not any(w is not None and w.expired() for e in fold._CACHE.values() for w in e.alive)

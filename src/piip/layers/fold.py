@@ -27,6 +27,7 @@ version counter) keep the stock computation. Results equal the stock path to flo
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -119,6 +120,7 @@ class _Entry(NamedTuple):
 # weight's storage lives and no weight changed in place, so a freed and reused address never matches
 _CACHE: dict[tuple, _Entry] = {}
 _MAX_ENTRIES = 512
+_LOCK = threading.Lock()
 
 
 def _inference_weights(weights: tuple[Optional[Tensor], ...]) -> bool:
@@ -136,13 +138,15 @@ def _folded(x: Tensor, eps: Optional[float], *weights: Optional[Tensor]) -> Tens
     versions = tuple(-1 if t is None else t._version for t in weights)
     entry = _CACHE.get(key)
     if entry is None or entry.versions != versions or any(w is not None and w.expired() for w in entry.alive):
-        if len(_CACHE) >= _MAX_ENTRIES:    # drop the dead, then the oldest
-            for k in [k for k, e in _CACHE.items() if any(w is not None and w.expired() for w in e.alive)]:
-                del _CACHE[k]
-            while len(_CACHE) >= _MAX_ENTRIES:
-                del _CACHE[next(iter(_CACHE))]
         alive = tuple(None if t is None else StorageWeakRef(t.untyped_storage()) for t in weights)
-        entry = _CACHE[key] = _Entry(alive, versions, fold(*weights, eps))
+        entry = _Entry(alive, versions, fold(*weights, eps))
+        with _LOCK:                        # threads serving one model may miss together
+            if len(_CACHE) >= _MAX_ENTRIES:    # drop the dead, then the oldest
+                for k in [k for k, e in _CACHE.items() if any(w is not None and w.expired() for w in e.alive)]:
+                    del _CACHE[k]
+                while len(_CACHE) >= _MAX_ENTRIES:
+                    del _CACHE[next(iter(_CACHE))]
+            _CACHE[key] = entry
     return apply_folded(entry.folded, x)
 
 
