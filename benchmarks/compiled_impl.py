@@ -49,7 +49,7 @@ def main() -> None:
             out = step()
             step()                                                # a recompile, if any, happens here
         diff = ("" if eager is None else ", max |compiled - eager| "
-                f"{max(float((o - e).abs().max()) for o, e in zip(_flat(out), _flat(eager))):.2e}")
+                f"{max(float((o - e).abs().max()) for o, e in zip(flat_outputs(out), flat_outputs(eager))):.2e}")
         print(f"{name}: compile + first passes {time.perf_counter() - t:.1f} s{diff}", flush=True)
         steps[name] = step
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
@@ -65,7 +65,7 @@ def main() -> None:
     print(f"{args.case} at {side} px: auto (fused) / reference: {med['auto (fused)'] / med['reference']:.3f}")
 
 
-def _flat(out) -> list[torch.Tensor]:
+def flat_outputs(out) -> list[torch.Tensor]:
     """The step's output tensors (a tensor, or a dict of pyramid levels)."""
     return [out] if isinstance(out, torch.Tensor) else list(out.values())
 

@@ -11,34 +11,17 @@ One thread by default, float32, inference mode.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from latency import CASES, _side, build_model, make_step
+from compiled_impl import flat_outputs
+from deform_attn import timed_interleaved
+from latency import CASES, build_model, case_sides, make_step
+from onednn_linear import switched
 from piip.layers import fold
 from piip.layers.interaction import InteractionEdge
 
 CPU = torch.device("cpu")
-
-
-def _flat(out) -> torch.Tensor:
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return torch.cat([t.flatten() for t in out])
-    return out.flatten()
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def edge_paths(model, step, repeats: int) -> list[str]:
@@ -50,8 +33,7 @@ def edge_paths(model, step, repeats: int) -> list[str]:
             inputs.setdefault(name, (mod, args[2]))
         return hook
     hooks = [m.register_forward_pre_hook(keep(n)) for n, m in model.named_modules() if type(m) is InteractionEdge]
-    fold.set_enabled(False)
-    step()
+    switched(step, fold.set_enabled, False)()
     for h in hooks:
         h.remove()
     rows, seen = [], set()
@@ -59,14 +41,14 @@ def edge_paths(model, step, repeats: int) -> list[str]:
         for name, (edge, feat) in inputs.items():
             inj = edge.injector
             key = (tuple(feat.shape), edge.proj.in_features, edge.proj.out_features, inj.attn.value_proj.out_features)
-            if key in seen:
+            if key in seen or fold.folded_path(edge.proj, inj.feat_norm, inj.attn.value_proj, feat) is None:
                 continue
             seen.add(key)
-            fold.set_enabled(True)
-            if fold.folded_path(edge.proj, inj.feat_norm, inj.attn.value_proj, feat) is None:
-                continue
-            s = _median_ms(lambda: inj.attn.value_proj(inj.feat_norm(edge.proj(feat))), repeats)
-            f = _median_ms(lambda: fold.folded_path(edge.proj, inj.feat_norm, inj.attn.value_proj, feat), repeats)
+            t = timed_interleaved({
+                "stock": lambda: inj.attn.value_proj(inj.feat_norm(edge.proj(feat))),
+                "folded": lambda: fold.folded_path(edge.proj, inj.feat_norm, inj.attn.value_proj, feat)},
+                repeats, lambda: None)
+            s, f = t["stock"] * 1e3, t["folded"] * 1e3
             rows.append(f"  edge {name.split('.')[-1]:5s} tokens {key[0][0]}x{key[0][1]:<5d} {key[1]}->{key[2]}->{key[3]}: "
                         f"stock {s:.2f} ms, folded {f:.2f} ms ({s / f:.2f}x)")
     return rows
@@ -82,7 +64,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for key in args.cases:
         case = CASES[key]
-        side = _side(case.size, case.quick_scale, 16 if key.startswith("cls") else 32) if args.quick else case.size
+        side = case_sides(case, args.quick)["piip"]
         model, _ = build_model(case, "piip", side, CPU)
         torch.manual_seed(1)
         with torch.no_grad():
@@ -90,23 +72,19 @@ def main() -> None:
                 if name.endswith("gamma"):
                     p.uniform_(0.5, 1.5)
         step = make_step(case, model, side, CPU)
-        outs, times = {}, {False: [], True: []}
-        for flag in (False, True):          # warm both (the first folded call computes the folds)
-            fold.set_enabled(flag)
-            outs[flag] = _flat(step()).clone()
-        for _ in range(args.repeats):
-            for flag in (False, True):
-                fold.set_enabled(flag)
-                t = time.perf_counter()
-                step()
-                times[flag].append(time.perf_counter() - t)
-        off, on = statistics.median(times[False]), statistics.median(times[True])
-        err = ((outs[True] - outs[False]).abs().max() / outs[False].abs().max()).item()
+        outs = {}
+
+        def kept(flag: bool):              # each run keeps its output for the comparison below
+            run = switched(step, fold.set_enabled, flag)
+            return lambda: outs.__setitem__(flag, run())
+        t = timed_interleaved({False: kept(False), True: kept(True)}, args.repeats, lambda: None)
+        off, on = t[False], t[True]
+        a, b = (torch.cat([o.flatten() for o in flat_outputs(outs[f])]) for f in (False, True))
+        err = ((b - a).abs().max() / a.abs().max()).item()
         print(f"{key:15s} {case.piip} @ {side}: stock {off:.3f} s, folded {on:.3f} s, speed-up {off / on:.3f}x, "
               f"max rel diff {err:.1e}")
         for row in edge_paths(model, step, args.repeats):
             print(row)
-        fold.set_enabled(True)
 
 
 if __name__ == "__main__":

@@ -48,13 +48,14 @@ def gemm_table(repeats: int) -> None:
         print(f"| {name} | {m}x{k}x{n} | " + " | ".join(f"{t[k_] * 1e3:.1f}" for k_ in t) + " |")
 
 
-def _switched(step, flag: bool):
+def switched(step, set_enabled, flag: bool):
+    """``step`` run with a process-wide switch (``set_enabled(flag) -> previous``) set, then restored."""
     def run():
-        previous = onednn.set_enabled(flag)
+        previous = set_enabled(flag)
         try:
             return step()
         finally:
-            onednn.set_enabled(previous)
+            set_enabled(previous)
     return run
 
 
@@ -94,7 +95,8 @@ def main() -> None:
         for role in ("piip", "base"):
             model, _ = build_model(case, role, sides[role], CPU)
             step = make_step(case, model, sides[role], CPU, compiled={} if args.compiled else None)
-            steps[f"{role}_stock"], steps[f"{role}_dnnl"] = _switched(step, False), _switched(step, True)
+            steps[f"{role}_stock"], steps[f"{role}_dnnl"] = (switched(step, onednn.set_enabled, False),
+                                                             switched(step, onednn.set_enabled, True))
         t = timed_interleaved(steps, args.repeats, lambda: None)
         print(f"| {key} | {t['piip_stock']:.3f} | {t['piip_dnnl']:.3f} | {t['piip_stock'] / t['piip_dnnl']:.3f}x "
               f"| {t['base_stock']:.3f} | {t['base_dnnl']:.3f} | {t['base_stock'] / t['base_dnnl']:.3f}x "

@@ -102,12 +102,10 @@ def apply_folded(f: Folded, x: Tensor) -> Tensor:
     return torch.addcmul(f.b, linear(u, f.a, f.ab), rs)
 
 
-def profitable(d_in: int, d_out: int, v: int, norm: bool) -> bool:
-    """Whether the fold saves enough multiply-adds a token (always, without a norm)."""
-    if not norm:
-        return True
-    k = min(d_in, d_out)
-    return k * (d_in + v) <= _MAX_COST * d_out * (d_in + v)
+def profitable(d_in: int, d_out: int, norm: bool) -> bool:
+    """Whether the fold saves enough multiply-adds a token (always, without a norm): it costs
+    k * (d_in + v) against the stock d_out * (d_in + v), k = min(d_in, d_out)."""
+    return not norm or min(d_in, d_out) <= _MAX_COST * d_out
 
 
 class _Entry(NamedTuple):
@@ -173,7 +171,7 @@ def folded_path(proj: nn.Module, norm: nn.Module, out: nn.Module, x: Tensor) -> 
     has_norm = type(norm) is nn.LayerNorm
     if has_norm and tuple(norm.normalized_shape) != (proj.out_features,):
         return None
-    if not profitable(proj.in_features, proj.out_features, out.out_features, has_norm):
+    if not profitable(proj.in_features, proj.out_features, has_norm):
         return None
     weights = (proj.weight, proj.bias, getattr(norm, "weight", None), getattr(norm, "bias", None),
                out.weight, out.bias)
