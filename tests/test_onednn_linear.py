@@ -64,6 +64,25 @@ def test_fused_epilogues_equal_the_stock_expression(dtype):
 
 
 @needs_op
+@pytest.mark.parametrize("rows", [5, 60])
+def test_gate_folded_into_the_weight_only_where_that_is_less_work(rows):
+    """A gated residual scales the weight (out x in multiplies) when there are at least as many rows
+    as input features, and gates the GEMM's output (rows x out) otherwise; both equal the stock
+    expression, with and without a residual."""
+    x, w, b = torch.randn(1, rows, 24), torch.randn(40, 24) * 0.2, torch.randn(40)
+    res, gate = torch.randn(1, rows, 40), torch.randn(40)
+    assert onednn._scale_weight(x) == (rows >= 24)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof, \
+            torch.inference_mode():
+        gated = onednn.linear(x, w, b, residual=res, scale=gate)
+        scaled = onednn.linear(x, w, b, scale=gate)
+    weight_products = [e for e in prof.events() if e.name == "aten::mul" and list(e.input_shapes[0]) == [40, 24]]
+    assert bool(weight_products) == (rows >= 24)
+    torch.testing.assert_close(gated, res + gate * F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scaled, gate * F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@needs_op
 def test_paths_that_must_stay_stock():
     x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
     # a gradient is wanted: autograd must see F.linear (the oneDNN op has no backward)

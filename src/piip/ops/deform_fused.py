@@ -82,10 +82,19 @@ def pixel_coords(loc: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
 def _corner_weights(fx: Tensor, fy: Tensor, a: Tensor) -> Tensor:
     """(..., 4) weights a * bilinear of the corners 00, 01, 10, 11 ([y][x]) from (...) tensors.
 
-    Built from whole-tensor products (no size-2 broadcast dims, which are slow on CPU)."""
+    Built from whole-tensor products (no size-2 broadcast dims, which are slow on CPU). Eagerly
+    without autograd the products are written straight into the (..., 4) result: a stack along the
+    last dim copies element by element, and took half the time of building the weights."""
     ax1 = a * fx
     ax0 = a - ax1
-    return torch.stack([ax0 - ax0 * fy, ax1 - ax1 * fy, ax0 * fy, ax1 * fy], -1)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (fx, fy, a))):
+        return torch.stack([ax0 - ax0 * fy, ax1 - ax1 * fy, ax0 * fy, ax1 * fy], -1)
+    out = a.new_empty(*a.shape, 4)
+    torch.mul(ax0, fy, out=out[..., 2])
+    torch.sub(ax0, out[..., 2], out=out[..., 0])
+    torch.mul(ax1, fy, out=out[..., 3])
+    torch.sub(ax1, out[..., 3], out=out[..., 1])
+    return out
 
 
 def _corner_offsets(w: int, m: int) -> list[int]:
@@ -96,7 +105,9 @@ def _corner_offsets(w: int, m: int) -> list[int]:
 def _corner_rows(rows: Tensor, w: int, m: int) -> Tensor:
     """(R, P*4) padded-grid rows of every sample's 4 corners, from its (R, P) patch rows."""
     r, p = rows.shape
-    return torch.stack([rows + off for off in _corner_offsets(w, m)], -1).view(r, p * 4)
+    if torch.compiler.is_compiling():   # (the sizes may be symbolic: no tensor of them)
+        return torch.stack([rows + off for off in _corner_offsets(w, m)], -1).view(r, p * 4)
+    return (rows[..., None] + torch.tensor(_corner_offsets(w, m), dtype=rows.dtype, device=rows.device)).view(r, p * 4)
 
 
 class _FusedLevel(torch.autograd.Function):
