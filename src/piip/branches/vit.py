@@ -199,7 +199,10 @@ class ViTBranch(Branch):
         for blk in self.blocks[first:last + 1]:
             x = checkpoint(blk, x, hw, use_reentrant=False) if cp else blk(x, hw)
         if cls is not None:
+            # the patch tokens as their own tensor: the interaction units read them three times
+            # (norm, residual, feature path), and each would otherwise copy the strided slice
             cls, x = x[:, :1], x[:, 1:]
+            x = x.contiguous() if group + 1 < len(self.groups) else x
         return Tokens(x, hw, cls)
 
     # ------------------------------------------------------------------ what layers above ask

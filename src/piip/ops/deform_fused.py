@@ -58,11 +58,18 @@ def _geometry(loc: Tensor, h: int, w: int) -> _Geometry:
     # symbolic sizes (export / compile) take int64 rather than guard on the size
     total = n * (h + 2) * (w + 2) * m
     itype = torch.int32 if isinstance(total, int) and total < 2 ** 31 else torch.int64
-    xp = torch.where(inside, x0 + 1, 0).to(itype)
-    yp = torch.where(inside, y0 + 1, 0).to(itype)
     base = torch.arange(n, device=loc.device, dtype=itype).view(n, 1, 1, 1) * ((h + 2) * (w + 2))
     heads = torch.arange(m, device=loc.device, dtype=itype).view(1, 1, m, 1)
-    rows = (base + yp * (w + 2) + xp) * m + heads
+    if isinstance(total, int) and (h + 2) * (w + 2) < 2 ** 24:
+        # concrete sizes, each padded map's positions exact in float32: the in-map row
+        # x0 + (w+2) y0 in one op (masked: -(w+3), which the shift below makes row 0), then the
+        # image, head and padding offsets in one integer op (4 passes where the general form takes 11)
+        cell = torch.where(inside, torch.add(x0, y0, alpha=w + 2), -(w + 3)).to(itype)
+        rows = torch.add(base * m + heads + (w + 3) * m, cell, alpha=m)
+    else:
+        xp = torch.where(inside, x0 + 1, 0).to(itype)
+        yp = torch.where(inside, y0 + 1, 0).to(itype)
+        rows = (base + yp * (w + 2) + xp) * m + heads
     r = n * lq * m
     return _Geometry(rows.view(r, p), (x - x0).view(r, p), (y - y0).view(r, p),
                      inside.to(loc.dtype).view(r, p))
