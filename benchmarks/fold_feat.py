@@ -16,7 +16,7 @@ import torch
 
 from compiled_impl import flat_outputs
 from deform_attn import timed_interleaved
-from latency import CASES, build_model, case_sides, make_step
+from latency import CASES, build_model, case_sides, draw_gates, make_step
 from onednn_linear import switched
 from piip.layers import fold
 from piip.layers.interaction import InteractionEdge
@@ -66,11 +66,7 @@ def main() -> None:
         case = CASES[key]
         side = case_sides(case, args.quick)["piip"]
         model, _ = build_model(case, "piip", side, CPU)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("gamma"):
-                    p.uniform_(0.5, 1.5)
+        draw_gates(model)
         step = make_step(case, model, side, CPU)
         outs = {}
 

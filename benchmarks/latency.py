@@ -138,6 +138,16 @@ def build_model(case: Case, which: str, side: int, device: torch.device, **overr
     return model.to(device), float(flops)
 
 
+def draw_gates(model: nn.Module, seed: int = 1) -> None:
+    """Interaction gates (``ca_gamma``, ``cffn_gamma``) drawn in [0.5, 1.5]: at their zero init the
+    interaction units' output is ignored, so A/B checks of those paths would compare nothing."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype) + 0.5)
+
+
 def make_step(case: Case, model: nn.Module, side: int, device: torch.device,
               compiled: Optional[dict] = None) -> Callable[[], Any]:
     """A zero-argument step of ``model`` on fixed random inputs: eager, or (``compiled``: the

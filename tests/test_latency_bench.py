@@ -3,13 +3,15 @@ reports the ratios it promises and regenerates its docs block. No timing is asse
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 latency = pytest.importorskip("latency")
 
 TINY_VIT = {"embed_dim": 32, "num_heads": 2, "depth": 2}
@@ -67,3 +69,21 @@ def test_cli_list_and_bad_case(capsys):
     assert all(k in out for k in ("tsb-1120", "sbl-1344", "tsbl-1792-built", "cls", "seg", "dino"))
     with pytest.raises(SystemExit, match="unknown case"):
         latency.main(["--cases", "nope"])
+
+
+def test_ab_revisions_compares_against_a_git_revision(tmp_path):
+    """benchmarks/ab_revisions.py imports src/piip at a revision as ``piip_base`` next to the working
+    tree's piip, gives both the same weights and times them interleaved; at HEAD the tiny models
+    agree (the working tree's changes, if any, are float-rounding equal on this case's path)."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: ab_revisions.py reads revisions with git archive")
+    ab = pytest.importorskip("ab_revisions")
+    base = ab.import_revision("HEAD", tmp_path)
+    assert base.__name__ == "piip_base" and base is not sys.modules["piip"]
+    over = {**_tiny(3)}
+    row = ab.compare(base, "tsb-1120", 1, gates=True, quick=True, overrides=over)
+    assert row["base_s"] > 0 and row["current_s"] > 0
+    assert row["speedup"] == pytest.approx(row["base_s"] / row["current_s"])
+    assert row["max_rel_diff"] < 1e-4
+    with pytest.raises(SystemExit, match="--base 'no-such-rev'"):
+        ab.import_revision("no-such-rev", tmp_path / "x")
