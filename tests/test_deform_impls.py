@@ -275,3 +275,36 @@ def test_reference_cell_at_pixel_centres_is_grid_samples():
     torch.testing.assert_close(ga[2], gb[2], atol=1e-4, rtol=1e-4)
     differ = ((ga[1] - gb[1]).abs() > 1e-3).any(-1)
     assert 0 < differ.sum() < differ.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_patch_rows_and_corner_tables(dtype):
+    """``fused``'s geometry, written for few passes eagerly (patch rows from one float op and one
+    integer op; corner weights and rows without a last-dim stack), equals the plain formulas:
+    row = ((b * (H+2) + y0+1) * (W+2) + x0+1) * M + head for samples whose patch touches the
+    padded map, the padded corner (0, 0) of their image and head for the rest (out of map, far off,
+    NaN; their weight is 0), and the bilinear weights of the 4 corners."""
+    from piip.ops import deform_fused as df
+    n, lq, m, p, h, w = 2, 7, 3, 4, 5, 6
+    g = torch.Generator().manual_seed(0)
+    loc = (torch.rand(n, lq, m, p, 2, generator=g, dtype=torch.float64) * 1.6 - 0.3).to(dtype)
+    loc[0, 0, 0, 0] = float("nan")
+    loc[1, 1, 1, 1] = torch.tensor([40.0, -35.0], dtype=dtype)
+    geo = df._geometry(loc, h, w)
+    x = (loc[..., 0].float() * w - 0.5).double()
+    y = (loc[..., 1].float() * h - 0.5).double()
+    inside = (x > -1) & (x < w) & (y > -1) & (y < h)
+    b = torch.arange(n).view(n, 1, 1, 1)
+    head = torch.arange(m).view(1, 1, m, 1)
+    want = ((b * (h + 2) + y.floor() + 1) * (w + 2) + x.floor() + 1) * m + head
+    want = torch.where(inside, want, b * (h + 2) * (w + 2) * m + head).long()
+    assert geo.rows.dtype == torch.int32 and torch.equal(geo.rows.long(), want.view(-1, p))
+    assert torch.equal(geo.inside.bool(), inside.view(-1, p))
+    assert 0 < int(inside.sum()) < inside.numel()
+    a = torch.rand(n * lq * m, p, generator=g, dtype=torch.float64).to(dtype)
+    fx, fy = geo.fx, geo.fy
+    cw = df._corner_weights(fx, fy, a)
+    want_cw = torch.stack([a * (1 - fx) * (1 - fy), a * fx * (1 - fy), a * (1 - fx) * fy, a * fx * fy], -1)
+    torch.testing.assert_close(cw, want_cw, equal_nan=True)   # (the NaN location: NaN fractions)
+    offs = torch.tensor(df._corner_offsets(w, m))
+    assert torch.equal(df._corner_rows(geo.rows, w, m).long(), (geo.rows.long()[..., None] + offs).view(-1, p * 4))
