@@ -376,7 +376,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"torch {torch.__version__}, {args.threads} thread(s), {'bfloat16 autocast' if args.bf16 else 'float32'}, "
               f"median of {args.repeats} interleaved passes, malloc tuned: {tuned}, "
               f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-              f"oneDNN linears (eager inference): {'on' if onednn_linear.enabled() else 'off'}, "
+              f"oneDNN linears (eager inference): {'on' if onednn_linear.enabled() else 'off'}"
+              f"{' (engine tuned per shape)' if onednn_linear.enabled() and onednn_linear._tuning else ''}, "
               f"feature-path fold (inference): {'on' if feat_fold.enabled() else 'off'}, compile: "
               f"{'off' if args.no_compile else f'backend {args.backend}, mode {args.mode}'}"
               + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else "") + ".")

@@ -6,11 +6,13 @@ the oneDNN path on and off (``piip.ops.linear.set_enabled``), round-robin, media
 printed: the four times, each model's speed-up, and the PIIP / baseline ratio with and without it.
 ``--compiled``: the same under ``torch.compile`` (the switch is read while tracing, so each setting
 gets its own graph, compiled during the warm-up pass).
+``--tuned`` adds a third setting, the path with ``set_tuning(True)`` (each call shape timed on oneDNN
+and on MKL once, during the warm-up pass, then the faster kept).
 ``--gemms`` first times single GEMM shapes of the ViT-T/S/B branches and ViTDet-B (MKL ``F.linear``
 against oneDNN, plain and with the GELU / residual-add epilogue).
 
     PYTHONPATH=src python benchmarks/onednn_linear.py [--cases tsb-1120 tsb-1120-built cls-eval]
-        [--threads 1] [--repeats 3] [--quick] [--gemms] [--compiled]
+        [--threads 1] [--repeats 3] [--quick] [--gemms] [--compiled] [--tuned]
 """
 from __future__ import annotations
 
@@ -69,6 +71,8 @@ def main() -> None:
     ap.add_argument("--gemms", action="store_true", help="time single GEMM shapes first")
     ap.add_argument("--compiled", action="store_true",
                     help="the models under torch.compile (Inductor): piip::onednn_linear against Inductor's own GEMMs")
+    ap.add_argument("--tuned", action="store_true",
+                    help="also the oneDNN path with per-shape engine tuning (piip.ops.linear.set_tuning)")
     args = ap.parse_args()
     eval_cases = [k for k, c in CASES.items() if c.kind in ("trunk", "as-built", "cls-eval", "seg")]
     bad = [c for c in args.cases if c not in eval_cases]
@@ -86,8 +90,10 @@ def main() -> None:
         gemm_table(args.repeats)
     if not args.cases:
         return
-    print("| case | PIIP stock s | PIIP oneDNN s | speed-up | base stock s | base oneDNN s | speed-up | ratio stock | ratio oneDNN |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    extra = " PIIP tuned s | base tuned s | ratio tuned |" if args.tuned else ""
+    print("| case | PIIP stock s | PIIP oneDNN s | speed-up | base stock s | base oneDNN s | speed-up | ratio stock | "
+          "ratio oneDNN |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * (3 if args.tuned else 0))
     for key in args.cases:
         case = CASES[key]
         sides = case_sides(case, args.quick)
@@ -97,10 +103,14 @@ def main() -> None:
             step = make_step(case, model, sides[role], CPU, compiled={} if args.compiled else None)
             steps[f"{role}_stock"], steps[f"{role}_dnnl"] = (switched(step, onednn.set_enabled, False),
                                                              switched(step, onednn.set_enabled, True))
+            if args.tuned:
+                steps[f"{role}_tuned"] = switched(switched(step, onednn.set_tuning, True), onednn.set_enabled, True)
         t = timed_interleaved(steps, args.repeats, lambda: None)
         print(f"| {key} | {t['piip_stock']:.3f} | {t['piip_dnnl']:.3f} | {t['piip_stock'] / t['piip_dnnl']:.3f}x "
               f"| {t['base_stock']:.3f} | {t['base_dnnl']:.3f} | {t['base_stock'] / t['base_dnnl']:.3f}x "
-              f"| {t['piip_stock'] / t['base_stock']:.3f} | {t['piip_dnnl'] / t['base_dnnl']:.3f} |", flush=True)
+              f"| {t['piip_stock'] / t['base_stock']:.3f} | {t['piip_dnnl'] / t['base_dnnl']:.3f} |"
+              + (f" {t['piip_tuned']:.3f} | {t['base_tuned']:.3f} | {t['piip_tuned'] / t['base_tuned']:.3f} |"
+                 if args.tuned else ""), flush=True)
 
 
 if __name__ == "__main__":

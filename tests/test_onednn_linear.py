@@ -4,6 +4,8 @@ They must equal the stock expression, run only where nothing can tell them apart
 autocast, no dispatch mode, no hook, no wrapped layer), and leave every other path untouched."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,48 @@ def test_gate_folded_into_the_weight_only_where_that_is_less_work(rows):
     assert bool(weight_products) == (rows >= 24)
     torch.testing.assert_close(gated, res + gate * F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scaled, gate * F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@needs_op
+@pytest.mark.parametrize("onednn_faster", [True, False])
+def test_tuning_times_both_engines_once_per_shape_bucket(monkeypatch, onednn_faster):
+    """``set_tuning(True)``: the first call of a shape runs oneDNN and the stock expression (one
+    warm-up and two timed runs each) and every later call of that shape bucket (rows rounded up to
+    a power of two) runs only the faster one; both give the stock result. Off by default."""
+    previous = onednn.set_tuning(True)
+    assert previous is (os.environ.get("PIIP_LINEAR_TUNE") == "1")      # off unless asked for
+    monkeypatch.setattr(onednn, "_CHOICES", {})
+    clock, calls = [0.0], {"onednn": 0, "stock": 0}
+    real_onednn, real_linear = onednn._onednn, F.linear
+
+    def fake_onednn(*a):
+        calls["onednn"] += 1
+        clock[0] += 1.0 if onednn_faster else 10.0
+        return real_onednn(*a)
+
+    def fake_linear(*a):
+        calls["stock"] += 1
+        clock[0] += 10.0 if onednn_faster else 1.0
+        return real_linear(*a)
+    monkeypatch.setattr(onednn, "_onednn", fake_onednn)
+    monkeypatch.setattr(onednn.F, "linear", fake_linear)
+    monkeypatch.setattr(onednn, "_clock", lambda: clock[0])
+    w, b = torch.randn(40, 24) * 0.2, torch.randn(40)
+    try:
+        with torch.inference_mode():
+            for rows, tuned in [(37, True), (50, False), (64, False), (65, True)]:
+                x, res = torch.randn(rows, 24), torch.randn(rows, 40)
+                before = dict(calls)
+                got = onednn.linear(x, w, b, residual=res)
+                torch.testing.assert_close(got, res + real_linear(x, w, b), atol=1e-5, rtol=1e-5)
+                ran = {k: calls[k] - before[k] for k in calls}
+                if tuned:
+                    assert ran == {"onednn": 3, "stock": 3}, rows
+                else:
+                    assert ran == ({"onednn": 1, "stock": 0} if onednn_faster else {"onednn": 0, "stock": 1}), rows
+        assert set(onednn._CHOICES.values()) == {onednn_faster} and len(onednn._CHOICES) == 2
+    finally:
+        onednn.set_tuning(previous)
 
 
 @needs_op

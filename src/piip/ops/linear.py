@@ -2,7 +2,8 @@
 
 PyTorch's CPU ``F.linear`` runs float32 GEMMs on MKL and each epilogue as its own pass over the
 output. oneDNN's inner product (the op Inductor itself emits, ``mkldnn::_linear_pointwise``) ran
-the ViT shapes 7-14 % faster on one core here, and fuses the bias, the MLP's GELU and the
+the ViT shapes 7-14 % faster on one core of an AVX2 EPYC (on an AVX-512 / AMX Xeon: equal at
+the narrow shapes, 1-8 % slower at the wide ones), and fuses the bias, the MLP's GELU and the
 block's (gated) residual add into the GEMM's write-out (``benchmarks/onednn_linear.py``). Whole
 eager forwards got 6-19 % faster, PIIP and the ViT baselines alike (docs/performance.md).
 
@@ -12,7 +13,9 @@ the bf16 inner product), no gradient
 wanted, no autocast, no dispatch mode (FlopCounterMode, FakeTensorMode), no export or
 ``jit.trace``. Everything else gets the stock expression. Results equal the stock path to float
 rounding (GEMM identical here; a fused add may round once differently). ``PIIP_ONEDNN_LINEAR=0``
-in the environment, or ``set_enabled(False)``, turns the path off.
+in the environment, or ``set_enabled(False)``, turns the path off. Which GEMM engine is faster
+depends on the CPU; ``set_tuning(True)`` (``PIIP_LINEAR_TUNE=1``) times oneDNN against MKL on first
+use of each call shape and keeps the faster.
 
 Under ``torch.compile`` (inference only, never export) the call goes through the custom op
 ``piip::onednn_linear``, which Inductor runs as an opaque kernel between its own fused loops.
@@ -22,6 +25,7 @@ graph as constants ("weight must be a graph constant"), and its unfrozen graphs 
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 import torch
@@ -135,7 +139,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Option
     if act is not None and (residual is not None or scale is not None):
         raise ValueError("linear: an activation cannot be fused together with a residual or a scale")
     if _eligible(x, weight, bias, residual, scale):
-        call = _COMPILED_OP if torch.compiler.is_compiling() else _onednn
+        call = _COMPILED_OP if torch.compiler.is_compiling() else _tuned if _tuning else _onednn
         if scale is not None and scale.shape == weight.shape[:1]:
             if not _scale_weight(x):
                 y = call(x, weight, bias, "none", None)
@@ -145,6 +149,48 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Option
         if scale is None and (residual is None or residual.shape == x.shape[:-1] + weight.shape[:1]):
             return call(x, weight, bias, act or "none", residual)
     return epilogue(F.linear(x, weight, bias), act, residual, scale)
+
+
+def set_tuning(flag: bool) -> bool:
+    """Time oneDNN against MKL (+ the epilogue as separate ops) on first use of each call shape and
+    keep the faster (process-wide, off by default, ``PIIP_LINEAR_TUNE=1``); returns the previous
+    setting. Which engine wins depends on the CPU: on an AVX2 EPYC oneDNN was 7-14 % faster at every
+    ViT shape, on an AVX-512 / AMX Xeon 1-8 % slower at the wide ones (docs/performance.md). Off by
+    default because the two engines round differently, so a process's outputs would depend on
+    timings (as ``torch.backends.cudnn.benchmark`` is off by default)."""
+    global _tuning
+    previous, _tuning = _tuning, bool(flag)
+    return previous
+
+
+_tuning = os.environ.get("PIIP_LINEAR_TUNE", "0") == "1"
+# (rows rounded up to a power of two, in, out, act, residual?, dtype) -> True: oneDNN is faster
+_CHOICES: dict[tuple, bool] = {}
+_TRIALS = 2   # timed runs of each engine after one warm-up run
+_clock = time.perf_counter
+
+
+def _tuned(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual: Optional[Tensor]) -> Tensor:
+    """:func:`_onednn`, or the stock expression where that measured faster for this shape."""
+    rows = x.numel() // x.shape[-1]
+    key = (1 << max(rows - 1, 0).bit_length(), x.shape[-1], weight.shape[0], act, residual is not None, x.dtype)
+    choice = _CHOICES.get(key)
+    stock_act = None if act == "none" else act
+    if choice is not None:
+        return _onednn(x, weight, bias, act, residual) if choice else \
+            epilogue(F.linear(x, weight, bias), stock_act, residual)
+    runs = {True: lambda: _onednn(x, weight, bias, act, residual),
+            False: lambda: epilogue(F.linear(x, weight, bias), stock_act, residual)}
+    best: dict[bool, float] = {True: float("inf"), False: float("inf")}
+    outs: dict[bool, Tensor] = {}
+    for i in range(_TRIALS + 1):
+        for engine, run in runs.items():
+            t = _clock()
+            outs[engine] = run()
+            if i:
+                best[engine] = min(best[engine], _clock() - t)
+    choice = _CHOICES[key] = best[True] <= best[False]
+    return outs[choice]
 
 
 def _scale_weight(x: Tensor) -> bool:
