@@ -62,7 +62,8 @@ def _geometry(loc: Tensor, h: int, w: int) -> _Geometry:
     heads = torch.arange(m, device=loc.device, dtype=itype).view(1, 1, m, 1)
     if isinstance(total, int) and (h + 2) * (w + 2) < 2 ** 24:
         # concrete sizes, each padded map's positions exact in float32: the in-map row
-        # x0 + (w+2) y0 in one op (masked: -(w+3), which the shift below makes row 0), then the
+        # x0 + (w+2) y0 in one op (masked: -(w+3), which the shift below makes the padded corner
+        # (0, 0) of the sample's image and head, as the general form does), then the
         # image, head and padding offsets in one integer op (4 passes where the general form takes 11)
         cell = torch.where(inside, torch.add(x0, y0, alpha=w + 2), -(w + 3)).to(itype)
         rows = torch.add(base * m + heads + (w + 3) * m, cell, alpha=m)

@@ -196,8 +196,8 @@ def _tuned(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual
 def _scale_weight(x: Tensor) -> bool:
     """Whether a gate is folded into the weight (out x in multiplies, then one fused write-out)
     rather than applied to the GEMM's output (rows x out, one ``addcmul``): the cheaper of the two,
-    i.e. when there are at least as many rows as input features. A classifier's coarse branches
-    (65 tokens a image, 3072 features into fc2) spent more scaling weights than computing."""
+    i.e. when there are at least as many rows as input features. A classifier's coarse branch
+    (65 tokens an image, 3072 features into fc2) spent more on scaling the weight than it saved."""
     return x.numel() >= x.shape[-1] * x.shape[-1]
 
 
