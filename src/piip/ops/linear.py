@@ -174,13 +174,11 @@ def _tuned(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual
     """:func:`_onednn`, or the stock expression where that measured faster for this shape."""
     rows = x.numel() // x.shape[-1]
     key = (1 << max(rows - 1, 0).bit_length(), x.shape[-1], weight.shape[0], act, residual is not None, x.dtype)
-    choice = _CHOICES.get(key)
-    stock_act = None if act == "none" else act
-    if choice is not None:
-        return _onednn(x, weight, bias, act, residual) if choice else \
-            epilogue(F.linear(x, weight, bias), stock_act, residual)
     runs = {True: lambda: _onednn(x, weight, bias, act, residual),
-            False: lambda: epilogue(F.linear(x, weight, bias), stock_act, residual)}
+            False: lambda: epilogue(F.linear(x, weight, bias), None if act == "none" else act, residual)}
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return runs[choice]()
     best: dict[bool, float] = {True: float("inf"), False: float("inf")}
     outs: dict[bool, Tensor] = {}
     for i in range(_TRIALS + 1):
