@@ -22,6 +22,7 @@ import time
 import torch
 
 from latency import CASES, build_model, case_sides, make_step
+from piip.export import relative_error
 from piip.ops.ms_deform_attn import use_impl
 
 VARIANTS = {"reference": lambda: use_impl("reference"), "auto (fused)": contextlib.nullcontext}
@@ -68,6 +69,11 @@ def main() -> None:
 def flat_outputs(out) -> list[torch.Tensor]:
     """The step's output tensors (a tensor, or a dict of pyramid levels)."""
     return [out] if isinstance(out, torch.Tensor) else list(out.values())
+
+
+def max_rel_diff(got, want) -> float:
+    """``piip.export.relative_error`` over all of two steps' outputs: max |got - want| / max |want|."""
+    return relative_error(*(torch.cat([o.flatten() for o in flat_outputs(x)]) for x in (got, want)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from compiled_impl import flat_outputs
+from compiled_impl import max_rel_diff
 from deform_attn import timed_interleaved
 from latency import CASES, build_model, case_sides, draw_gates, make_step
 from onednn_linear import switched
@@ -75,8 +75,7 @@ def main() -> None:
             return lambda: outs.__setitem__(flag, run())
         t = timed_interleaved({False: kept(False), True: kept(True)}, args.repeats, lambda: None)
         off, on = t[False], t[True]
-        a, b = (torch.cat([o.flatten() for o in flat_outputs(outs[f])]) for f in (False, True))
-        err = ((b - a).abs().max() / a.abs().max()).item()
+        err = max_rel_diff(outs[True], outs[False])
         print(f"{key:15s} {case.piip} @ {side}: stock {off:.3f} s, folded {on:.3f} s, speed-up {off / on:.3f}x, "
               f"max rel diff {err:.1e}")
         for row in edge_paths(model, step, args.repeats):
