@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,7 +55,17 @@ def import_revision(rev: str, into: Path, repo: Path = ROOT) -> Any:
         if new != text:
             f.write_text(new)
     sys.path.insert(0, str(into))
-    return importlib.import_module(BASE_PACKAGE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)       # timm's "Overwriting ... in registry"
+        try:
+            import timm  # noqa: F401  (loaded first, so the base copy registers its names now)
+        except ImportError:
+            timm = None
+        base = importlib.import_module(BASE_PACKAGE)
+        if timm is not None:    # timm.create_model("piip_...") keeps building the working tree's models
+            from piip.integrations.timm import register_all
+            register_all()
+    return base
 
 
 def base_model(base: Any, case, side: int, current: torch.nn.Module, **overrides: Any) -> torch.nn.Module:

@@ -82,6 +82,8 @@ def test_ab_revisions_compares_against_a_git_revision(tmp_path):
     ab = pytest.importorskip("ab_revisions")
     base = ab.import_revision("HEAD", tmp_path)
     assert base.__name__ == "piip_base" and base is not sys.modules["piip"]
+    timm = pytest.importorskip("timm")   # the base copy's own timm registration does not stay
+    assert timm.models.model_entrypoint("piip_tsb_1120_896_448").__module__ == "piip.integrations.timm"
     row = ab.compare(base, "tsb-1120", 1, gates=True, quick=True, overrides=_tiny(3))
     assert row["base_s"] > 0 and row["current_s"] > 0
     assert row["speedup"] == pytest.approx(row["base_s"] / row["current_s"])
