@@ -77,7 +77,10 @@ class MSDeformAttn(nn.Module):
             ref = reference_points[:, :, None, :, None]
             locations = ref[..., :2] + offsets / self.num_points * ref[..., 2:] * 0.5
         else:
-            locations = reference_points[:, :, None, :, None, :] + offsets / _normalizer(spatial_shapes, offsets)
+            # ref + offsets / (W, H) in one pass (the same rounding; the broadcast division alone
+            # took 4x as long on CPU as this whole expression)
+            locations = torch.addcdiv(reference_points[:, :, None, :, None, :], offsets,
+                                      _normalizer(spatial_shapes, offsets))
         # sampling runs in at least float32, as the released code does, for bf16/fp16 models
         dt = torch.promote_types(value.dtype, torch.float32)
         out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))

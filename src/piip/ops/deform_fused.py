@@ -235,10 +235,66 @@ def ms_deform_attn_fused(value: Tensor, spatial_shapes: ShapesArg, level_start_i
     shapes, starts = level_layout(spatial_shapes, level_start_index)
     for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
         v = value[:, start:start + h * w].to(dt).reshape(n, h, w, m, d)
-        part = _FusedLevel.apply(v, sampling_locations[:, :, :, lvl].to(dt),
-                                 attention_weights[:, :, :, lvl].to(dt))
+        loc, attn = sampling_locations[:, :, :, lvl].to(dt), attention_weights[:, :, :, lvl].to(dt)
+        part = _sample_no_grad(v, loc, attn) if _fast_path(v, loc, attn) else _FusedLevel.apply(v, loc, attn)
         out = part if out is None else out + part
     return out.view(n, lq, m * d).to(value.dtype)
+
+
+def _sample_no_grad(value: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
+    """Eager float32 forward when no gradient is wanted, in about half the elementwise passes of
+    :class:`_FusedLevel`'s, with the same result bit for bit.
+
+    The map is padded by *two* pixels and the cell picked from the coordinate clamped to
+    ``[-2, size]``: a sample whose patch misses the map (the CUDA op's masked ones) then lands on a
+    patch of padding, which reads zeros, so no mask is built and the attention weights need no
+    product with it. Inside the map the clamp changes nothing, so cells and fractions are those of
+    :func:`pixel_coords`. Fractions come from the unclamped coordinate, so NaN and infinite ones
+    give a NaN output as before (NaN cells point at row 0). x and y are taken apart in the first
+    pass, so every later pass runs on contiguous planes."""
+    n, h, w, m, d = value.shape
+    _, lq, _, p, _ = loc.shape
+    r, wp = n * lq * m, w + 4
+    x = torch.mul(loc[..., 0], w).sub_(0.5)
+    y = torch.mul(loc[..., 1], h).sub_(0.5)
+    x0 = x.clamp(-2.0, w).floor_()
+    y0 = y.clamp(-2.0, h).floor_()
+    fx, fy = x.sub_(x0), y.sub_(y0)
+    itype = torch.int32 if n * (h + 4) * wp * m < 2 ** 31 else torch.int64
+    cell = torch.add(x0, y0, alpha=wp).nan_to_num_(0.0).to(itype)      # exact: (h+4)(w+4) < 2^24
+    # padded row of the top-left corner: ((image * (h+4) + y0 + 2) * (w+4) + x0 + 2) * m + head
+    base = (torch.arange(n, dtype=itype, device=loc.device).view(n, 1, 1, 1) * ((h + 4) * wp * m)
+            + torch.arange(m, dtype=itype, device=loc.device).view(1, 1, m, 1) + (2 * wp + 2) * m)
+    rows = torch.add(base, cell, alpha=m)
+    idx = rows.new_empty(n, lq, m, p, 4)
+    for c, off in enumerate((0, m, wp * m, (wp + 1) * m)):          # corners 00, 01, 10, 11
+        torch.add(rows, off, out=idx[..., c])
+    cw = _corner_weights(fx, fy, attn.reshape(n, lq, m, p))
+    return F.embedding_bag(idx.view(r, p * 4), _pad2(value).view(-1, d), mode="sum",
+                           per_sample_weights=cw.view(r, p * 4))
+
+
+def _pad2(value: Tensor) -> Tensor:
+    """(N, H, W, M, D) -> (N, H+4, W+4, M, D) with a zero border of two pixels; only the border is
+    zeroed (``F.pad`` fills the whole map first)."""
+    n, h, w, m, d = value.shape
+    out = value.new_empty(n, h + 4, w + 4, m, d)
+    out[:, :2].zero_()
+    out[:, h + 2:].zero_()
+    out[:, 2:h + 2, :2].zero_()
+    out[:, 2:h + 2, w + 2:].zero_()
+    out[:, 2:h + 2, 2:w + 2] = value
+    return out
+
+
+def _fast_path(value: Tensor, loc: Tensor, attn: Tensor) -> bool:
+    """:func:`_sample_no_grad` applies: eager, float32, no gradient wanted, cells exact in float32."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or loc.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (value.requires_grad or loc.requires_grad or attn.requires_grad):
+        return False
+    _, h, w, _, _ = value.shape
+    return (h + 4) * (w + 4) < 2 ** 24
 
 
 # below both sizes a backward pass is cheaper through grid_sample's (benchmarks/deform_attn.py --pairs cls tsb)
