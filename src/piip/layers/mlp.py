@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .linear import apply_linear, apply_output_linear, unhooked
@@ -52,13 +53,22 @@ class DWConv(nn.Module):
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         b, n, c = x.shape
         x = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
-        # the (B, N, C) -> NCHW view above is channels-last strided and so is the conv's output:
-        # permute back instead of flatten(2), which would force a copy. Compiled, Inductor cannot order
+        # the (B, N, C) -> NCHW view above is channels-last strided. Compiled, Inductor cannot order
         # that view's strides once H / W are symbolic ("cannot determine truth value of Relational:
         # 8*s12 < 8"), so it gets a contiguous map there
+        conv = self.dwconv
         if torch.compiler.is_compiling():
-            x = x.contiguous()
-        return self.dwconv(x).permute(0, 2, 3, 1).reshape(b, n, c)
+            y = conv(x.contiguous())
+        elif unhooked(conv, nn.Conv2d) and conv.padding_mode == "zeros":
+            # eagerly the conv keeps channels-last only if its weight is channels-last too; a
+            # (C, 1, 3, 3) weight's default strides are not, so it copied the map to NCHW, ran the
+            # slower NCHW depthwise kernel and its output needed a copy back to tokens: 7x the time
+            # of the channels-last call at PIIP's shapes. Restrided, the output is token-major (a view)
+            weight = conv.weight.contiguous(memory_format=torch.channels_last)
+            y = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        else:
+            y = conv(x)
+        return y.permute(0, 2, 3, 1).reshape(b, n, c)
 
 
 class ConvFFN(nn.Module):

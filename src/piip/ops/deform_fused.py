@@ -266,9 +266,8 @@ def _sample_no_grad(value: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
     base = (torch.arange(n, dtype=itype, device=loc.device).view(n, 1, 1, 1) * ((h + 4) * wp * m)
             + torch.arange(m, dtype=itype, device=loc.device).view(1, 1, m, 1) + (2 * wp + 2) * m)
     rows = torch.add(base, cell, alpha=m)
-    idx = rows.new_empty(n, lq, m, p, 4)
-    for c, off in enumerate((0, m, wp * m, (wp + 1) * m)):          # corners 00, 01, 10, 11
-        torch.add(rows, off, out=idx[..., c])
+    # corners 00, 01, 10, 11 (a broadcast add: faster here than four strided writes)
+    idx = rows[..., None] + torch.tensor((0, m, wp * m, (wp + 1) * m), dtype=itype, device=loc.device)
     cw = _corner_weights(fx, fy, attn.reshape(n, lq, m, p))
     return F.embedding_bag(idx.view(r, p * 4), _pad2(value).view(-1, d), mode="sum",
                            per_sample_weights=cw.view(r, p * 4))
