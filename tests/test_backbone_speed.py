@@ -81,3 +81,42 @@ def test_pyramid_gemm_upsample_matches_conv_transpose(layout):
     torch.testing.assert_close(up.bias.grad, ref.bias.grad)
     with torch.no_grad():   # the one-pass inference path
         torch.testing.assert_close(up(x), ref(x))
+
+
+def test_convffn_depthwise_conv_stays_channels_last():
+    """The ConvFFN's token map is channels-last strided. Eagerly its depthwise conv gets a
+    channels-last weight, so the output is token-major without a copy (a default-strided (C, 1, 3, 3)
+    weight made the conv copy to NCHW and back, 7x slower); it equals the module's own NCHW conv,
+    with gradients, and a hooked conv is called as a module."""
+    from piip.layers.mlp import DWConv
+    torch.manual_seed(0)
+    m = DWConv(8)
+    x = torch.randn(2, 35, 8, requires_grad=True)
+    y = m(x, (5, 7))
+    want = m.dwconv(x.transpose(1, 2).reshape(2, 8, 5, 7).contiguous()).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(y, want)
+    gy, gw = torch.autograd.grad(y.square().sum(), (x, m.dwconv.weight))
+    gy2, gw2 = torch.autograd.grad(want.square().sum(), (x, m.dwconv.weight))
+    torch.testing.assert_close(gy, gy2)
+    torch.testing.assert_close(gw, gw2)
+    with torch.no_grad():
+        x2 = torch.randn(1, 64, 8)
+        conv_out = []
+        m.dwconv.register_forward_hook(lambda mod, i, o: conv_out.append(o))
+        assert torch.equal(m(x2, (8, 8)), m.dwconv(x2.transpose(1, 2).reshape(1, 8, 8, 8)).flatten(2).transpose(1, 2))
+        assert len(conv_out) == 2                      # hooked: the module itself ran
+        m.dwconv._forward_hooks.clear()
+        seen = []
+        real = torch.nn.functional.conv2d
+
+        def spy(inp, weight, *args):
+            out = real(inp, weight, *args)
+            seen.append((weight.is_contiguous(memory_format=torch.channels_last) and weight.stride(1) == 1,
+                         out.is_contiguous(memory_format=torch.channels_last)))
+            return out
+        torch.nn.functional.conv2d = spy
+        try:
+            y2 = m(x2, (8, 8))
+        finally:
+            torch.nn.functional.conv2d = real
+        assert seen == [(True, True)] and y2.is_contiguous()

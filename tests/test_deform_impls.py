@@ -308,3 +308,38 @@ def test_fused_patch_rows_and_corner_tables(dtype):
     torch.testing.assert_close(cw, want_cw, equal_nan=True)   # (the NaN location: NaN fractions)
     offs = torch.tensor(df._corner_offsets(w, m))
     assert torch.equal(df._corner_rows(geo.rows, w, m).long(), (geo.rows.long()[..., None] + offs).view(-1, p * 4))
+
+
+def test_fused_inference_path_equals_the_training_forward():
+    """Without a gradient, eager float32 ``fused`` takes ``_sample_no_grad`` (a two-pixel zero
+    border and clamped cells instead of a mask). It must give the training forward's output bit for
+    bit: samples inside, partly off and far off the map, on pixel centres (x = -1 exactly, which
+    the CUDA op masks), NaN and infinite coordinates (NaN outputs in both), several images and heads."""
+    from piip.ops import deform_fused as df
+    n, lq, m, p, d = 3, 40, 4, 4, 5
+    for h, w in [(5, 6), (1, 9), (7, 1)]:
+        g = torch.Generator().manual_seed(h * 10 + w)
+        value = torch.randn(n, h * w, m, d, generator=g)
+        loc = torch.rand(n, lq, m, 1, p, 2, generator=g) * 1.8 - 0.4
+        attn = torch.rand(n, lq, m, 1, p, generator=g)
+        loc[0, 0, 0, 0, 0] = torch.tensor([-0.5 / w, 0.5 / h])             # x = -1, y = 0 exactly
+        loc[0, 1, 1, 0, 1] = torch.tensor([(w + 0.5) / w, 0.3])            # x = w exactly
+        loc[1, 2, 0, 0, 2, 0] = float("nan")
+        loc[2, 3, 2, 0, 3, 1] = float("inf")
+        loc[2, 4, 3, 0, 0, 0] = -float("inf")
+        loc[1, 5, 1, 0, 1] = torch.tensor([1e6, -1e6])
+        taken = []
+        real = df._sample_no_grad
+        try:
+            df._sample_no_grad = lambda *a: taken.append(1) or real(*a)
+            with torch.no_grad():
+                fast = ms_deform_attn(value, [(h, w)], None, loc, attn, impl="fused")
+            trained = ms_deform_attn(value.clone().requires_grad_(), [(h, w)], None, loc, attn, impl="fused")
+        finally:
+            df._sample_no_grad = real
+        assert len(taken) == 1                       # only the call without a gradient
+        assert torch.equal(fast.isnan(), trained.isnan()) and 0 < int(fast.isnan().sum()) < fast.numel()
+        fin = ~fast.isnan()
+        assert torch.equal(fast[fin], trained.detach()[fin])
+        ref = ms_deform_attn(value, [(h, w)], None, loc.nan_to_num(0.5, 0.5, 0.5), attn, impl="reference")
+        torch.testing.assert_close(fast[fin], ref[fin], atol=1e-5, rtol=1e-5)

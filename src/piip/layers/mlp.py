@@ -64,7 +64,7 @@ class DWConv(nn.Module):
             # (C, 1, 3, 3) weight's default strides are not, so it copied the map to NCHW, ran the
             # slower NCHW depthwise kernel and its output needed a copy back to tokens: 7x the time
             # of the channels-last call at PIIP's shapes. Restrided, the output is token-major (a view)
-            weight = conv.weight.contiguous(memory_format=torch.channels_last)
+            weight = conv.weight.to(memory_format=torch.channels_last)   # (contiguous() keeps them)
             y = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         else:
             y = conv(x)
