@@ -83,6 +83,32 @@ def test_pyramid_gemm_upsample_matches_conv_transpose(layout):
         torch.testing.assert_close(up(x), ref(x))
 
 
+def test_pyramid_upsample_keeps_its_gemm_weight_until_the_weight_changes(monkeypatch):
+    """Inference reuses the GEMM layout of the weight (``piip.ops.derived``); a changed weight (in
+    place, as load_state_dict copies it) is laid out again; training never uses the kept one."""
+    from piip.layers.pyramid import Upsample2x
+    torch.manual_seed(0)
+    up = Upsample2x(8, 12)
+    ref = torch.nn.ConvTranspose2d(8, 12, 2, 2)
+    ref.load_state_dict(up.state_dict())
+    made = []
+    real = Upsample2x._gemm_weight
+    monkeypatch.setattr(Upsample2x, "_gemm_weight", lambda self: made.append(1) or real(self))
+    x = torch.randn(2, 8, 5, 7)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.testing.assert_close(up(x), ref(x))
+    assert len(made) == 1
+    new = {k: torch.randn_like(v) for k, v in up.state_dict().items()}
+    up.load_state_dict(new)
+    ref.load_state_dict(new)
+    with torch.no_grad():
+        torch.testing.assert_close(up(x), ref(x))
+    assert len(made) == 2
+    up(x).sum().backward()                 # training: laid out from the parameter, with its gradient
+    assert len(made) == 3 and up.weight.grad is not None
+
+
 def test_convffn_depthwise_conv_stays_channels_last():
     """The ConvFFN's token map is channels-last strided. Eagerly its depthwise conv gets a
     channels-last weight, so the output is token-major without a copy (a default-strided (C, 1, 3, 3)

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import piip
 from piip.layers import fold
+from piip.ops import derived
 from piip.layers.interaction import InteractionEdge
 
 
@@ -157,17 +158,17 @@ def test_compiled_edge_runs_the_fold_as_one_op():
 
 
 def test_cache_is_bounded_and_drops_dead_weights(monkeypatch):
-    monkeypatch.setattr(fold, "_CACHE", {})
-    monkeypatch.setattr(fold, "_MAX_ENTRIES", 2)
+    monkeypatch.setattr(derived, "_CACHE", {})
+    monkeypatch.setattr(derived, "_MAX_ENTRIES", 2)
     x = torch.randn(1, 4, 8)
     paths = [(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 8)) for _ in range(3)]
     with torch.inference_mode():
         for p in paths[:2]:
             fold.folded_path(*p, x)
-        assert len(fold._CACHE) == 2
+        assert len(derived._CACHE) == 2
         del paths[0]                                   # its weights die: its entry goes first
         gc.collect()
         got = fold.folded_path(*paths[-1], x)
         torch.testing.assert_close(got, stock(*paths[-1], x), atol=2e-5, rtol=1e-5)
-    assert len(fold._CACHE) == 2
-    assert not any(w is not None and w.expired() for e in fold._CACHE.values() for w in e.alive)
+    assert len(derived._CACHE) == 2
+    assert not any(w is not None and w.expired() for e in derived._CACHE.values() for w in e.alive)

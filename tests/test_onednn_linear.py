@@ -65,23 +65,42 @@ def test_fused_epilogues_equal_the_stock_expression(dtype):
     assert torch.equal(res, res.clone())   # the residual is read, never written
 
 
+def _weight_products(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = fn()
+    return out, len([e for e in prof.events() if e.name == "aten::mul" and list(e.input_shapes[0]) == [40, 24]])
+
+
 @needs_op
 @pytest.mark.parametrize("rows", [5, 60])
 def test_gate_folded_into_the_weight_only_where_that_is_less_work(rows):
-    """A gated residual scales the weight (out x in multiplies) when there are at least as many rows
-    as input features, and gates the GEMM's output (rows x out) otherwise; both equal the stock
-    expression, with and without a residual."""
-    x, w, b = torch.randn(1, rows, 24), torch.randn(40, 24) * 0.2, torch.randn(40)
-    res, gate = torch.randn(1, rows, 40), torch.randn(40)
+    """Weights whose changes cannot be tracked (made under inference_mode): a gated residual scales
+    the weight (out x in multiplies) when there are at least as many rows as input features, and
+    gates the GEMM's output (rows x out) otherwise. Trackable weights: the gated weight is computed
+    on the first call only, at any row count, and again after a weight changes in place. All equal
+    the stock expression, with and without a residual."""
+    with torch.inference_mode():
+        x, w, b = torch.randn(1, rows, 24), torch.randn(40, 24) * 0.2, torch.randn(40)
+        res, gate = torch.randn(1, rows, 40), torch.randn(40)
     assert onednn._scale_weight(x) == (rows >= 24)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof, \
-            torch.inference_mode():
-        gated = onednn.linear(x, w, b, residual=res, scale=gate)
-        scaled = onednn.linear(x, w, b, scale=gate)
-    weight_products = [e for e in prof.events() if e.name == "aten::mul" and list(e.input_shapes[0]) == [40, 24]]
-    assert bool(weight_products) == (rows >= 24)
+    with torch.inference_mode():
+        (gated, scaled), products = _weight_products(
+            lambda: (onednn.linear(x, w, b, residual=res, scale=gate), onednn.linear(x, w, b, scale=gate)))
+    assert products == (2 if rows >= 24 else 0)
     torch.testing.assert_close(gated, res + gate * F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scaled, gate * F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+    w, b, gate = w.clone(), b.clone(), gate.clone()            # ordinary tensors: tracked
+    with torch.no_grad():
+        (gated, scaled), products = _weight_products(
+            lambda: (onednn.linear(x, w, b, residual=res, scale=gate), onednn.linear(x, w, b, scale=gate)))
+        assert products == 1
+        torch.testing.assert_close(gated, res + gate * F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scaled, gate * F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        gate.mul_(-2)                                            # an in-place change: computed again
+        again, products = _weight_products(lambda: onednn.linear(x, w, b, residual=res, scale=gate))
+        assert products == 1
+        torch.testing.assert_close(again, res + gate * F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
 @needs_op

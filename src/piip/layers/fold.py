@@ -18,23 +18,22 @@ Taken only where nobody can tell (:func:`piip.ops.linear.unobserved`: no gradien
 autocast, no dispatch mode, no export or ``jit.trace``; float32 / float64) and the three modules are
 exactly the stock ones with no hooks. Under ``torch.compile`` (inference) it is one opaque custom op,
 ``piip::folded_feat``, whose weights are graph inputs. The folded weights are computed in float64 on
-first use and cached by the weights' identity (address, storage alive, version counter), so any
-change of a weight, in place or by replacement, refolds; weights made under ``inference_mode`` (no
-version counter) keep the stock computation. Results equal the stock path to float32 rounding
+first use and cached by the weights' identity (``piip.ops.derived``: address, storage alive,
+version counter), so any change of a weight, in place or by replacement, refolds; weights made
+under ``inference_mode`` (no version counter) keep the stock computation. Results equal the stock path to float32 rounding
 (below 1e-6 of the largest output on the PIIP-TSB models). ``PIIP_FOLD=0`` in the environment, or
 ``set_enabled(False)``, turns it off.
 """
 from __future__ import annotations
 
 import os
-import threading
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.multiprocessing.reductions import StorageWeakRef
 
+from ..ops import derived
 from ..ops.linear import linear, unobserved
 from .linear import unhooked
 
@@ -108,22 +107,9 @@ def profitable(d_in: int, d_out: int, norm: bool) -> bool:
     return not norm or min(d_in, d_out) <= _MAX_COST * d_out
 
 
-class _Entry(NamedTuple):
-    alive: tuple[Optional[StorageWeakRef], ...]   # the weights' storages (no strong reference kept)
-    versions: tuple[int, ...]
-    folded: Folded
-
-
-# keyed by the weights' addresses, shapes and dtypes (+ eps); an entry counts only while every
-# weight's storage lives and no weight changed in place, so a freed and reused address never matches
-_CACHE: dict[tuple, _Entry] = {}
-_MAX_ENTRIES = 512
-_LOCK = threading.Lock()
-
-
 def _inference_weights(weights: tuple[Optional[Tensor], ...]) -> bool:
     """Weights made under ``inference_mode`` have no version counter: a change would go unseen."""
-    return any(t is not None and t.is_inference() for t in weights)
+    return not derived.trackable(weights)
 
 
 def _folded(x: Tensor, eps: Optional[float], *weights: Optional[Tensor]) -> Tensor:
@@ -132,20 +118,7 @@ def _folded(x: Tensor, eps: Optional[float], *weights: Optional[Tensor]) -> Tens
         y = F.linear(x, wp, bp)
         y = y if eps is None else F.layer_norm(y, y.shape[-1:], gamma, beta, eps)
         return F.linear(y, wv, bv)
-    key = (eps, *((None,) if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device) for t in weights))
-    versions = tuple(-1 if t is None else t._version for t in weights)
-    entry = _CACHE.get(key)
-    if entry is None or entry.versions != versions or any(w is not None and w.expired() for w in entry.alive):
-        alive = tuple(None if t is None else StorageWeakRef(t.untyped_storage()) for t in weights)
-        entry = _Entry(alive, versions, fold(*weights, eps))
-        with _LOCK:                        # threads serving one model may miss together
-            if len(_CACHE) >= _MAX_ENTRIES:    # drop the dead, then the oldest
-                for k in [k for k, e in _CACHE.items() if any(w is not None and w.expired() for w in e.alive)]:
-                    del _CACHE[k]
-                while len(_CACHE) >= _MAX_ENTRIES:
-                    del _CACHE[next(iter(_CACHE))]
-            _CACHE[key] = entry
-    return apply_folded(entry.folded, x)
+    return apply_folded(derived.cached("fold", weights, lambda: fold(*weights, eps), eps), x)
 
 
 @torch.library.custom_op("piip::folded_feat", mutates_args=())

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import derived
 from .symbolic import tracing
 
 ACTS = (None, "gelu", "gelu_tanh")
@@ -131,8 +132,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Option
     (erf) or 'gelu_tanh'; ``scale`` is a per-output-channel gate (layer scale, the interaction
     units' gammas). An activation cannot be combined with a residual or a scale.
 
-    Fused, the scale is folded into the weight and bias (``scale * W``: out x in multiplies, next to
-    rows x in x out for the GEMM), so a gated residual is one GEMM write-out; with fewer rows than
+    Fused, the scale is folded into the weight and bias (``scale * W``), so a gated residual is one
+    GEMM write-out. The gated weight is kept between calls where its weights' state can be tracked
+    (:func:`_keep_gated`); otherwise it costs out x in multiplies a call, and with fewer rows than
     input features the output is gated instead (:func:`_scale_weight`)."""
     if act not in ACTS:
         raise ValueError(f"linear: act must be one of {ACTS}, got {act!r}")
@@ -141,10 +143,12 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Option
     if _eligible(x, weight, bias, residual, scale):
         call = _COMPILED_OP if torch.compiler.is_compiling() else _tuned if _tuning else _onednn
         if scale is not None and scale.shape == weight.shape[:1]:
-            if not _scale_weight(x):
+            keep = _keep_gated(weight, bias, scale)
+            if not keep and not _scale_weight(x):
                 y = call(x, weight, bias, "none", None)
                 return y * scale if residual is None else torch.addcmul(residual, y, scale)
-            weight, bias = weight * scale[:, None], None if bias is None else bias * scale
+            w, b, s = weight, bias, scale
+            weight, bias = derived.cached("gated", (w, b, s), lambda: _gated(w, b, s)) if keep else _gated(w, b, s)
             scale = None
         if scale is None and (residual is None or residual.shape == x.shape[:-1] + weight.shape[:1]):
             return call(x, weight, bias, act or "none", residual)
@@ -189,6 +193,22 @@ def _tuned(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual
                 best[engine] = min(best[engine], _clock() - t)
     choice = _CHOICES[key] = best[True] <= best[False]
     return outs[choice]
+
+
+# gated weights up to this size are kept between calls (the interaction units' output projections
+# and ConvFFN fc2 are far below it; a 6B model's layer-scaled weights, far above, are not doubled)
+_KEEP_GATED_MAX = 1 << 20
+
+
+def _gated(weight: Tensor, bias: Optional[Tensor], scale: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    return weight * scale[:, None], None if bias is None else bias * scale
+
+
+def _keep_gated(weight: Tensor, bias: Optional[Tensor], scale: Tensor) -> bool:
+    """Whether the gated weight of an eager call comes from :mod:`piip.ops.derived` (computed
+    once for the weights' state), which makes folding the gate into the weight free at any row count."""
+    return (weight.numel() <= _KEEP_GATED_MAX and not torch.compiler.is_compiling()
+            and derived.trackable((weight, bias, scale)))
 
 
 def _scale_weight(x: Tensor) -> bool:

@@ -1,0 +1,66 @@
+"""A bounded cache of tensors derived from weights (a folded path, a gated or re-laid-out weight).
+
+Inference recomputes the same products of constant weights on every call: the interaction edges'
+fold (``layers/fold.py``), a gate folded into its linear's weight (``ops/linear.py``), the
+transposed-convolution weight laid out for one GEMM (``layers/pyramid.py``). Each is cached here by
+the weights' identity: address, shape, dtype and device, plus the storage still alive and the
+version counter unchanged. So any change of a weight, in place (``optimizer.step``,
+``load_state_dict``) or by replacement, recomputes; a freed and reused address never matches.
+
+Callers use it only where no gradient is wanted and nothing is being traced. Weights made under
+``inference_mode`` carry no version counter, a change would go unseen: they are not cached.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
+
+from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
+
+T = TypeVar("T")
+
+
+class _Entry(NamedTuple):
+    alive: tuple[Optional[StorageWeakRef], ...]   # the weights' storages (no strong reference kept)
+    versions: tuple[int, ...]
+    value: Any
+
+
+# an entry counts only while every weight's storage lives and no weight changed in place
+_CACHE: dict[tuple, _Entry] = {}
+_MAX_ENTRIES = 1024
+_LOCK = threading.Lock()
+
+
+def trackable(weights: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a change of these weights would be seen (none is an inference tensor)."""
+    return not any(t is not None and t.is_inference() for t in weights)
+
+
+def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T], *extra: Any) -> T:
+    """``make()``, computed once per (``tag``, ``extra``, state of ``weights``); computed on every
+    call for weights that cannot be tracked."""
+    if not trackable(weights):
+        return make()
+    key = (tag, extra, *((None,) if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+                         for t in weights))
+    versions = tuple(-1 if t is None else t._version for t in weights)
+    entry = _CACHE.get(key)
+    if entry is None or entry.versions != versions or any(w is not None and w.expired() for w in entry.alive):
+        alive = tuple(None if t is None else StorageWeakRef(t.untyped_storage()) for t in weights)
+        entry = _Entry(alive, versions, make())
+        with _LOCK:                        # threads serving one model may miss together
+            if len(_CACHE) >= _MAX_ENTRIES:    # drop the dead, then the oldest
+                for k in [k for k, e in _CACHE.items() if any(w is not None and w.expired() for w in e.alive)]:
+                    del _CACHE[k]
+                while len(_CACHE) >= _MAX_ENTRIES:
+                    del _CACHE[next(iter(_CACHE))]
+            _CACHE[key] = entry
+    return entry.value
+
+
+def clear() -> None:
+    """Forget every cached tensor (frees their memory)."""
+    with _LOCK:
+        _CACHE.clear()
