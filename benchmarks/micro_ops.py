@@ -3,15 +3,24 @@
 Run::
 
     PYTHONPATH=src python benchmarks/micro_ops.py            # one thread, median of 7 wall-clock runs (wall)
+    PYTHONPATH=src python benchmarks/micro_ops.py --rows locations dwconv fused
 
 Each row times the plain PyTorch formulation and piip's at the shapes a PIIP-TSB 1120 forward
-produces, in one run, and prints their ratio and the largest difference of their outputs.
+produces, in one run, and prints their ratio and the largest difference of their outputs:
+
+* ``softmax``: the deformable attention's 4-wide softmax (``softmax_last``);
+* ``locations``: sampling locations ``ref + offsets / (W, H)`` as one ``addcdiv`` (``MSDeformAttn``);
+* ``dwconv``: the ConvFFN's depthwise conv on its channels-last token map, with the weight's default
+  strides against a channels-last weight, back to tokens (``DWConv``);
+* ``fused``: ``fused`` deformable sampling without a gradient, the training forward (``_FusedLevel``:
+  in-map mask) against the inference path (``_sample_no_grad``: clamped cells, two-pixel border).
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +53,63 @@ def softmax_rows() -> list[tuple[str, Callable, Callable]]:
     return rows
 
 
-def main() -> None:
+# PIIP-TSB 1120's four deformable shapes: (query tokens, value map side, value width per head)
+_EDGES = ((4900, 56, 6), (3136, 70, 12), (3136, 28, 12), (784, 56, 24))
+
+
+def location_rows() -> list[tuple[str, Callable, Callable]]:
+    rows = []
+    for tokens, side, _ in _EDGES[:2]:
+        ref = torch.rand(1, tokens, 1, 2)[:, :, None, :, None, :]
+        off = torch.randn(1, tokens, 16, 1, 4, 2) * 3
+        norm = torch.tensor([float(side), float(side)]).view(1, 1, 2)
+        rows.append((f"locations (1, {tokens}, 16, 1, 4, 2)", lambda r=ref, o=off, n=norm: r + o / n,
+                     lambda r=ref, o=off, n=norm: torch.addcdiv(r, o, n)))
+    return rows
+
+
+def dwconv_rows() -> list[tuple[str, Callable, Callable]]:
+    rows = []
+    for c, side in ((48, 70), (96, 56), (192, 28)):     # ConvFFN hidden width at each query map
+        x = torch.randn(1, side * side, c).transpose(1, 2).reshape(1, c, side, side)   # channels-last view
+        w, b = torch.randn(c, 1, 3, 3), torch.randn(c)
+
+        def run(weight, x=x, b=b, c=c, side=side):
+            return F.conv2d(x, weight, b, 1, 1, 1, c).permute(0, 2, 3, 1).reshape(1, side * side, c)
+        rows.append((f"depthwise conv (1, {c}, {side}, {side}) to tokens", lambda w=w, run=run: run(w),
+                     lambda w=w, run=run: run(w.to(memory_format=torch.channels_last))))
+    return rows
+
+
+def fused_rows() -> list[tuple[str, Callable, Callable]]:
+    from piip.ops import deform_fused as df
+
+    class _Ctx:                                     # what autograd.Function.forward is handed
+        def save_for_backward(self, *tensors):
+            pass
+    rows = []
+    for tokens, side, d in _EDGES:
+        value = torch.randn(1, side, side, 16, d)
+        loc = torch.rand(1, tokens, 16, 4, 2) * 1.1 - 0.05       # some samples off the map
+        attn = torch.rand(1, tokens, 16, 4)
+        rows.append((f"fused no-grad {tokens} queries, {side}x{side}x16x{d}",
+                     lambda v=value, l=loc, a=attn: df._FusedLevel.forward(_Ctx(), v, l, a),
+                     lambda v=value, l=loc, a=attn: df._sample_no_grad(v, l, a)))
+    return rows
+
+
+ROWS = {"softmax": softmax_rows, "locations": location_rows, "dwconv": dwconv_rows, "fused": fused_rows}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, 1 thread, wall time, median of 7\n")
     print(f"{'op':44s} {'plain ms':>9s} {'piip ms':>9s} {'piip/plain':>10s} {'max diff':>9s}")
-    for name, plain, ours in softmax_rows():
+    for name, plain, ours in (row for key in args.rows for row in ROWS[key]()):
         a, b = plain(), ours()
         diff = (a - b).abs().max().item()
         tp, to = _time(plain), _time(ours)

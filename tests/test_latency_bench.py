@@ -90,3 +90,16 @@ def test_ab_revisions_compares_against_a_git_revision(tmp_path):
     assert row["max_rel_diff"] < 1e-4
     with pytest.raises(SystemExit, match="--base 'no-such-rev'"):
         ab.import_revision("no-such-rev", tmp_path / "x")
+
+
+def test_micro_ops_rewrites_agree_with_the_plain_ops():
+    """benchmarks/micro_ops.py: each rewrite it times computes what the plain op does (timing not asserted)."""
+    micro_ops = pytest.importorskip("micro_ops")
+    tol = {"locations": 0.0, "dwconv": 1e-5, "fused": 0.0}
+    for key, atol in tol.items():
+        rows = micro_ops.ROWS[key]()
+        assert rows, key
+        for name, plain, ours in rows:
+            a, b = plain(), ours()
+            assert a.shape == b.shape, name
+            torch.testing.assert_close(b, a, atol=atol, rtol=atol, msg=name)

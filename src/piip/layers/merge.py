@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.symbolic import same_sizes
+from .conv import Conv2d
 from .linear import apply_linear
 
 
@@ -60,14 +61,14 @@ def _gn_linear_merge(in_dim: int, out_dim: int) -> nn.Module:
 def _conv_merge(in_dim: int, out_dim: int) -> nn.Sequential:
     """The released detection code's merge: 2 x (3x3 conv, GroupNorm(32), ReLU)."""
     return nn.Sequential(
-        nn.Conv2d(in_dim, out_dim, 3, padding=1, bias=False), nn.GroupNorm(32, out_dim), nn.ReLU(inplace=True),
-        nn.Conv2d(out_dim, out_dim, 3, padding=1, bias=False), nn.GroupNorm(32, out_dim), nn.ReLU(inplace=True),
+        Conv2d(in_dim, out_dim, 3, padding=1, bias=False), nn.GroupNorm(32, out_dim), nn.ReLU(inplace=True),
+        Conv2d(out_dim, out_dim, 3, padding=1, bias=False), nn.GroupNorm(32, out_dim), nn.ReLU(inplace=True),
     )
 
 
 def _single_conv_merge(in_dim: int, out_dim: int, conv: bool) -> nn.Sequential:
     """The released regular-FPN merge: 3x3 conv (only when ``conv``), GroupNorm(32), ReLU."""
-    layers = [nn.Conv2d(in_dim, out_dim, 3, padding=1, bias=False)] if conv else []
+    layers = [Conv2d(in_dim, out_dim, 3, padding=1, bias=False)] if conv else []
     return nn.Sequential(*layers, nn.GroupNorm(32, out_dim), nn.ReLU(inplace=True))
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conv import Conv2d
 from .linear import apply_linear, apply_output_linear, unhooked
 
 
@@ -48,7 +48,7 @@ class DWConv(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=True)
+        self.dwconv = Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=True)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         b, n, c = x.shape
@@ -56,18 +56,11 @@ class DWConv(nn.Module):
         # the (B, N, C) -> NCHW view above is channels-last strided. Compiled, Inductor cannot order
         # that view's strides once H / W are symbolic ("cannot determine truth value of Relational:
         # 8*s12 < 8"), so it gets a contiguous map there
-        conv = self.dwconv
         if torch.compiler.is_compiling():
-            y = conv(x.contiguous())
-        elif unhooked(conv, nn.Conv2d) and conv.padding_mode == "zeros":
-            # eagerly the conv keeps channels-last only if its weight is channels-last too; a
-            # (C, 1, 3, 3) weight's default strides are not, so it copied the map to NCHW, ran the
-            # slower NCHW depthwise kernel and its output needed a copy back to tokens: 7x the time
-            # of the channels-last call at PIIP's shapes. Restrided, the output is token-major (a view)
-            weight = conv.weight.to(memory_format=torch.channels_last)   # (contiguous() keeps them)
-            y = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        else:
-            y = conv(x)
+            x = x.contiguous()
+        # eagerly the map stays channels-last through the conv (layers/conv.py), so the output is
+        # token-major and the permute below a view
+        y = self.dwconv(x)
         return y.permute(0, 2, 3, 1).reshape(b, n, c)
 
 

@@ -6,7 +6,9 @@ zero-padded by one pixel, so a sample's 2x2 bilinear patch is addressed by one *
 samples whose whole patch misses the padded grid are masked.
 
 * forward: one ``embedding_bag`` per level (a fused gather + weighted sum; each (batch, query,
-  head) is one bag of P*4 rows whose weights are attention x bilinear weight);
+  head) is one bag of P*4 rows whose weights are attention x bilinear weight). Eager float32
+  inference builds its rows and weights in fewer passes, with the same result bit for bit
+  (:func:`_sample_no_grad`: a two-pixel border and clamped cells instead of the mask);
 * value gradient: the samples are sorted once by patch row; each of the 4 corners is then an
   ``embedding_bag`` over the output gradients with per-row offsets (a sorted gather-reduce),
   and the 4 results are added with a shift in the flat padded grid. No scatter, no atomics;
