@@ -3,7 +3,7 @@
 Run::
 
     PYTHONPATH=src python benchmarks/micro_ops.py            # one thread, median of 7 wall-clock runs (wall)
-    PYTHONPATH=src python benchmarks/micro_ops.py --rows locations dwconv fused
+    PYTHONPATH=src python benchmarks/micro_ops.py --rows locations dwconv conv3x3 fused
 
 Each row times the plain PyTorch formulation and piip's at the shapes a PIIP-TSB 1120 forward
 produces, in one run, and prints their ratio and the largest difference of their outputs:
@@ -11,7 +11,8 @@ produces, in one run, and prints their ratio and the largest difference of their
 * ``softmax``: the deformable attention's 4-wide softmax (``softmax_last``);
 * ``locations``: sampling locations ``ref + offsets / (W, H)`` as one ``addcdiv`` (``MSDeformAttn``);
 * ``dwconv``: the ConvFFN's depthwise conv on its channels-last token map, with the weight's default
-  strides against a channels-last weight, back to tokens (``DWConv``);
+  strides against a channels-last weight, back to tokens (``DWConv``, ``layers/conv.py``);
+* ``conv3x3``: the same for the detection merge's 3x3 convs (output compared in either layout);
 * ``fused``: ``fused`` deformable sampling without a gradient, the training forward (``_FusedLevel``:
   in-map mask) against the inference path (``_sample_no_grad``: clamped cells, two-pixel border).
 """
@@ -81,6 +82,17 @@ def dwconv_rows() -> list[tuple[str, Callable, Callable]]:
     return rows
 
 
+def conv3x3_rows() -> list[tuple[str, Callable, Callable]]:
+    """The detection merge's 3x3 convs (branch width -> 768) on channels-last branch maps (layers/conv.py)."""
+    rows = []
+    for c, side in ((192, 70), (384, 56), (768, 28)):
+        x = torch.randn(1, side * side, c).transpose(1, 2).reshape(1, c, side, side)
+        w = torch.randn(768, c, 3, 3) * 0.05
+        rows.append((f"conv 3x3 {c}->768 at {side}x{side}", lambda x=x, w=w: F.conv2d(x, w, None, 1, 1),
+                     lambda x=x, w=w.to(memory_format=torch.channels_last): F.conv2d(x, w, None, 1, 1)))
+    return rows
+
+
 def fused_rows() -> list[tuple[str, Callable, Callable]]:
     from piip.ops import deform_fused as df
 
@@ -98,7 +110,8 @@ def fused_rows() -> list[tuple[str, Callable, Callable]]:
     return rows
 
 
-ROWS = {"softmax": softmax_rows, "locations": location_rows, "dwconv": dwconv_rows, "fused": fused_rows}
+ROWS = {"softmax": softmax_rows, "locations": location_rows, "dwconv": dwconv_rows, "conv3x3": conv3x3_rows,
+        "fused": fused_rows}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -111,9 +111,9 @@ def test_pyramid_upsample_keeps_its_gemm_weight_until_the_weight_changes(monkeyp
 
 def test_convffn_depthwise_conv_stays_channels_last():
     """The ConvFFN's token map is channels-last strided. Eagerly its depthwise conv gets a
-    channels-last weight, so the output is token-major without a copy (a default-strided (C, 1, 3, 3)
-    weight made the conv copy to NCHW and back, 7x slower); it equals the module's own NCHW conv,
-    with gradients, and a hooked conv is called as a module."""
+    channels-last weight (layers/conv.py), so the output is token-major without a copy (a
+    default-strided (C, 1, 3, 3) weight made the conv copy to NCHW and back); it equals the stock
+    NCHW conv, with gradients, and hooks on the conv still see it run."""
     from piip.layers.mlp import DWConv
     torch.manual_seed(0)
     m = DWConv(8)
@@ -130,7 +130,7 @@ def test_convffn_depthwise_conv_stays_channels_last():
         conv_out = []
         m.dwconv.register_forward_hook(lambda mod, i, o: conv_out.append(o))
         assert torch.equal(m(x2, (8, 8)), m.dwconv(x2.transpose(1, 2).reshape(1, 8, 8, 8)).flatten(2).transpose(1, 2))
-        assert len(conv_out) == 2                      # hooked: the module itself ran
+        assert len(conv_out) == 2                      # the hook saw both calls
         m.dwconv._forward_hooks.clear()
         seen = []
         real = torch.nn.functional.conv2d
