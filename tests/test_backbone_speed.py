@@ -146,3 +146,29 @@ def test_convffn_depthwise_conv_stays_channels_last():
         finally:
             torch.nn.functional.conv2d = real
         assert seen == [(True, True)] and y2.is_contiguous()
+
+
+def test_conv2d_keeps_channels_last_maps_and_follows_weight_changes():
+    """layers.conv.Conv2d: a channels-last map gives a channels-last output equal to nn.Conv2d's
+    (inference with the kept weight, training with gradients); an NCHW map takes the stock call;
+    a weight loaded in place is used at the next call."""
+    from piip.layers.conv import Conv2d
+    torch.manual_seed(0)
+    conv, ref = Conv2d(16, 24, 3, padding=1), torch.nn.Conv2d(16, 24, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    x_cl = torch.randn(2, 7 * 9, 16).transpose(1, 2).reshape(2, 16, 7, 9)      # tokens viewed as a map
+    x = x_cl.contiguous()
+    with torch.no_grad():
+        y = conv(x_cl)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+        assert conv(x).is_contiguous()                                        # NCHW in, NCHW out
+        new = {k: torch.randn_like(v) for k, v in conv.state_dict().items()}
+        conv.load_state_dict(new)
+        ref.load_state_dict(new)
+        torch.testing.assert_close(conv(x_cl), ref(x), atol=1e-5, rtol=1e-5)
+    xa, xb = x_cl.clone().requires_grad_(), x.clone().requires_grad_()
+    conv(xa).square().sum().backward()
+    ref(xb).square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
