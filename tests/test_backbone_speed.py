@@ -110,10 +110,10 @@ def test_pyramid_upsample_keeps_its_gemm_weight_until_the_weight_changes(monkeyp
 
 
 def test_convffn_depthwise_conv_stays_channels_last():
-    """The ConvFFN's token map is channels-last strided. Eagerly its depthwise conv gets a
-    channels-last weight (layers/conv.py), so the output is token-major without a copy (a
+    """The ConvFFN's token map is channels-last strided. In eager inference its depthwise conv gets
+    a channels-last weight (layers/conv.py), so the output is token-major without a copy (a
     default-strided (C, 1, 3, 3) weight made the conv copy to NCHW and back); it equals the stock
-    NCHW conv, with gradients, and hooks on the conv still see it run."""
+    NCHW conv, training gets the stock gradients, and hooks on the conv still see it run."""
     from piip.layers.mlp import DWConv
     torch.manual_seed(0)
     m = DWConv(8)
@@ -149,9 +149,9 @@ def test_convffn_depthwise_conv_stays_channels_last():
 
 
 def test_conv2d_keeps_channels_last_maps_and_follows_weight_changes():
-    """layers.conv.Conv2d: a channels-last map gives a channels-last output equal to nn.Conv2d's
-    (inference with the kept weight, training with gradients); an NCHW map takes the stock call;
-    a weight loaded in place is used at the next call."""
+    """layers.conv.Conv2d: in inference a channels-last map gives a channels-last output equal to
+    nn.Conv2d's (the kept weight); an NCHW map takes the stock call; a weight loaded in place is
+    used at the next call; training gets the stock call and its gradients."""
     from piip.layers.conv import Conv2d
     torch.manual_seed(0)
     conv, ref = Conv2d(16, 24, 3, padding=1), torch.nn.Conv2d(16, 24, 3, padding=1)

@@ -15,8 +15,10 @@ class Conv2d(nn.Conv2d):
 
     PyTorch's CPU convolution runs channels-last only when its weight is channels-last too; with a
     default-strided weight it copies such a map to NCHW, runs there and returns NCHW, which the next
-    layer copies back. Given a channels-last map this passes a channels-last weight instead: kept
-    between calls where no gradient is wanted (``piip.ops.derived``), relaid each call otherwise.
+    layer copies back. Given a channels-last map and no gradient wanted, this passes a channels-last
+    weight instead, kept between calls (``piip.ops.derived``). Training keeps the stock call: its
+    speed with channels-last weights was not measured apart from noise (a classifier train step
+    0.99-1.00x).
     At PIIP-TSB 1120's shapes on one core (``benchmarks/micro_ops.py --rows dwconv conv3x3``): the
     ConvFFN's depthwise convs, back to tokens, in 0.25-0.37 of the time (no copy either way); the
     detection merge's 3x3 convs in 0.90-0.96. Traced graphs and other inputs take the stock call.
@@ -24,12 +26,10 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         if not (x.dim() == 4 and x.device.type == "cpu" and self.padding_mode == "zeros" and not tracing()
-                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return super().forward(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            weight = self._channels_last()
-        else:
-            weight = derived.cached("channels_last", (self.weight,), self._channels_last)
+        weight = derived.cached("channels_last", (self.weight,), self._channels_last)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _channels_last(self) -> Tensor:
