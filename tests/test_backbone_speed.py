@@ -107,6 +107,13 @@ def test_pyramid_upsample_keeps_its_gemm_weight_until_the_weight_changes(monkeyp
     assert len(made) == 2
     up(x).sum().backward()                 # training: laid out from the parameter, with its gradient
     assert len(made) == 3 and up.weight.grad is not None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with torch.no_grad():
+        up.weight.add_(0)                  # a new weight state: the next call lays it out again
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():     # a shape pass keeps nothing
+        up(torch.empty(2, 8, 5, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(up(x), ref(x))
 
 
 def test_convffn_depthwise_conv_stays_channels_last():

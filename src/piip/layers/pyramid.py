@@ -55,7 +55,6 @@ class Upsample2x(nn.ConvTranspose2d):
             out = torch.add(y, self.bias, out=y.new_empty(b, h, 2, w, 2, cout)).view(b, 2 * h, 2 * w, cout)
         return out.permute(0, 3, 1, 2)
 
-
     def _gemm_weight(self) -> Tensor:
         return self.weight.permute(2, 3, 1, 0).reshape(4 * self.out_channels, self.in_channels)
 

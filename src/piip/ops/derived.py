@@ -8,7 +8,8 @@ version counter unchanged. So any change of a weight, in place (``optimizer.step
 ``load_state_dict``) or by replacement, recomputes; a freed and reused address never matches.
 
 Callers use it only where no gradient is wanted and nothing is being traced. Weights made under
-``inference_mode`` carry no version counter, a change would go unseen: they are not cached.
+``inference_mode`` carry no version counter, a change would go unseen: they are not cached, nor
+are meta or fake weights, nor anything under a dispatch mode.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
 
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .symbolic import real
 
 T = TypeVar("T")
 
@@ -34,8 +38,12 @@ _LOCK = threading.Lock()
 
 
 def trackable(weights: Sequence[Optional[Tensor]]) -> bool:
-    """Whether a change of these weights would be seen (none is an inference tensor)."""
-    return not any(t is not None and t.is_inference() for t in weights)
+    """Whether these weights can key the cache: they hold data (not meta or fake tensors), a
+    change would be seen (none is an inference tensor), and no dispatch mode is active (under
+    FakeTensorMode the derived tensor itself would be fake)."""
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or (real(t) and not t.is_inference()) for t in weights)
 
 
 def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T], *extra: Any) -> T:
