@@ -58,8 +58,8 @@ class DWConv(nn.Module):
         # 8*s12 < 8"), so it gets a contiguous map there
         if torch.compiler.is_compiling():
             x = x.contiguous()
-        # eagerly the map stays channels-last through the conv (layers/conv.py), so the output is
-        # token-major and the permute below a view
+        # in eager inference the map stays channels-last through the conv (layers/conv.py), so
+        # the output is token-major and the permute below a view
         y = self.dwconv(x)
         return y.permute(0, 2, 3, 1).reshape(b, n, c)
 
