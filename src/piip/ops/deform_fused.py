@@ -257,8 +257,7 @@ def _sample_no_grad(value: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
     n, h, w, m, d = value.shape
     _, lq, _, p, _ = loc.shape
     r, wp = n * lq * m, w + 4
-    x = torch.mul(loc[..., 0], w).sub_(0.5)
-    y = torch.mul(loc[..., 1], h).sub_(0.5)
+    x, y = pixel_coords(loc, h, w)
     x0 = x.clamp(-2.0, w).floor_()
     y0 = y.clamp(-2.0, h).floor_()
     fx, fy = x.sub_(x0), y.sub_(y0)
@@ -267,12 +266,10 @@ def _sample_no_grad(value: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
     # padded row of the top-left corner: ((image * (h+4) + y0 + 2) * (w+4) + x0 + 2) * m + head
     base = (torch.arange(n, dtype=itype, device=loc.device).view(n, 1, 1, 1) * ((h + 4) * wp * m)
             + torch.arange(m, dtype=itype, device=loc.device).view(1, 1, m, 1) + (2 * wp + 2) * m)
-    rows = torch.add(base, cell, alpha=m)
-    # corners 00, 01, 10, 11 (a broadcast add: faster here than four strided writes)
-    idx = rows[..., None] + torch.tensor((0, m, wp * m, (wp + 1) * m), dtype=itype, device=loc.device)
+    rows = torch.add(base, cell, alpha=m).view(r, p)
+    idx = _corner_rows(rows, w + 2, m)                     # the corner offsets of a 2-pixel border
     cw = _corner_weights(fx, fy, attn.reshape(n, lq, m, p))
-    return F.embedding_bag(idx.view(r, p * 4), _pad2(value).view(-1, d), mode="sum",
-                           per_sample_weights=cw.view(r, p * 4))
+    return F.embedding_bag(idx, _pad2(value).view(-1, d), mode="sum", per_sample_weights=cw.view(r, p * 4))
 
 
 def _pad2(value: Tensor) -> Tensor:
