@@ -18,7 +18,7 @@ from ..layers.drop import DropPath, inactive
 from ..layers.linear import unhooked
 from ..layers.mlp import Mlp
 from ..layers.norm import make_norm
-from ..ops.symbolic import concrete, real, same_sizes, tracing
+from ..ops.symbolic import concrete, grad_wanted, real, same_sizes, tracing
 from .base import Branch, FlopPart, Tokens
 from .flavours import FLAVOURS, POS_LAYOUTS
 
@@ -168,7 +168,7 @@ class ViTBranch(Branch):
         No cache for a table created under ``torch.inference_mode`` (a model built there): an
         inference tensor has no version counter, so an in-place update could not be detected."""
         pos = self.pos_embed[:, self.pos_slot:]
-        if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or tracing() or not concrete(hw) \
+        if grad_wanted(self.pos_embed) or tracing() or not concrete(hw) \
                 or not real(self.pos_embed) or self.pos_embed.is_inference():  # traced / symbolic / meta / inference
             return resize_pos_embed(pos, self.pos_grid, hw)
         key = (hw, self.pos_embed._version, self.pos_embed.dtype, self.pos_embed.device, self.pos_embed.data_ptr())

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import derived
-from ..ops.symbolic import tracing
+from ..ops.symbolic import grad_wanted, tracing
 
 
 class Conv2d(nn.Conv2d):
@@ -27,7 +27,7 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         if not (x.dim() == 4 and x.device.type == "cpu" and self.padding_mode == "zeros" and not tracing()
                 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+                and not grad_wanted(x, self.weight)):
             return super().forward(x)
         weight = derived.cached("channels_last", (self.weight,), self._channels_last)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -20,9 +20,9 @@ exactly the stock ones with no hooks. Under ``torch.compile`` (inference) it is 
 ``piip::folded_feat``, whose weights are graph inputs. The folded weights are computed in float64 on
 first use and cached by the weights' identity (``piip.ops.derived``: address, storage alive,
 version counter), so any change of a weight, in place or by replacement, refolds; weights made
-under ``inference_mode`` (no version counter) keep the stock computation. Results equal the stock path to float32 rounding
-(below 1e-6 of the largest output on the PIIP-TSB models). ``PIIP_FOLD=0`` in the environment, or
-``set_enabled(False)``, turns it off.
+under ``inference_mode`` (no version counter) keep the stock computation. Results equal the stock
+path to float32 rounding (below 1e-6 of the largest output on the PIIP-TSB models).
+``PIIP_FOLD=0`` in the environment, or ``set_enabled(False)``, turns it off.
 """
 from __future__ import annotations
 
@@ -107,13 +107,10 @@ def profitable(d_in: int, d_out: int, norm: bool) -> bool:
     return not norm or min(d_in, d_out) <= _MAX_COST * d_out
 
 
-def _inference_weights(weights: tuple[Optional[Tensor], ...]) -> bool:
-    """Weights made under ``inference_mode`` have no version counter: a change would go unseen."""
-    return not derived.trackable(weights)
-
-
 def _folded(x: Tensor, eps: Optional[float], *weights: Optional[Tensor]) -> Tensor:
-    if _inference_weights(weights):     # (compiled graphs get here) the stock expression, uncached
+    # weights the cache cannot track (made under inference_mode: no version counter; compiled
+    # graphs get here too): the stock expression, uncached
+    if not derived.trackable(weights):
         wp, bp, gamma, beta, wv, bv = weights
         y = F.linear(x, wp, bp)
         y = y if eps is None else F.layer_norm(y, y.shape[-1:], gamma, beta, eps)
@@ -153,6 +150,6 @@ def folded_path(proj: nn.Module, norm: nn.Module, out: nn.Module, x: Tensor) -> 
     eps = float(norm.eps) if has_norm else None
     if torch.compiler.is_compiling():
         return _folded_op(x, *weights, eps)
-    if _inference_weights(weights):
+    if not derived.trackable(weights):
         return None
     return _folded(x, eps, *weights)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ms_deform_attn import ShapesArg, StartsArg, level_layout, register_impl
+from .symbolic import grad_wanted
 
 
 class _Geometry(NamedTuple):
@@ -97,7 +98,7 @@ def _corner_weights(fx: Tensor, fy: Tensor, a: Tensor) -> Tensor:
     last dim copies element by element, and took half the time of building the weights."""
     ax1 = a * fx
     ax0 = a - ax1
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (fx, fy, a))):
+    if torch.compiler.is_compiling() or grad_wanted(fx, fy, a):
         return torch.stack([ax0 - ax0 * fy, ax1 - ax1 * fy, ax0 * fy, ax1 * fy], -1)
     out = a.new_empty(*a.shape, 4)
     torch.mul(ax0, fy, out=out[..., 2])
@@ -289,7 +290,7 @@ def _fast_path(value: Tensor, loc: Tensor, attn: Tensor) -> bool:
     """:func:`_sample_no_grad` applies: eager, float32, no gradient wanted, cells exact in float32."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or loc.dtype != torch.float32:
         return False
-    if torch.is_grad_enabled() and (value.requires_grad or loc.requires_grad or attn.requires_grad):
+    if grad_wanted(value, loc, attn):
         return False
     _, h, w, _, _ = value.shape
     return (h + 4) * (w + 4) < 2 ** 24
@@ -318,10 +319,9 @@ def _supports(value: Tensor, sampling_locations: Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():
         return True
-    needs_grad = torch.is_grad_enabled() and (value.requires_grad or sampling_locations.requires_grad)
     small = (sampling_locations.numel() // 2 <= SMALL_TRAINING_SAMPLES
              and value.numel() <= SMALL_TRAINING_VALUES)
-    return not (needs_grad and small)
+    return not (grad_wanted(value, sampling_locations) and small)
 
 
 ms_deform_attn_fused.supports = _supports  # type: ignore[attr-defined]

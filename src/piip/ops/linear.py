@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import derived
-from .symbolic import tracing
+from .symbolic import grad_wanted, tracing
 
 ACTS = (None, "gelu", "gelu_tanh")
 _enabled = os.environ.get("PIIP_ONEDNN_LINEAR", "1") != "0"
@@ -109,7 +109,7 @@ def unobserved(*tensors: Optional[Tensor]) -> bool:
         return False
     if any(t.device != ts[0].device or t.dtype != ts[0].dtype for t in ts):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+    if grad_wanted(*ts):
         return False
     if ts[0].device.type == "meta" or torch.is_autocast_enabled(ts[0].device.type):
         return False    # (meta: autocast has no such device; nothing is computed there anyway)

@@ -15,6 +15,12 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def grad_wanted(*tensors: Tensor) -> bool:
+    """Autograd would record an op on these tensors (grad mode on and one of them requires grad):
+    what decides between a path with a backward and an inference-only one."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def concrete(sizes: Sequence[object]) -> bool:
     """All sizes are plain Python ints (not SymInts, not the 0-dim tensors jit.trace hands out)."""
     return all(type(s) is int for s in sizes)
