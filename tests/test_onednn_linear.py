@@ -345,3 +345,71 @@ def test_an_unknown_dropout_module_is_called_not_skipped():
                                    res + gate * (0.5 * F.linear(x, proj.weight, proj.bias)))
         torch.testing.assert_close(apply_output_linear(proj, x, nn.Dropout(0.3).eval(), res, gate),
                                    res + gate * F.linear(x, proj.weight, proj.bias), atol=1e-6, rtol=1e-6)
+
+
+def _packed_reads(fn) -> tuple[object, int]:
+    """``fn()``'s result and how many linear calls read a prepacked (opaque oneDNN) weight."""
+    reads = []
+    real = onednn._onednn
+
+    def spy(x, weight, bias, act, residual):
+        reads.append(weight.is_mkldnn)
+        return real(x, weight, bias, act, residual)
+    onednn._onednn = spy
+    try:
+        return fn(), sum(reads)
+    finally:
+        onednn._onednn = real
+
+
+@needs_op
+@pytest.mark.parametrize("name", ["piip_tsb_1120_896_448", "piip_tsb_368_192_128_cls",
+                                  "piip_sbl_1568_1120_672_dinov2"])
+def test_prepacked_weights_change_no_output_bit(name):
+    """Kept oneDNN-layout weights (plain and gated) give exactly the outputs of the per-call layout."""
+    model, x = tiny_gated(name), torch.randn(2, 3, 64, 64)
+    previous = onednn.set_prepack(True)
+    try:
+        with torch.inference_mode():
+            packed, reads = _packed_reads(lambda: model(x))
+            onednn.set_prepack(False)
+            plain, reads_off = _packed_reads(lambda: model(x))
+    finally:
+        onednn.set_prepack(previous)
+    assert reads > 0 and reads_off == 0
+    packed, plain = (packed, plain) if isinstance(packed, dict) else ({"y": packed}, {"y": plain})
+    for k in plain:
+        assert torch.equal(packed[k], plain[k]), k
+
+
+@needs_op
+def test_prepacked_weight_follows_the_weights_and_dies_with_them():
+    """The kept layout is redone after an in-place change (load_state_dict), is not used for one
+    row or when the weight is too large, and is freed with its layer."""
+    import gc
+    from piip.ops import derived
+    previous = onednn.set_prepack(True)
+    try:
+        lin, gate = nn.Linear(24, 40), nn.Parameter(torch.rand(40) + 0.5)
+        x, res = torch.randn(3, 5, 24), torch.randn(3, 5, 40)
+        with torch.inference_mode():
+            for kw in (dict(), dict(residual=res, scale=gate)):
+                got, reads = _packed_reads(lambda: onednn.linear(x, lin.weight, lin.bias, **kw))
+                assert reads == 1
+                want = res + gate * F.linear(x, lin.weight, lin.bias) if kw else F.linear(x, lin.weight, lin.bias)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            lin.load_state_dict({"weight": torch.randn(40, 24), "bias": torch.randn(40)})
+            got, reads = _packed_reads(lambda: onednn.linear(x, lin.weight, lin.bias))
+            assert reads == 1
+            torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+            _, reads = _packed_reads(lambda: onednn.linear(x[:1, :1], lin.weight, lin.bias))
+            assert reads == 0                          # one row: another kernel, never packed
+            big = nn.Linear(1 << 10, (1 << 10) + 1)    # just over the kept size
+            _, reads = _packed_reads(lambda: onednn.linear(torch.randn(4, 1 << 10), big.weight, big.bias))
+            assert reads == 0
+        n = len(derived._CACHE)
+        del lin, gate
+        gc.collect()
+        assert len(derived._CACHE) <= n - 2           # the packed and the gated entries went with the layer
+    finally:
+        onednn.set_prepack(previous)

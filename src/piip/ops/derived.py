@@ -10,10 +10,14 @@ version counter unchanged. So any change of a weight, in place (``optimizer.step
 Callers use it only where no gradient is wanted and nothing is being traced. Weights made under
 ``inference_mode`` carry no version counter, a change would go unseen: they are not cached, nor
 are meta or fake weights, nor anything under a dispatch mode.
+
+An entry is dropped as soon as one of its weight tensors is freed (a weak reference's callback),
+so deleting a model frees what was derived from it; the entry bound is a safety net on top.
 """
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
 
 from torch import Tensor
@@ -29,11 +33,12 @@ class _Entry(NamedTuple):
     alive: tuple[Optional[StorageWeakRef], ...]   # the weights' storages (no strong reference kept)
     versions: tuple[int, ...]
     value: Any
+    refs: tuple[weakref.ref, ...] = ()            # drop the entry when a weight tensor is freed
 
 
 # an entry counts only while every weight's storage lives and no weight changed in place
 _CACHE: dict[tuple, _Entry] = {}
-_MAX_ENTRIES = 1024
+_MAX_ENTRIES = 8192   # a safety net: entries go with their weights; one PIIP-TSBL model keeps 683
 _LOCK = threading.Lock()
 
 
@@ -58,6 +63,8 @@ def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T],
     if entry is None or entry.versions != versions or any(w is not None and w.expired() for w in entry.alive):
         alive = tuple(None if t is None else StorageWeakRef(t.untyped_storage()) for t in weights)
         entry = _Entry(alive, versions, make())
+        drop = _dropper(key, entry)
+        entry = entry._replace(refs=tuple(weakref.ref(t, drop) for t in weights if t is not None))
         with _LOCK:                        # threads serving one model may miss together
             if len(_CACHE) >= _MAX_ENTRIES:    # drop the dead, then the oldest
                 for k in [k for k, e in _CACHE.items() if any(w is not None and w.expired() for w in e.alive)]:
@@ -66,6 +73,19 @@ def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T],
                     del _CACHE[next(iter(_CACHE))]
             _CACHE[key] = entry
     return entry.value
+
+
+def _dropper(key: tuple, entry: _Entry) -> Callable[[Any], None]:
+    """The weak-reference callback of ``entry``: removes it unless a newer entry took its key.
+    Takes no lock (it may run from the garbage collector inside a locked region); a lone dict
+    ``pop`` is atomic under the GIL."""
+    value = entry.value
+
+    def drop(_ref: Any) -> None:
+        current = _CACHE.get(key)
+        if current is not None and current.value is value:
+            _CACHE.pop(key, None)
+    return drop
 
 
 def clear() -> None:
