@@ -309,11 +309,15 @@ def test_compiled_inference_calls_the_custom_op_and_export_never_does():
         torch._dynamo.reset()
         counter = CompileCounterWithBackend("aot_eager")
         with torch.set_grad_enabled(grad):
-            out = torch.compile(model, backend=counter, fullgraph=True)(x)
+            out, reads = _packed_reads(lambda: torch.compile(model, backend=counter, fullgraph=True)(x))
         assert counter.frame_count == 1
+        assert reads == (0 if grad else 4)   # run time reads the kept oneDNN layouts, gated ones too
         return out, counter.graphs[0]
+    with torch.no_grad():
+        eager = model(x)
     got, graph = compiled_graph(grad=False)
     assert _custom_op_calls(graph) == 4      # qkv, proj + residual, fc1 + GELU, fc2 + residual
+    assert torch.equal(got, eager)
     onednn.set_enabled(False)
     with torch.no_grad():
         want = model(x)

@@ -86,14 +86,16 @@ def _onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residua
 
 
 def _register_compiled_op():
-    """``piip::onednn_linear``: :func:`_onednn` as a custom op, opaque to Dynamo and Inductor."""
+    """``piip::onednn_linear``: :func:`_fused` as a custom op, opaque to Dynamo and Inductor, so a
+    compiled graph runs the eager call (kept gated and packed weights included) at run time."""
     @torch.library.custom_op("piip::onednn_linear", mutates_args=())
     def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str,
-                      residual: Optional[Tensor]) -> Tensor:
-        return _onednn(x, weight, bias, act, residual)
+                      residual: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
+        return _fused(x, weight, bias, act, residual, scale)
 
     @onednn_linear.register_fake
-    def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual: Optional[Tensor]) -> Tensor:
+    def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual: Optional[Tensor],
+          scale: Optional[Tensor]) -> Tensor:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
     return onednn_linear
 
@@ -143,25 +145,33 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Option
         raise ValueError(f"linear: act must be one of {ACTS}, got {act!r}")
     if act is not None and (residual is not None or scale is not None):
         raise ValueError("linear: an activation cannot be fused together with a residual or a scale")
-    if _eligible(x, weight, bias, residual, scale):
-        call = _COMPILED_OP if torch.compiler.is_compiling() else _tuned if _tuning else _onednn
-        keep = _keep(weight, bias, scale)
-        fits = residual is None or residual.shape == x.shape[:-1] + weight.shape[:1]
-        pack = keep and fits and call is _onednn and _prepack(x)
-        if scale is not None and scale.shape == weight.shape[:1]:
-            if not keep and not _scale_weight(x):
-                y = call(x, weight, bias, "none", None)
-                return y * scale if residual is None else torch.addcmul(residual, y, scale)
-            w, b, s = weight, bias, scale
-            weight, bias = (derived.cached("gated", (w, b, s), lambda: _gated(w, b, s, pack), pack) if keep
-                            else _gated(w, b, s))
-            scale = None
-        elif pack and scale is None:
-            w = weight
-            weight = derived.cached("packed", (w,), lambda: _packed(w))
-        if scale is None and fits:
-            return call(x, weight, bias, act or "none", residual)
+    if (_eligible(x, weight, bias, residual, scale)
+            and (scale is None or scale.shape == weight.shape[:1])
+            and (residual is None or residual.shape == x.shape[:-1] + weight.shape[:1])):
+        call = _COMPILED_OP if torch.compiler.is_compiling() else _fused
+        return call(x, weight, bias, act or "none", residual, scale)
     return epilogue(F.linear(x, weight, bias), act, residual, scale)
+
+
+def _fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual: Optional[Tensor],
+           scale: Optional[Tensor]) -> Tensor:
+    """The oneDNN call of :func:`linear` on concrete tensors: eagerly, or as the body of
+    ``piip::onednn_linear`` when a compiled graph runs. ``scale`` is per output channel and
+    ``residual`` has the output's shape (the caller checked)."""
+    call = _tuned if _tuning else _onednn
+    keep = _keep(weight, bias, scale)
+    pack = keep and call is _onednn and _prepack(x)
+    if scale is not None:
+        if not keep and not _scale_weight(x):
+            y = call(x, weight, bias, "none", None)
+            return y * scale if residual is None else torch.addcmul(residual, y, scale)
+        w, b, s = weight, bias, scale
+        weight, bias = (derived.cached("gated", (w, b, s), lambda: _gated(w, b, s, pack), pack) if keep
+                        else _gated(w, b, s))
+    elif pack:
+        w = weight
+        weight = derived.cached("packed", (w,), lambda: _packed(w))
+    return call(x, weight, bias, act, residual)
 
 
 def set_tuning(flag: bool) -> bool:
@@ -245,8 +255,7 @@ def _keep(weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor]) -> bo
     """Whether what an eager call derives from its weights (the gated weight, the packed layout)
     is kept by :mod:`piip.ops.derived`, computed once per weight state: small enough, and
     weights whose changes can be seen."""
-    return (weight.numel() <= _KEEP_MAX and not torch.compiler.is_compiling()
-            and derived.trackable((weight, bias, scale)))
+    return weight.numel() <= _KEEP_MAX and derived.trackable((weight, bias, scale))
 
 
 def _scale_weight(x: Tensor) -> bool:
