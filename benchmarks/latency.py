@@ -348,6 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights float32)")
     ap.add_argument("--no-onednn", action="store_true",
                     help="eager CPU inference through F.linear instead of piip.ops.linear's oneDNN path")
+    ap.add_argument("--no-prepack", action="store_true",
+                    help="oneDNN re-lays each weight out on every call (piip.ops.linear.set_prepack(False))")
     ap.add_argument("--no-fold", action="store_true",
                     help="interaction edges' feature path unfolded (piip.layers.fold off), eager and compiled")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
@@ -369,6 +371,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     tuned = tune_malloc()
     if args.no_onednn:
         onednn_linear.set_enabled(False)
+    if args.no_prepack:
+        onednn_linear.set_prepack(False)
     if args.no_fold:
         feat_fold.set_enabled(False)
     header = (f"Measured {datetime.date.today()} with `python benchmarks/latency.py "
@@ -377,7 +381,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"median of {args.repeats} interleaved passes, malloc tuned: {tuned}, "
               f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, "
               f"oneDNN linears (eager inference): {'on' if onednn_linear.enabled() else 'off'}"
-              f"{' (engine tuned per shape)' if onednn_linear.enabled() and onednn_linear._tuning else ''}, "
+              f"{' (engine tuned per shape)' if onednn_linear.enabled() and onednn_linear._tuning else ''}"
+              f"{', weights prepacked' if onednn_linear.enabled() and onednn_linear.prepacking() else ''}, "
               f"feature-path fold (inference): {'on' if feat_fold.enabled() else 'off'}, compile: "
               f"{'off' if args.no_compile else f'backend {args.backend}, mode {args.mode}'}"
               + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else "") + ".")

@@ -234,6 +234,11 @@ def set_prepack(flag: bool) -> bool:
     return previous
 
 
+def prepacking() -> bool:
+    """Whether eager float32 calls keep their (small enough) weights prepacked (:func:`set_prepack`)."""
+    return _prepack_on
+
+
 def _prepack(x: Tensor) -> bool:
     """Whether this call reads a prepacked weight: float32 (bf16 not measured) and more than one
     row (a single row takes another oneDNN kernel, whose results the prepacked one does not match)."""
