@@ -412,7 +412,7 @@ def test_prepacked_weight_follows_the_weights_and_dies_with_them():
             _, reads = _packed_reads(lambda: onednn.linear(torch.randn(4, 1 << 10), big.weight, big.bias))
             assert reads == 0
         n = len(derived._CACHE)
-        del lin, gate
+        lin = gate = kw = None                          # (the closures above read these names)
         gc.collect()
         assert len(derived._CACHE) <= n - 2           # the packed and the gated entries went with the layer
     finally:
