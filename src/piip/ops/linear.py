@@ -225,9 +225,9 @@ def set_prepack(flag: bool) -> bool:
     """Keep float32 weights of up to 1M elements in oneDNN's blocked layout between eager calls
     (on by default, ``PIIP_ONEDNN_PREPACK=0`` turns it off); returns the previous setting.
 
-    oneDNN otherwise re-lays the weight out on every call. Kept, the narrow GEMMs of PIIP's small
-    branches ran 1.02-1.14x faster on an AVX-512 Xeon and whole PIIP forwards about 1.035x,
-    with identical results (docs/performance.md). The price is a second copy of those weights
+    oneDNN otherwise re-lays the weight out on every call. Kept, the GEMMs of PIIP's narrow
+    branches ran 1.06-1.10x faster on an AVX-512 Xeon and whole PIIP forwards 1.02-1.03x, with
+    identical results (docs/performance.md). The price is a second copy of those weights
     while the model lives (freed with it)."""
     global _prepack_on
     previous, _prepack_on = _prepack_on, bool(flag)
