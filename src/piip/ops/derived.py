@@ -33,7 +33,7 @@ class _Entry(NamedTuple):
     alive: tuple[Optional[StorageWeakRef], ...]   # the weights' storages (no strong reference kept)
     versions: tuple[int, ...]
     value: Any
-    refs: tuple[weakref.ref, ...] = ()            # drop the entry when a weight tensor is freed
+    refs: tuple[weakref.ref, ...]                 # drop the entry when a weight tensor is freed
 
 
 # an entry counts only while every weight's storage lives and no weight changed in place
@@ -62,9 +62,9 @@ def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T],
     entry = _CACHE.get(key)
     if entry is None or entry.versions != versions or any(w is not None and w.expired() for w in entry.alive):
         alive = tuple(None if t is None else StorageWeakRef(t.untyped_storage()) for t in weights)
-        entry = _Entry(alive, versions, make())
-        drop = _dropper(key, entry)
-        entry = entry._replace(refs=tuple(weakref.ref(t, drop) for t in weights if t is not None))
+        value = make()
+        drop = _dropper(key, value)
+        entry = _Entry(alive, versions, value, tuple(weakref.ref(t, drop) for t in weights if t is not None))
         with _LOCK:                        # threads serving one model may miss together
             if len(_CACHE) >= _MAX_ENTRIES:    # drop the dead, then the oldest
                 for k in [k for k, e in _CACHE.items() if any(w is not None and w.expired() for w in e.alive)]:
@@ -75,11 +75,10 @@ def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T],
     return entry.value
 
 
-def _dropper(key: tuple, entry: _Entry) -> Callable[[Any], None]:
-    """The weak-reference callback of ``entry``: removes it unless a newer entry took its key.
-    Takes no lock (it may run from the garbage collector inside a locked region); a lone dict
-    ``pop`` is atomic under the GIL."""
-    value = entry.value
+def _dropper(key: tuple, value: Any) -> Callable[[Any], None]:
+    """The weak-reference callback of the entry holding ``value``: removes it unless a newer entry
+    took its key. Takes no lock (it may run from the garbage collector inside a locked region); a
+    lone dict ``pop`` is atomic under the GIL."""
 
     def drop(_ref: Any) -> None:
         current = _CACHE.get(key)
