@@ -60,19 +60,24 @@ def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T],
                          for t in weights))
     versions = tuple(-1 if t is None else t._version for t in weights)
     entry = _CACHE.get(key)
-    if entry is None or entry.versions != versions or any(w is not None and w.expired() for w in entry.alive):
+    if entry is None or entry.versions != versions or _dead(entry):
         alive = tuple(None if t is None else StorageWeakRef(t.untyped_storage()) for t in weights)
         value = make()
         drop = _dropper(key, value)
         entry = _Entry(alive, versions, value, tuple(weakref.ref(t, drop) for t in weights if t is not None))
         with _LOCK:                        # threads serving one model may miss together
             if len(_CACHE) >= _MAX_ENTRIES:    # drop the dead, then the oldest
-                for k in [k for k, e in _CACHE.items() if any(w is not None and w.expired() for w in e.alive)]:
+                for k in [k for k, e in _CACHE.items() if _dead(e)]:
                     del _CACHE[k]
                 while len(_CACHE) >= _MAX_ENTRIES:
                     del _CACHE[next(iter(_CACHE))]
             _CACHE[key] = entry
     return entry.value
+
+
+def _dead(entry: _Entry) -> bool:
+    """One of the entry's weight storages was freed (its address may now hold another tensor)."""
+    return any(w is not None and w.expired() for w in entry.alive)
 
 
 def _dropper(key: tuple, value: Any) -> Callable[[Any], None]:
