@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.ms_deform_attn import ShapesArg, StartsArg, level_layout, ms_deform_attn
+from ..ops.ms_deform_attn import ShapesArg, StartsArg, level_layout, ms_deform_attn, ms_deform_attn_points
 from .linear import apply_linear
 
 
@@ -73,17 +73,15 @@ class MSDeformAttn(nn.Module):
         offsets = apply_linear(self.sampling_offsets, query).view(n, lq, self.num_heads, self.num_levels, self.num_points, 2)
         weights = apply_linear(self.attention_weights, query).view(n, lq, self.num_heads, self.num_levels * self.num_points)
         weights = softmax_last(weights).view(n, lq, self.num_heads, self.num_levels, self.num_points)
+        # sampling runs in at least float32, as the released code does, for bf16/fp16 models
+        dt = torch.promote_types(value.dtype, torch.float32)
         if reference_points.shape[-1] == 4:
             ref = reference_points[:, :, None, :, None]
             locations = ref[..., :2] + offsets / self.num_points * ref[..., 2:] * 0.5
+            out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))
         else:
-            # ref + offsets / (W, H) in one pass, the same rounding (0.58x the time of the two ops
-            # on one core at PIIP-TSB's shapes, benchmarks/micro_ops.py --rows locations)
-            locations = torch.addcdiv(reference_points[:, :, None, :, None, :], offsets,
-                                      _normalizer(spatial_shapes, offsets))
-        # sampling runs in at least float32, as the released code does, for bf16/fp16 models
-        dt = torch.promote_types(value.dtype, torch.float32)
-        out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))
+            out = ms_deform_attn_points(value.to(dt), spatial_shapes, level_start_index, reference_points, offsets,
+                                        weights.to(dt))
         return apply_linear(self.output_proj, out.to(value.dtype), residual=residual, scale=scale)
 
 
@@ -95,10 +93,3 @@ def softmax_last(x: Tensor) -> Tensor:
         return F.softmax(x, -1)
     return F.softmax(x.movedim(-1, -2).contiguous(), -2).movedim(-2, -1).contiguous()
 
-
-def _normalizer(shapes: tuple[tuple[int, int], ...], like: Tensor) -> Tensor:
-    """(L, 2) tensor of each level's (W, H) in ``like``'s dtype, built from (symbolic) ints by
-    tensor-scalar products (a traced graph computes it from the input's sizes), broadcastable
-    against (N, Lq, M, L, P, 2) offsets."""
-    one = like.new_ones(())
-    return torch.stack([torch.stack([one * w, one * h]) for h, w in shapes]).view(len(shapes), 1, 2)

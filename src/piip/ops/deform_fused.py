@@ -31,7 +31,7 @@ exact pixel centres can differ from grid_sample's choice (see ``ms_deform_attn_r
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -239,34 +239,61 @@ def ms_deform_attn_fused(value: Tensor, spatial_shapes: ShapesArg, level_start_i
     for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
         v = value[:, start:start + h * w].to(dt).reshape(n, h, w, m, d)
         loc, attn = sampling_locations[:, :, :, lvl].to(dt), attention_weights[:, :, :, lvl].to(dt)
-        part = _sample_no_grad(v, loc, attn) if _fast_path(v, loc, attn) else _FusedLevel.apply(v, loc, attn)
+        part = (_sample_no_grad(v, *pixel_coords(loc, h, w), attn) if _fast_path(v, loc, attn)
+                else _FusedLevel.apply(v, loc, attn))
         out = part if out is None else out + part
     return out.view(n, lq, m * d).to(value.dtype)
 
 
-def _sample_no_grad(value: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
+def _from_offsets(value: Tensor, shapes: ShapesArg, starts: StartsArg, reference_points: Tensor,
+                  sampling_offsets: Tensor, attention_weights: Tensor) -> Optional[Tensor]:
+    """:func:`ms_deform_attn_fused` at ``reference_points + sampling_offsets / (W, H)``, where
+    :func:`_sample_no_grad` applies (else None): the pixel coordinates are ``ref * size - 0.5``, one
+    small (N or 1, Lq) plane per level, plus the offsets, one pass a coordinate. Through the
+    locations they took three (the locations, then ``loc * size - 0.5``'s product and sum); the
+    points are the same to float rounding (a float32 ulp of the coordinate)."""
+    n, _, m, d = value.shape
+    lq = sampling_offsets.shape[1]
+    shapes, starts = level_layout(shapes, starts)
+    v = value.to(torch.promote_types(value.dtype, torch.float32))
+    levels = [v[:, start:start + h * w].reshape(n, h, w, m, d) for (h, w), start in zip(shapes, starts)]
+    if grad_wanted(reference_points) or not all(_fast_path(vl, sampling_offsets, attention_weights)
+                                                for vl in levels):
+        return None
+    out = None
+    for lvl, ((h, w), vl) in enumerate(zip(shapes, levels)):
+        centre = reference_points[:, :, lvl].float() * reference_points.new_tensor([w, h], dtype=torch.float32) - 0.5
+        off = sampling_offsets[:, :, :, lvl]
+        x = torch.add(off[..., 0], centre[:, :, None, None, 0])
+        y = torch.add(off[..., 1], centre[:, :, None, None, 1])
+        part = _sample_no_grad(vl, x, y, attention_weights[:, :, :, lvl].float())
+        out = part if out is None else out + part
+    return out.view(n, lq, m * d).to(value.dtype)
+
+
+def _sample_no_grad(value: Tensor, x: Tensor, y: Tensor, attn: Tensor) -> Tensor:
     """Eager float32 forward when no gradient is wanted, in about half the elementwise passes of
-    :class:`_FusedLevel`'s, with the same result bit for bit.
+    :class:`_FusedLevel`'s, with the same result bit for bit from the same pixel coordinates
+    ``x``, ``y`` ((N, Lq, M, P) float32, :func:`pixel_coords`; fresh tensors, overwritten here).
 
     The map is padded by *two* pixels and the cell picked from the coordinate clamped to
     ``[-2, size]``: a sample whose patch misses the map (the CUDA op's masked ones) then lands on a
     patch of padding, which reads zeros, so no mask is built and the attention weights need no
     product with it. Inside the map the clamp changes nothing, so cells and fractions are those of
     :func:`pixel_coords`. Fractions come from the unclamped coordinate, so NaN and infinite ones
-    give a NaN output as before (NaN cells point at row 0). x and y are taken apart in the first
-    pass, so every later pass runs on contiguous planes."""
+    give a NaN output as before (NaN cells point at row 0). x and y come as separate contiguous
+    planes, so every pass runs on contiguous planes."""
     n, h, w, m, d = value.shape
-    _, lq, _, p, _ = loc.shape
+    _, lq, _, p = x.shape
     r, wp = n * lq * m, w + 4
-    x, y = pixel_coords(loc, h, w)
     x0 = x.clamp(-2.0, w).floor_()
     y0 = y.clamp(-2.0, h).floor_()
     fx, fy = x.sub_(x0), y.sub_(y0)
     itype = torch.int32 if n * (h + 4) * wp * m < 2 ** 31 else torch.int64
     cell = torch.add(x0, y0, alpha=wp).nan_to_num_(0.0).to(itype)      # exact: (h+4)(w+4) < 2^24
     # padded row of the top-left corner: ((image * (h+4) + y0 + 2) * (w+4) + x0 + 2) * m + head
-    base = (torch.arange(n, dtype=itype, device=loc.device).view(n, 1, 1, 1) * ((h + 4) * wp * m)
-            + torch.arange(m, dtype=itype, device=loc.device).view(1, 1, m, 1) + (2 * wp + 2) * m)
+    base = (torch.arange(n, dtype=itype, device=x.device).view(n, 1, 1, 1) * ((h + 4) * wp * m)
+            + torch.arange(m, dtype=itype, device=x.device).view(1, 1, m, 1) + (2 * wp + 2) * m)
     rows = torch.add(base, cell, alpha=m).view(r, p)
     idx = _corner_rows(rows, w + 2, m)                     # the corner offsets of a 2-pixel border
     cw = _corner_weights(fx, fy, attn.reshape(n, lq, m, p))
@@ -325,3 +352,4 @@ def _supports(value: Tensor, sampling_locations: Tensor) -> bool:
 
 
 ms_deform_attn_fused.supports = _supports  # type: ignore[attr-defined]
+ms_deform_attn_fused.from_offsets = _from_offsets  # type: ignore[attr-defined]

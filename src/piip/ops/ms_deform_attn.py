@@ -5,7 +5,9 @@ truth that the faster ones are checked against: ``fused`` (deform_fused.py: one 
 analytic backward; auto-selected on CPU except for small training calls) and ``triton``
 (deform_triton.py: Triton kernels, auto-selected for CUDA). An implementation may carry
 ``.supports(value, sampling_locations) -> bool``, consulted only by the automatic choice;
-``impl=`` or ``PIIP_DEFORM_IMPL`` force one.
+``impl=`` or ``PIIP_DEFORM_IMPL`` force one. It may also carry ``.from_offsets`` for
+:func:`ms_deform_attn_points` (the reference-point + offset form), returning None where it does
+not apply.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "register_impl", "available_impls", "level_layout", "use_impl"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_points", "ms_deform_attn_reference", "register_impl", "available_impls",
+           "level_layout", "use_impl"]
 
 _IMPLS: Dict[str, Callable[..., Tensor]] = {}
 
@@ -188,3 +191,41 @@ def ms_deform_attn(value: Tensor, spatial_shapes: ShapesArg,
     _check_inputs(value, shapes, sampling_locations, attention_weights)
     return _IMPLS[_select_impl(impl, value, sampling_locations)](value, shapes, starts, sampling_locations,
                                                                  attention_weights)
+
+
+def ms_deform_attn_points(value: Tensor, spatial_shapes: ShapesArg, level_start_index: StartsArg,
+                          reference_points: Tensor, sampling_offsets: Tensor, attention_weights: Tensor,
+                          impl: Optional[str] = None) -> Tensor:
+    """:func:`ms_deform_attn` at Deformable-DETR's points ``reference_points + sampling_offsets / (W, H)``
+    of each level.
+
+    ``reference_points``: (N or 1, Lq, L, 2) in [0, 1]; ``sampling_offsets``: (N, Lq, M, L, P, 2)
+    in pixels of each level. The implementation chosen may sample from this form directly
+    (``fused`` eagerly without a gradient: ``ref * size - 0.5 + offset``, one pass a coordinate
+    instead of the locations' and the pixel coordinates' three; the same points to float
+    rounding, ~1e-5 px). Otherwise the locations are built, as the released code builds them,
+    in the offsets' dtype and then cast to the value's."""
+    shapes, starts = level_layout(spatial_shapes, level_start_index)
+    _check_inputs(value, shapes, sampling_offsets, attention_weights)
+    n, lq, num_levels = sampling_offsets.shape[0], sampling_offsets.shape[1], len(shapes)
+    if (reference_points.dim() != 4 or reference_points.shape[0] not in (1, n)
+            or tuple(reference_points.shape[1:]) != (lq, num_levels, 2)):
+        raise ValueError(f"ms_deform_attn_points: reference_points must be ({n} or 1, {lq}, {num_levels}, 2), "
+                         f"got {tuple(reference_points.shape)}")
+    fn = _IMPLS[_select_impl(impl, value, sampling_offsets)]
+    direct = getattr(fn, "from_offsets", None)
+    out = None if direct is None else direct(value, shapes, starts, reference_points, sampling_offsets,
+                                             attention_weights)
+    if out is not None:
+        return out
+    locations = torch.addcdiv(reference_points[:, :, None, :, None, :], sampling_offsets,
+                              _normalizer(shapes, sampling_offsets))
+    return fn(value, shapes, starts, locations.to(value.dtype), attention_weights)
+
+
+def _normalizer(shapes: LevelShapes, like: Tensor) -> Tensor:
+    """(L, 1, 2) tensor of each level's (W, H) in ``like``'s dtype, built from (symbolic) ints by
+    tensor-scalar products (a traced graph computes it from the input's sizes), broadcastable
+    against (N, Lq, M, L, P, 2) offsets."""
+    one = like.new_ones(())
+    return torch.stack([torch.stack([one * w, one * h]) for h, w in shapes]).view(len(shapes), 1, 2)
