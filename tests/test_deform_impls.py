@@ -343,3 +343,40 @@ def test_fused_inference_path_equals_the_training_forward():
         assert torch.equal(fast[fin], trained.detach()[fin])
         ref = ms_deform_attn(value, [(h, w)], None, loc.nan_to_num(0.5, 0.5, 0.5), attn, impl="reference")
         torch.testing.assert_close(fast[fin], ref[fin], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shapes", [[(5, 7)], [(4, 6), (3, 2)]])
+@pytest.mark.parametrize("ref_batch", [1, 2])
+def test_point_form_equals_the_locations(shapes, ref_batch):
+    """``ms_deform_attn_points(ref, offsets)`` samples at ``ref + offsets / (W, H)``: on every
+    implementation, eagerly (``fused`` from pixel offsets directly, to float rounding) and with a
+    gradient (the locations path, exactly); a reference tensor of the wrong shape is refused."""
+    from piip.ops import deform_fused as df
+    from piip.ops.ms_deform_attn import ms_deform_attn_points
+    value, shapes_t, start, _, attn = make_inputs(shapes, dtype=torch.float32)
+    n, lq, m, lvl, p = attn.shape
+    g = torch.Generator().manual_seed(3)
+    ref = torch.rand(ref_batch, lq, lvl, 2, generator=g)
+    offsets = torch.randn(n, lq, m, lvl, p, 2, generator=g) * 3        # pixels: some points fall off
+    wh = shapes_t.flip(-1).float().view(lvl, 1, 2)
+    loc = ref[:, :, None, :, None, :] + offsets / wh
+    for impl in available_impls():
+        if impl == "triton" and not interpreting():
+            continue
+        want = ms_deform_attn(value, shapes, None, loc, attn, impl=impl)
+        got = ms_deform_attn_points(value, shapes, None, ref, offsets, attn, impl=impl)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    taken, real = [], df._sample_no_grad
+    try:
+        df._sample_no_grad = lambda *a: taken.append(1) or real(*a)
+        with torch.no_grad():
+            fast = ms_deform_attn_points(value, shapes, None, ref, offsets, attn)
+        trained = ms_deform_attn_points(value.clone().requires_grad_(), shapes, None, ref, offsets, attn)
+    finally:
+        df._sample_no_grad = real
+    assert len(taken) == lvl                     # the eager call only, one per level
+    assert torch.equal(trained.detach(), ms_deform_attn(value.clone().requires_grad_(), shapes, None,
+                                                        loc, attn).detach())
+    torch.testing.assert_close(fast, trained.detach(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="reference_points must be"):
+        ms_deform_attn_points(value, shapes, None, ref[:, :, :1] if lvl > 1 else ref[..., :1], offsets, attn)
