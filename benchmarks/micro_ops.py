@@ -9,7 +9,9 @@ Each row times the plain PyTorch formulation and piip's at the shapes a PIIP-TSB
 produces, in one run, and prints their ratio and the largest difference of their outputs:
 
 * ``softmax``: the deformable attention's 4-wide softmax (``softmax_last``);
-* ``locations``: sampling locations ``ref + offsets / (W, H)`` as one ``addcdiv`` (``MSDeformAttn``);
+* ``locations``: the pixel coordinates of the sampling points, through the locations (``addcdiv``
+  of ``ref + offsets / (W, H)``, then ``loc * size - 0.5``) against the point form's
+  ``offset + (ref * size - 0.5)`` (``ms_deform_attn_points``, ``deform_fused._from_offsets``);
 * ``dwconv``: the ConvFFN's depthwise conv on its channels-last token map, with the weight's default
   strides against a channels-last weight, back to tokens (``DWConv``, ``layers/conv.py``);
 * ``conv3x3``: the same for the detection merge's 3x3 convs (output compared in either layout);
@@ -59,13 +61,20 @@ _EDGES = ((4900, 56, 6), (3136, 70, 12), (3136, 28, 12), (784, 56, 24))
 
 
 def location_rows() -> list[tuple[str, Callable, Callable]]:
+    from piip.ops import deform_fused as df
     rows = []
     for tokens, side, _ in _EDGES[:2]:
-        ref = torch.rand(1, tokens, 1, 2)[:, :, None, :, None, :]
+        ref = torch.rand(1, tokens, 1, 2)
         off = torch.randn(1, tokens, 16, 1, 4, 2) * 3
         norm = torch.tensor([float(side), float(side)]).view(1, 1, 2)
-        rows.append((f"locations (1, {tokens}, 16, 1, 4, 2)", lambda r=ref, o=off, n=norm: r + o / n,
-                     lambda r=ref, o=off, n=norm: torch.addcdiv(r, o, n)))
+        centre = ref[:, :, 0] * side - 0.5
+
+        def through_locations(r=ref[:, :, None, :, None, :], o=off, n=norm, side=side):
+            return df.pixel_coords(torch.addcdiv(r, o, n)[:, :, :, 0], side, side)
+
+        def from_offsets(o=off[:, :, :, 0], c=centre[:, :, None, None]):
+            return torch.add(o[..., 0], c[..., 0]), torch.add(o[..., 1], c[..., 1])
+        rows.append((f"pixel coords (1, {tokens}, 16, 1, 4, 2)", through_locations, from_offsets))
     return rows
 
 
@@ -106,7 +115,7 @@ def fused_rows() -> list[tuple[str, Callable, Callable]]:
         attn = torch.rand(1, tokens, 16, 4)
         rows.append((f"fused no-grad {tokens} queries, {side}x{side}x16x{d}",
                      lambda v=value, l=loc, a=attn: df._FusedLevel.forward(_Ctx(), v, l, a),
-                     lambda v=value, l=loc, a=attn: df._sample_no_grad(v, l, a)))
+                     lambda v=value, l=loc, a=attn, s=side: df._sample_no_grad(v, *df.pixel_coords(l, s, s), a)))
     return rows
 
 
@@ -124,7 +133,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"{'op':44s} {'plain ms':>9s} {'piip ms':>9s} {'piip/plain':>10s} {'max diff':>9s}")
     for name, plain, ours in (row for key in args.rows for row in ROWS[key]()):
         a, b = plain(), ours()
-        diff = (a - b).abs().max().item()
+        diff = max((x - y).abs().max().item() for x, y in (zip(a, b) if isinstance(a, tuple) else [(a, b)]))
         tp, to = _time(plain), _time(ours)
         print(f"{name:44s} {tp * 1e3:9.2f} {to * 1e3:9.2f} {to / tp:10.2f} {diff:9.1e}")
 
