@@ -95,11 +95,13 @@ def test_ab_revisions_compares_against_a_git_revision(tmp_path):
 def test_micro_ops_rewrites_agree_with_the_plain_ops():
     """benchmarks/micro_ops.py: each rewrite it times computes what the plain op does (timing not asserted)."""
     micro_ops = pytest.importorskip("micro_ops")
-    tol = {"locations": 0.0, "dwconv": 1e-5, "conv3x3": 1e-4, "fused": 0.0}
+    # pixel coordinates up to ~70: two float32 ulps apart at most
+    tol = {"locations": 2e-5, "dwconv": 1e-5, "conv3x3": 1e-4, "fused": 0.0}
     for key, atol in tol.items():
         rows = micro_ops.ROWS[key]()
         assert rows, key
         for name, plain, ours in rows:
             a, b = plain(), ours()
-            assert a.shape == b.shape, name
-            torch.testing.assert_close(b, a, atol=atol, rtol=atol, msg=name)
+            for x, y in zip(a, b) if isinstance(a, tuple) else [(a, b)]:
+                assert x.shape == y.shape, name
+                torch.testing.assert_close(y, x, atol=atol, rtol=0 if key == "locations" else atol, msg=name)
