@@ -212,15 +212,15 @@ def ms_deform_attn_points(value: Tensor, spatial_shapes: ShapesArg, level_start_
             or tuple(reference_points.shape[1:]) != (lq, num_levels, 2)):
         raise ValueError(f"ms_deform_attn_points: reference_points must be ({n} or 1, {lq}, {num_levels}, 2), "
                          f"got {tuple(reference_points.shape)}")
-    fn = _IMPLS[_select_impl(impl, value, sampling_offsets)]
-    direct = getattr(fn, "from_offsets", None)
+    direct = getattr(_IMPLS[_select_impl(impl, value, sampling_offsets)], "from_offsets", None)
     out = None if direct is None else direct(value, shapes, starts, reference_points, sampling_offsets,
                                              attention_weights)
     if out is not None:
         return out
     locations = torch.addcdiv(reference_points[:, :, None, :, None, :], sampling_offsets,
                               _normalizer(shapes, sampling_offsets))
-    return fn(value, shapes, starts, locations.to(value.dtype), attention_weights)
+    # chosen again on the locations: a reference that wants a gradient makes them want one
+    return ms_deform_attn(value, shapes, starts, locations.to(value.dtype), attention_weights, impl)
 
 
 def _normalizer(shapes: LevelShapes, like: Tensor) -> Tensor:
