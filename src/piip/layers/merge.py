@@ -112,5 +112,5 @@ class BranchMerge(nn.Module):
             # symbolic sizes (export) compare without a guard: resizing an equal size is exact anyway
             if not same_sizes(x.shape[-2:], size):
                 x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).to(x.dtype)
-            out = x * w if out is None else out + x * w
+            out = x * w if out is None else torch.addcmul(out, x, w)    # one pass, not a product and a sum
         return out
