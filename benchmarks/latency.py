@@ -381,7 +381,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"median of {args.repeats} interleaved passes, malloc tuned: {tuned}, "
               f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, "
               f"oneDNN linears (eager inference): {'on' if onednn_linear.enabled() else 'off'}"
-              f"{' (engine tuned per shape)' if onednn_linear.enabled() and onednn_linear._tuning else ''}"
+              f"{' (engine tuned per shape)' if onednn_linear.enabled() and onednn_linear.tuning() else ''}"
               f"{', weights prepacked' if onednn_linear.enabled() and onednn_linear.prepacking() else ''}, "
               f"feature-path fold (inference): {'on' if feat_fold.enabled() else 'off'}, compile: "
               f"{'off' if args.no_compile else f'backend {args.backend}, mode {args.mode}'}"

@@ -111,6 +111,7 @@ def test_tuning_times_both_engines_once_per_shape_bucket(monkeypatch, onednn_fas
     a power of two) runs only the faster one; both give the stock result. Off by default."""
     previous = onednn.set_tuning(True)
     assert previous is (os.environ.get("PIIP_LINEAR_TUNE") == "1")      # off unless asked for
+    assert onednn.tuning()
     monkeypatch.setattr(onednn, "_CHOICES", {})
     clock, calls = [0.0], {"onednn": 0, "stock": 0}
     real_onednn, real_linear = onednn._onednn, F.linear

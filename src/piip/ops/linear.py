@@ -186,6 +186,11 @@ def set_tuning(flag: bool) -> bool:
     return previous
 
 
+def tuning() -> bool:
+    """Whether eligible calls time the two GEMM engines per call shape (:func:`set_tuning`)."""
+    return _tuning
+
+
 _tuning = os.environ.get("PIIP_LINEAR_TUNE", "0") == "1"
 # (rows rounded up to a power of two, in, out, act, residual?, dtype) -> True: oneDNN is faster
 _CHOICES: dict[tuple, bool] = {}
