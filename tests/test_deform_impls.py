@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from piip.ops import available_impls, ms_deform_attn
+from piip.ops import available_impls, ms_deform_attn, ms_deform_attn_points
 from piip.ops.deform_triton import HAS_TRITON, interpreting
 
 CPU_IMPLS = ["fused"] + (["triton"] if HAS_TRITON and interpreting() else [])
@@ -352,7 +352,6 @@ def test_point_form_equals_the_locations(shapes, ref_batch):
     implementation, eagerly (``fused`` from pixel offsets directly, to float rounding) and with a
     gradient (the locations path, exactly); a reference tensor of the wrong shape is refused."""
     from piip.ops import deform_fused as df
-    from piip.ops.ms_deform_attn import ms_deform_attn_points
     value, shapes_t, start, _, attn = make_inputs(shapes, dtype=torch.float32)
     n, lq, m, lvl, p = attn.shape
     g = torch.Generator().manual_seed(3)
