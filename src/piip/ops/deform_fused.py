@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ms_deform_attn import ShapesArg, StartsArg, level_layout, register_impl
+from .ms_deform_attn import LevelShapes, ShapesArg, StartsArg, level_layout, register_impl
 from .symbolic import grad_wanted
 
 
@@ -231,18 +231,23 @@ def _value_grad(g: Tensor, geo: _Geometry, a: Tensor, pad_shape: torch.Size) -> 
 def ms_deform_attn_fused(value: Tensor, spatial_shapes: ShapesArg, level_start_index: StartsArg,
                          sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Patch-row gather-reduce sampling with an analytic backward; any device, >= float32 math."""
-    dt = torch.promote_types(value.dtype, torch.float32)
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     out = None
     shapes, starts = level_layout(spatial_shapes, level_start_index)
-    for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
-        v = value[:, start:start + h * w].to(dt).reshape(n, h, w, m, d)
-        loc, attn = sampling_locations[:, :, :, lvl].to(dt), attention_weights[:, :, :, lvl].to(dt)
+    for lvl, ((h, w), v) in enumerate(zip(shapes, _level_maps(value, shapes, starts))):
+        loc, attn = sampling_locations[:, :, :, lvl].to(v.dtype), attention_weights[:, :, :, lvl].to(v.dtype)
         part = (_sample_no_grad(v, *pixel_coords(loc, h, w), attn) if _fast_path(v, loc, attn)
                 else _FusedLevel.apply(v, loc, attn))
         out = part if out is None else out + part
     return out.view(n, lq, m * d).to(value.dtype)
+
+
+def _level_maps(value: Tensor, shapes: LevelShapes, starts: tuple[int, ...]) -> list[Tensor]:
+    """Each level's (N, H, W, M, D) map of the (N, S, M, D) values, in at least float32."""
+    n, _, m, d = value.shape
+    v = value.to(torch.promote_types(value.dtype, torch.float32))
+    return [v[:, start:start + h * w].reshape(n, h, w, m, d) for (h, w), start in zip(shapes, starts)]
 
 
 def _from_offsets(value: Tensor, shapes: ShapesArg, starts: StartsArg, reference_points: Tensor,
@@ -255,8 +260,7 @@ def _from_offsets(value: Tensor, shapes: ShapesArg, starts: StartsArg, reference
     n, _, m, d = value.shape
     lq = sampling_offsets.shape[1]
     shapes, starts = level_layout(shapes, starts)
-    v = value.to(torch.promote_types(value.dtype, torch.float32))
-    levels = [v[:, start:start + h * w].reshape(n, h, w, m, d) for (h, w), start in zip(shapes, starts)]
+    levels = _level_maps(value, shapes, starts)
     if grad_wanted(reference_points) or not all(_fast_path(vl, sampling_offsets, attention_weights)
                                                 for vl in levels):
         return None
