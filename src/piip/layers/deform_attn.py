@@ -75,13 +75,13 @@ class MSDeformAttn(nn.Module):
         weights = softmax_last(weights).view(n, lq, self.num_heads, self.num_levels, self.num_points)
         # sampling runs in at least float32, as the released code does, for bf16/fp16 models
         dt = torch.promote_types(value.dtype, torch.float32)
+        v, a = value.to(dt), weights.to(dt)
         if reference_points.shape[-1] == 4:
             ref = reference_points[:, :, None, :, None]
             locations = ref[..., :2] + offsets / self.num_points * ref[..., 2:] * 0.5
-            out = ms_deform_attn(value.to(dt), spatial_shapes, level_start_index, locations.to(dt), weights.to(dt))
+            out = ms_deform_attn(v, spatial_shapes, level_start_index, locations.to(dt), a)
         else:
-            out = ms_deform_attn_points(value.to(dt), spatial_shapes, level_start_index, reference_points, offsets,
-                                        weights.to(dt))
+            out = ms_deform_attn_points(v, spatial_shapes, level_start_index, reference_points, offsets, a)
         return apply_linear(self.output_proj, out.to(value.dtype), residual=residual, scale=scale)
 
 
