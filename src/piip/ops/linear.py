@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import derived
-from .symbolic import grad_wanted, tracing
+from .symbolic import PLAIN_TYPES, grad_wanted, tracing
 
 ACTS = (None, "gelu", "gelu_tanh")
 _enabled = os.environ.get("PIIP_ONEDNN_LINEAR", "1") != "0"
@@ -110,7 +110,7 @@ def unobserved(*tensors: Optional[Tensor]) -> bool:
     ``torch.compile`` (not export) it is True too: callers that cannot be traced check
     ``torch.compiler.is_compiling()`` themselves."""
     ts = [t for t in tensors if t is not None]
-    if not ts or any(type(t) not in (Tensor, torch.nn.Parameter) for t in ts):
+    if not ts or any(type(t) not in PLAIN_TYPES for t in ts):
         return False
     if any(t.device != ts[0].device or t.dtype != ts[0].dtype for t in ts):
         return False

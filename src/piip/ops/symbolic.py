@@ -26,17 +26,18 @@ def concrete(sizes: Sequence[object]) -> bool:
     return all(type(s) is int for s in sizes)
 
 
+PLAIN_TYPES = (Tensor, torch.nn.Parameter)   # no subclass: no Proxy, FakeTensor, DTensor
+
+
 def real(t: Tensor) -> bool:
     """``t`` holds data (not a meta or fake tensor): it may key a cache and be read back."""
     if t.device.type == "meta":
         return False
-    if type(t) in _PLAIN and not (torch._C._is_fake_tensor(t) or torch._is_functional_tensor(t)):
+    if type(t) in PLAIN_TYPES and not (torch._C._is_fake_tensor(t) or torch._is_functional_tensor(t)):
         return True    # what is_fake concludes for a plain tensor: 0.76 against 2.31 us a call
     from torch._subclasses.fake_tensor import is_fake
     return not is_fake(t)
 
-
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def same_sizes(a: Sequence[object], b: Sequence[object]) -> bool:
