@@ -159,8 +159,10 @@ def _fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual
     ``piip::onednn_linear`` when a compiled graph runs. ``scale`` is per output channel and
     ``residual`` has the output's shape (the caller checked)."""
     call = _tuned if _tuning else _onednn
-    keep = _keep(weight, bias, scale)
-    pack = keep and call is _onednn and _prepack(x)
+    pack = call is _onednn and _prepack(x)
+    # the weights' state is checked only where something derived from them would be read
+    keep = (pack or scale is not None) and _keep(weight, bias, scale)
+    pack = pack and keep
     if scale is not None:
         if not keep and not _scale_weight(x):
             y = call(x, weight, bias, "none", None)
