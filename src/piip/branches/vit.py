@@ -18,7 +18,8 @@ from ..layers.drop import DropPath, inactive
 from ..layers.linear import unhooked
 from ..layers.mlp import Mlp
 from ..layers.norm import make_norm
-from ..ops.symbolic import concrete, grad_wanted, real, same_sizes, tracing
+from ..ops import derived, opaque
+from ..ops.symbolic import concrete, grad_wanted, same_sizes, tracing
 from .base import Branch, FlopPart, Tokens
 from .flavours import FLAVOURS, POS_LAYOUTS
 
@@ -78,6 +79,27 @@ def resize_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int
     grid = pos.float().reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=dst_grid, mode="bicubic", align_corners=False)
     return grid.flatten(2).transpose(1, 2).to(pos.dtype)
+
+
+def pos_table(pos_embed: Tensor, slot: int, src_grid: tuple[int, int], hw: tuple[int, int]) -> Tensor:
+    """``pos_embed`` (class slot dropped) resized to ``hw``, computed once per state of the parameter
+    (``piip.ops.derived``: any change, in place or by replacement, recomputes; a table made under
+    ``inference_mode`` has no version counter and is recomputed on every call). No gradient."""
+    return derived.cached("pos_table", (pos_embed,),
+                          lambda: resize_pos_embed(pos_embed.detach()[:, slot:], tuple(src_grid), tuple(hw)),
+                          slot, tuple(src_grid), tuple(hw))
+
+
+@torch.library.custom_op("piip::add_pos_table", mutates_args=())
+def _add_pos_op(x: Tensor, pos_embed: Tensor, slot: int, src_grid: list[int], hw: list[int]) -> Tensor:
+    """``x + pos_table(...)`` as one opaque op of a compiled inference graph (:mod:`piip.ops.opaque`)."""
+    table = pos_table(pos_embed, slot, (src_grid[0], src_grid[1]), (hw[0], hw[1])).to(x.dtype)
+    return torch.add(x, table, out=x.new_empty(x.shape))
+
+
+@_add_pos_op.register_fake
+def _(x: Tensor, pos_embed: Tensor, slot: int, src_grid: list[int], hw: list[int]) -> Tensor:
+    return x.new_empty(x.shape)
 
 
 def drop_path_rates(rate: float, depth: int, schedule: str) -> list[float]:
@@ -142,7 +164,6 @@ class ViTBranch(Branch):
             for dp, ws in zip(dpr, cfg.window_sizes))
         self.group_dims = [cfg.embed_dim] * len(self.groups)
         self.group_strides = [cfg.patch_size] * len(self.groups)
-        self._pos_cache: dict = {}
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -163,24 +184,18 @@ class ViTBranch(Branch):
                              f"smaller than one patch; use a larger input (at least {p} px per side for this branch)")
 
     def pos_embed_for(self, hw: tuple[int, int]) -> Tensor:
-        """Position table at grid ``hw`` (class slot dropped); cached in eval mode while the parameter is unchanged.
-
-        No cache for a table created under ``torch.inference_mode`` (a model built there): an
-        inference tensor has no version counter, so an in-place update could not be detected."""
-        pos = self.pos_embed[:, self.pos_slot:]
-        if grad_wanted(self.pos_embed) or tracing() or not concrete(hw) \
-                or not real(self.pos_embed) or self.pos_embed.is_inference():  # traced / symbolic / meta / inference
-            return resize_pos_embed(pos, self.pos_grid, hw)
-        key = (hw, self.pos_embed._version, self.pos_embed.dtype, self.pos_embed.device, self.pos_embed.data_ptr())
-        hit = self._pos_cache.get(hw)
-        if hit is None or hit[0] != key:
-            hit = (key, resize_pos_embed(pos.detach(), self.pos_grid, hw))
-            self._pos_cache = {hw: hit} if len(self._pos_cache) > 8 else {**self._pos_cache, hw: hit}
-        return hit[1]
+        """Position table at grid ``hw`` (class slot dropped); without a gradient kept between
+        calls while the parameter is unchanged (:func:`pos_table`)."""
+        if grad_wanted(self.pos_embed) or tracing() or not concrete(hw):   # traced / symbolic
+            return resize_pos_embed(self.pos_embed[:, self.pos_slot:], self.pos_grid, hw)
+        return pos_table(self.pos_embed, self.pos_slot, self.pos_grid, hw)
 
     def embed(self, img: Tensor) -> Tokens:
         x, hw = self.patch_embed(img)
-        if self.pos_embed is not None:
+        if self.pos_embed is not None and opaque.wanted(x, self.pos_embed):
+            # compiled inference: the kept table, not a bicubic resize in every run of the graph
+            x = _add_pos_op(x, self.pos_embed, self.pos_slot, list(self.pos_grid), [hw[0], hw[1]])
+        elif self.pos_embed is not None:
             x = x + self.pos_embed_for(hw).to(x.dtype)
         if self.temporal_pos_embed is not None:
             x = self.embed_norm(x + self.temporal_pos_embed[:1].to(x.dtype))

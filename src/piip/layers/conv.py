@@ -1,6 +1,8 @@
 """A ``Conv2d`` that keeps channels-last maps channels-last on CPU."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,9 +31,13 @@ class Conv2d(nn.Conv2d):
                 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                 and not grad_wanted(x, self.weight)):
             return super().forward(x)
-        weight = derived.cached("channels_last", (self.weight,), self._channels_last)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return channels_last_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _channels_last(self) -> Tensor:
-        # .to(): contiguous(memory_format=...) keeps a (C, 1, k, k) weight's default strides
-        return self.weight.to(memory_format=torch.channels_last)
+
+def channels_last_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+                       groups: int) -> Tensor:
+    """``F.conv2d`` of a channels-last map with a channels-last copy of ``weight`` kept between
+    calls (``piip.ops.derived``), so the map stays channels-last. No gradient."""
+    # .to(): contiguous(memory_format=...) keeps a (C, 1, k, k) weight's default strides
+    kept = derived.cached("channels_last", (weight,), lambda: weight.to(memory_format=torch.channels_last))
+    return F.conv2d(x, kept, bias, stride, padding, dilation, groups)

@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.resize import bilinear
 from ..ops.symbolic import same_sizes
 from .conv import Conv2d
 from .linear import apply_linear
@@ -111,6 +111,6 @@ class BranchMerge(nn.Module):
             x = proj(x)
             # symbolic sizes (export) compare without a guard: resizing an equal size is exact anyway
             if not same_sizes(x.shape[-2:], size):
-                x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).to(x.dtype)
+                x = bilinear(x.float(), (size[0], size[1])).to(x.dtype)
             out = x * w if out is None else torch.addcmul(out, x, w)    # one pass, not a product and a sum
         return out

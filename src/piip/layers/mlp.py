@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .conv import Conv2d
+from ..ops import opaque
+from .conv import Conv2d, channels_last_conv
 from .linear import apply_linear, apply_output_linear, unhooked
 
 
@@ -51,6 +52,11 @@ class DWConv(nn.Module):
         self.dwconv = Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=True)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        conv = self.dwconv
+        if opaque.wanted(x, conv.weight, conv.bias) and unhooked(conv, Conv2d):
+            # compiled inference: the eager channels-last call below as one opaque op; Inductor's
+            # own conv on the contiguous map (next) took 2-3x its time at PIIP-TSB's shapes
+            return _dwconv_tokens_op(x, conv.weight, conv.bias, hw[0], hw[1])
         b, n, c = x.shape
         x = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
         # the (B, N, C) -> NCHW view above is channels-last strided. Compiled, Inductor cannot order
@@ -60,8 +66,21 @@ class DWConv(nn.Module):
             x = x.contiguous()
         # in eager inference the map stays channels-last through the conv (layers/conv.py), so
         # the output is token-major and the permute below a view
-        y = self.dwconv(x)
+        y = conv(x)
         return y.permute(0, 2, 3, 1).reshape(b, n, c)
+
+
+@torch.library.custom_op("piip::dwconv_tokens", mutates_args=())
+def _dwconv_tokens_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], h: int, w: int) -> Tensor:
+    """A 3x3 depthwise conv (padding 1) of (B, H*W, C) tokens on their grid, back to tokens."""
+    b, n, c = x.shape
+    y = channels_last_conv(x.transpose(1, 2).reshape(b, c, h, w), weight, bias, 1, 1, 1, c)
+    return y.permute(0, 2, 3, 1).reshape(b, n, c)
+
+
+@_dwconv_tokens_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], h: int, w: int) -> Tensor:
+    return x.new_empty(x.shape)
 
 
 class ConvFFN(nn.Module):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import derived
+from ..ops import derived, opaque
 from ..ops.linear import linear
 from ..ops.symbolic import grad_wanted, tracing
 
@@ -37,25 +37,48 @@ class Upsample2x(nn.ConvTranspose2d):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         if x.dim() != 4:
             raise ValueError(f"Upsample2x expects a (B, C, H, W) map, got shape {tuple(x.shape)}")
+        if self.bias is not None and not tracing() and not grad_wanted(x, self.weight, self.bias):
+            return _shuffled_gemm(x, self.weight, self.bias)
+        if self.bias is not None and opaque.wanted(x, self.weight, self.bias):
+            # compiled inference: the eager call as one opaque op; Inductor's shuffle loop took
+            # 1.5-2x the eager pass on the stride-4 map
+            return _upsample2x_op(x, self.weight, self.bias)
         b, c, h, w = x.shape
-        cout = self.out_channels
-        inference = not tracing() and not grad_wanted(x, self.weight, self.bias)
-        # rows (i, j, c_out); eagerly without a gradient the relaid weight is kept between calls
-        # (a 768-wide level copied 2.4M weights a call, 16 ms on one core)
-        weight = (derived.cached("upsample2x", (self.weight,), self._gemm_weight) if inference
-                  else self._gemm_weight())
-        y = linear(x.permute(0, 2, 3, 1), weight)                             # (B, H, W, 4*C_out)
-        y = y.view(b, h, w, 2, 2, cout).transpose(2, 3)                       # (B, H, i, W, j, C_out)
-        if not inference:
-            # autograd needs the plain expression; Inductor fuses the add into the reshape copy
-            # itself and mishandles the out= strides below
-            out = (y + self.bias).reshape(b, 2 * h, 2 * w, cout)
-        else:  # eager inference, one pass: the bias add writes the shuffled layout directly
-            out = torch.add(y, self.bias, out=y.new_empty(b, h, 2, w, 2, cout)).view(b, 2 * h, 2 * w, cout)
+        # rows (i, j, c_out); autograd and tracers need the plain expression (Inductor fuses the
+        # add into the reshape copy itself)
+        y = linear(x.permute(0, 2, 3, 1), _gemm_weight(self.weight))          # (B, H, W, 4*C_out)
+        y = y.view(b, h, w, 2, 2, self.out_channels).transpose(2, 3)         # (B, H, i, W, j, C_out)
+        out = y.reshape(b, 2 * h, 2 * w, self.out_channels) if self.bias is None else \
+            (y + self.bias).reshape(b, 2 * h, 2 * w, self.out_channels)
         return out.permute(0, 3, 1, 2)
 
-    def _gemm_weight(self) -> Tensor:
-        return self.weight.permute(2, 3, 1, 0).reshape(4 * self.out_channels, self.in_channels)
+
+def _gemm_weight(weight: Tensor) -> Tensor:
+    """The (C_in, C_out, 2, 2) transposed-conv weight as GEMM rows (i, j, c_out)."""
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])
+
+
+def _shuffled_gemm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Eager inference: the GEMM on a relaid weight kept between calls (a 768-wide level copied
+    2.4M weights a call, 16 ms on one core), and the bias add writing the shuffled layout directly
+    (one pass). A channels-last (B, C_out, 2H, 2W) map."""
+    b, c, h, w = x.shape
+    cout = weight.shape[1]
+    rows = derived.cached("upsample2x", (weight,), lambda: _gemm_weight(weight))
+    y = linear(x.permute(0, 2, 3, 1), rows).view(b, h, w, 2, 2, cout).transpose(2, 3)
+    out = torch.add(y, bias, out=y.new_empty(b, h, 2, w, 2, cout)).view(b, 2 * h, 2 * w, cout)
+    return out.permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("piip::upsample2x", mutates_args=())
+def _upsample2x_op(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return _shuffled_gemm(x, weight, bias)
+
+
+@_upsample2x_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    b, _, h, w = x.shape
+    return x.new_empty(b, 2 * h, 2 * w, weight.shape[1]).permute(0, 3, 1, 2)
 
 
 LEVEL_STRIDES = (4, 8, 16, 32)

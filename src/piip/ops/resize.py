@@ -11,9 +11,13 @@ symbolic integer in a graph, and the sampling positions still use ``r`` as the r
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from . import opaque
 
 MAX_DENOMINATOR = 1 << 16
 
@@ -42,7 +46,36 @@ def resize_view(x: Tensor, num: int, den: int) -> Tensor:
     size = view_size(x.shape[-2], x.shape[-1], num, den)
     if torch.compiler.is_exporting():
         return _bilinear_by_gather(x, size, scale)
+    return bilinear(x, size, scale)
+
+
+def bilinear(x: Tensor, size: tuple[int, int], scale: Optional[float] = None) -> Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` of a (B, C, H, W) map, with
+    ``scale`` (both axes) for the sampling positions when given. A compiled CPU inference graph
+    calls the eager kernel as one opaque op (``piip::bilinear``, :mod:`piip.ops.opaque`):
+    Inductor's gather loops took 2-3x its time on PIIP's input views and merge maps."""
+    if opaque.wanted(x):
+        return _bilinear_op(x, [size[0], size[1]], scale)
+    if scale is None:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return torch._C._nn.upsample_bilinear2d(x, size, False, scale, scale)
+
+
+@torch.library.custom_op("piip::bilinear", mutates_args=())
+def _bilinear_op(x: Tensor, size: list[int], scale: Optional[float]) -> Tensor:
+    out = torch._C._nn.upsample_bilinear2d(x, size, False, scale, scale)
+    return out.contiguous(memory_format=_layout(x))    # the layout the fake promised
+
+
+@_bilinear_op.register_fake
+def _(x: Tensor, size: list[int], scale: Optional[float]) -> Tensor:
+    return x.new_empty(*x.shape[:2], *size).contiguous(memory_format=_layout(x))
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """The eager kernel's output layout: channels-last for a channels-last map, else contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _axis_weights(n_in: int, n_out: int, scale: float, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,47 @@
+"""Eager CPU kernels as opaque ops of compiled inference graphs.
+
+Inductor lowers most of PIIP's small ops into its own C++ loops. For a few of them its code is
+slower on CPU than the eager kernel piip already uses, measured in one compiled PIIP-TSB 1120
+forward (issue 27, docs/performance.md): the bicubic resize of the position tables, which eager
+inference keeps between calls and a graph recomputes on every call; the coarser branches'
+bilinear input views; the ConvFFN's depthwise conv, which eager runs channels-last; the pyramid's
+transposed convolutions, whose eager pixel shuffle writes the output in one pass. Each of these
+registers a ``torch.library.custom_op`` next to its eager code, whose body is that eager code, so
+a compiled inference graph calls it as one opaque kernel and Inductor fuses everything around it.
+
+Taken only where :func:`wanted` says so: while ``torch.compile`` traces (never under export, whose
+graphs must not depend on piip), on plain CPU tensors, no gradient wanted, no autocast.
+Training and GPU graphs keep the traced expressions, which Inductor differentiates and fuses.
+``PIIP_OPAQUE_OPS=0`` in the environment, or :func:`set_enabled`, turns them off.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .linear import unobserved
+
+_enabled = os.environ.get("PIIP_OPAQUE_OPS", "1") != "0"
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the opaque ops of compiled inference graphs on or off; returns the previous setting
+    (graphs compiled before keep what they traced)."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def wanted(*tensors: Optional[Tensor]) -> bool:
+    """A compiled (not exported) CPU inference graph is being traced over these plain tensors."""
+    if not (_enabled and torch.compiler.is_compiling()) or torch.compiler.is_exporting():
+        return False
+    ts = [t for t in tensors if t is not None]
+    return bool(ts) and all(t.device.type == "cpu" for t in ts) and unobserved(*ts)
