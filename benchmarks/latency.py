@@ -52,6 +52,7 @@ import piip
 from piip.complexity import count
 from piip.layers import fold as feat_fold
 from piip.ops import linear as onednn_linear
+from piip.ops import opaque
 from piip.runtime import tune_malloc
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
@@ -352,6 +353,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="oneDNN re-lays each weight out on every call (piip.ops.linear.set_prepack(False))")
     ap.add_argument("--no-fold", action="store_true",
                     help="interaction edges' feature path unfolded (piip.layers.fold off), eager and compiled")
+    ap.add_argument("--no-opaque", action="store_true",
+                    help="compiled CPU inference without piip's opaque eager ops (piip.ops.opaque off)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
     ap.add_argument("--docs", action="store_true", help=f"regenerate the table in {DOCS.name}")
@@ -375,6 +378,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         onednn_linear.set_prepack(False)
     if args.no_fold:
         feat_fold.set_enabled(False)
+    if args.no_opaque:
+        opaque.set_enabled(False)
     header = (f"Measured {datetime.date.today()} with `python benchmarks/latency.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`: {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, {args.threads} thread(s), {'bfloat16 autocast' if args.bf16 else 'float32'}, "
@@ -385,6 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{', weights prepacked' if onednn_linear.enabled() and onednn_linear.prepacking() else ''}, "
               f"feature-path fold (inference): {'on' if feat_fold.enabled() else 'off'}, compile: "
               f"{'off' if args.no_compile else f'backend {args.backend}, mode {args.mode}'}"
+              f"{'' if args.no_compile else ', opaque eager ops ' + ('on' if opaque.enabled() else 'off')}"
               + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else "") + ".")
     print(header, flush=True)
     compile_ = None if args.no_compile else {"backend": args.backend, "mode": args.mode}

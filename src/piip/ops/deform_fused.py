@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ms_deform_attn import LevelShapes, ShapesArg, StartsArg, level_layout, register_impl
+from . import opaque
+from .ms_deform_attn import (LevelShapes, ShapesArg, StartsArg, level_layout, ms_deform_attn_points,
+                             register_impl)
 from .symbolic import grad_wanted
 
 
@@ -260,6 +262,11 @@ def _from_offsets(value: Tensor, shapes: ShapesArg, starts: StartsArg, reference
     n, _, m, d = value.shape
     lq = sampling_offsets.shape[1]
     shapes, starts = level_layout(shapes, starts)
+    if opaque.wanted(value, reference_points, sampling_offsets, attention_weights):
+        # compiled inference: this eager path as one opaque op (Inductor's loops for the geometry
+        # took longer than the eager passes)
+        return _points_op(value, [s for hw in shapes for s in hw], list(starts), reference_points,
+                          sampling_offsets, attention_weights)
     levels = _level_maps(value, shapes, starts)
     if grad_wanted(reference_points) or not all(_fast_path(vl, sampling_offsets, attention_weights)
                                                 for vl in levels):
@@ -273,6 +280,23 @@ def _from_offsets(value: Tensor, shapes: ShapesArg, starts: StartsArg, reference
         part = _sample_no_grad(vl, x, y, attention_weights[:, :, :, lvl].float())
         out = part if out is None else out + part
     return out.view(n, lq, m * d).to(value.dtype)
+
+
+@torch.library.custom_op("piip::deform_points", mutates_args=())
+def _points_op(value: Tensor, shapes: list[int], starts: list[int], reference_points: Tensor,
+               sampling_offsets: Tensor, attention_weights: Tensor) -> Tensor:
+    """``ms_deform_attn_points(..., impl="fused")`` on concrete tensors (``shapes`` flat: h0, w0, h1, ...):
+    :func:`_from_offsets` where it applies, else through the locations."""
+    levels = [(shapes[i], shapes[i + 1]) for i in range(0, len(shapes), 2)]
+    return ms_deform_attn_points(value, levels, starts, reference_points, sampling_offsets, attention_weights,
+                                 impl="fused")
+
+
+@_points_op.register_fake
+def _(value: Tensor, shapes: list[int], starts: list[int], reference_points: Tensor, sampling_offsets: Tensor,
+      attention_weights: Tensor) -> Tensor:
+    n, _, m, d = value.shape
+    return value.new_empty(n, sampling_offsets.shape[1], m * d)
 
 
 def _sample_no_grad(value: Tensor, x: Tensor, y: Tensor, attn: Tensor) -> Tensor:

@@ -10,8 +10,9 @@ registers a ``torch.library.custom_op`` next to its eager code, whose body is th
 a compiled inference graph calls it as one opaque kernel and Inductor fuses everything around it.
 
 Taken only where :func:`wanted` says so: while ``torch.compile`` traces (never under export, whose
-graphs must not depend on piip), on plain CPU tensors, no gradient wanted, no autocast.
-Training and GPU graphs keep the traced expressions, which Inductor differentiates and fuses.
+graphs must not depend on piip), on plain CPU tensors of which no gradient is wanted, no autocast.
+So training graphs keep the traced expressions, which Inductor differentiates (only the input
+image's resized views, which need no gradient, take the op there), and so do GPU graphs.
 ``PIIP_OPAQUE_OPS=0`` in the environment, or :func:`set_enabled`, turns them off.
 """
 from __future__ import annotations
