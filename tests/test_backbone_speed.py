@@ -59,6 +59,23 @@ def test_per_shape_constants_are_cached():
         assert branch.pos_embed_for((3, 3)) is not a
 
 
+def test_position_tables_kept_per_parameter_are_bounded():
+    """One kept table per input size, the last POS_TABLES_KEPT sizes only (a detector evaluating
+    COCO sees a new size with nearly every image)."""
+    from piip.branches.vit import POS_TABLES_KEPT
+    from piip.ops import derived
+    branch = tiny().branches[1]
+    sizes = [(3, 3 + i) for i in range(POS_TABLES_KEPT + 3)]
+    with torch.no_grad():
+        tables = [branch.pos_embed_for(hw) for hw in sizes]
+        kept = [k for k in derived._CACHE if k[0] == "pos_table" and k[2][0] == branch.pos_embed.data_ptr()]
+        assert len(kept) == POS_TABLES_KEPT
+        assert branch.pos_embed_for(sizes[-1]) is tables[-1]          # a recent size: kept
+        again = branch.pos_embed_for(sizes[0])                        # the oldest: dropped, recomputed
+        assert again is not tables[0]
+        torch.testing.assert_close(again, tables[0])
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_pyramid_gemm_upsample_matches_conv_transpose(layout):
     """Upsample2x (GEMM + pixel shuffle) == nn.ConvTranspose2d(k=2, s=2): outputs and all gradients."""

@@ -81,13 +81,18 @@ def resize_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int
     return grid.flatten(2).transpose(1, 2).to(pos.dtype)
 
 
+# resized tables kept per position parameter (detection sees a new input size with every image)
+POS_TABLES_KEPT = 8
+
+
 def pos_table(pos_embed: Tensor, slot: int, src_grid: tuple[int, int], hw: tuple[int, int]) -> Tensor:
     """``pos_embed`` (class slot dropped) resized to ``hw``, computed once per state of the parameter
     (``piip.ops.derived``: any change, in place or by replacement, recomputes; a table made under
-    ``inference_mode`` has no version counter and is recomputed on every call). No gradient."""
+    ``inference_mode`` has no version counter and is recomputed on every call); the last
+    ``POS_TABLES_KEPT`` sizes are kept. No gradient."""
     return derived.cached("pos_table", (pos_embed,),
                           lambda: resize_pos_embed(pos_embed.detach()[:, slot:], tuple(src_grid), tuple(hw)),
-                          slot, tuple(src_grid), tuple(hw))
+                          slot, tuple(src_grid), tuple(hw), limit=POS_TABLES_KEPT)
 
 
 @torch.library.custom_op("piip::add_pos_table", mutates_args=())

@@ -39,6 +39,8 @@ class _Entry(NamedTuple):
 # an entry counts only while every weight's storage lives and no weight changed in place
 _CACHE: dict[tuple, _Entry] = {}
 _MAX_ENTRIES = 8192   # a safety net: entries go with their weights; one PIIP-TSBL model keeps 683
+# keys of the entries of one (tag, weights) made with a limit, oldest first
+_GROUPS: dict[tuple, list] = {}
 _LOCK = threading.Lock()
 
 
@@ -51,13 +53,16 @@ def trackable(weights: Sequence[Optional[Tensor]]) -> bool:
     return all(t is None or (real(t) and not t.is_inference()) for t in weights)
 
 
-def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T], *extra: Any) -> T:
+def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T], *extra: Any,
+           limit: Optional[int] = None) -> T:
     """``make()``, computed once per (``tag``, ``extra``, state of ``weights``); computed on every
-    call for weights that cannot be tracked."""
+    call for weights that cannot be tracked. ``limit``: at most that many entries per ``tag`` and
+    weights, whatever their ``extra`` (the oldest goes first): a position table per input size,
+    where detection may see a new size with every image."""
     if not trackable(weights):
         return make()
-    key = (tag, extra, *((None,) if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device)
-                         for t in weights))
+    identity = tuple((None,) if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device) for t in weights)
+    key = (tag, extra, *identity)
     versions = tuple(-1 if t is None else t._version for t in weights)
     entry = _CACHE.get(key)
     if entry is None or entry.versions != versions or _dead(entry):
@@ -72,6 +77,13 @@ def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T],
                 while len(_CACHE) >= _MAX_ENTRIES:
                     del _CACHE[next(iter(_CACHE))]
             _CACHE[key] = entry
+            if limit is not None:
+                group = _GROUPS.setdefault((tag, *identity), [])
+                if key in group:
+                    group.remove(key)
+                group.append(key)
+                while len(group) > limit:
+                    _CACHE.pop(group.pop(0), None)
     return entry.value
 
 
@@ -96,3 +108,4 @@ def clear() -> None:
     """Forget every cached tensor (frees their memory)."""
     with _LOCK:
         _CACHE.clear()
+        _GROUPS.clear()

@@ -52,8 +52,8 @@ def resize_view(x: Tensor, num: int, den: int) -> Tensor:
 def bilinear(x: Tensor, size: tuple[int, int], scale: Optional[float] = None) -> Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` of a (B, C, H, W) map, with
     ``scale`` (both axes) for the sampling positions when given. A compiled CPU inference graph
-    calls the eager kernel as one opaque op (``piip::bilinear``, :mod:`piip.ops.opaque`):
-    Inductor's gather loops took 2-3x its time on PIIP's input views and merge maps."""
+    calls the eager kernel as one opaque op (``piip::bilinear``, :mod:`piip.ops.opaque`): for
+    PIIP-TSB 1120's two input views Inductor's gather loops took 40 ms against 17.5 ms."""
     if opaque.wanted(x):
         return _bilinear_op(x, [size[0], size[1]], scale)
     if scale is None:
