@@ -103,14 +103,15 @@ def test_pyramid_gemm_upsample_matches_conv_transpose(layout):
 def test_pyramid_upsample_keeps_its_gemm_weight_until_the_weight_changes(monkeypatch):
     """Inference reuses the GEMM layout of the weight (``piip.ops.derived``); a changed weight (in
     place, as load_state_dict copies it) is laid out again; training never uses the kept one."""
+    from piip.layers import pyramid
     from piip.layers.pyramid import Upsample2x
     torch.manual_seed(0)
     up = Upsample2x(8, 12)
     ref = torch.nn.ConvTranspose2d(8, 12, 2, 2)
     ref.load_state_dict(up.state_dict())
     made = []
-    real = Upsample2x._gemm_weight
-    monkeypatch.setattr(Upsample2x, "_gemm_weight", lambda self: made.append(1) or real(self))
+    real = pyramid._gemm_weight
+    monkeypatch.setattr(pyramid, "_gemm_weight", lambda weight: made.append(1) or real(weight))
     x = torch.randn(2, 8, 5, 7)
     with torch.inference_mode():
         for _ in range(3):
