@@ -39,8 +39,6 @@ class _Entry(NamedTuple):
 # an entry counts only while every weight's storage lives and no weight changed in place
 _CACHE: dict[tuple, _Entry] = {}
 _MAX_ENTRIES = 8192   # a safety net: entries go with their weights; one PIIP-TSBL model keeps 683
-# keys of the entries of one (tag, weights) made with a limit, oldest first
-_GROUPS: dict[tuple, list] = {}
 _LOCK = threading.Lock()
 
 
@@ -61,8 +59,8 @@ def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T],
     where detection may see a new size with every image."""
     if not trackable(weights):
         return make()
-    identity = tuple((None,) if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device) for t in weights)
-    key = (tag, extra, *identity)
+    key = (tag, extra, *((None,) if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+                         for t in weights))
     versions = tuple(-1 if t is None else t._version for t in weights)
     entry = _CACHE.get(key)
     if entry is None or entry.versions != versions or _dead(entry):
@@ -76,14 +74,13 @@ def cached(tag: str, weights: Sequence[Optional[Tensor]], make: Callable[[], T],
                     del _CACHE[k]
                 while len(_CACHE) >= _MAX_ENTRIES:
                     del _CACHE[next(iter(_CACHE))]
-            _CACHE[key] = entry
             if limit is not None:
-                group = _GROUPS.setdefault((tag, *identity), [])
-                if key in group:
-                    group.remove(key)
-                group.append(key)
-                while len(group) > limit:
-                    _CACHE.pop(group.pop(0), None)
+                _CACHE.pop(key, None)          # a recomputed entry becomes the newest of its group
+            _CACHE[key] = entry
+            if limit is not None:              # the group: same tag and weights, oldest first
+                group = [k for k in _CACHE if k[0] == tag and k[2:] == key[2:]]
+                for k in group[:-limit]:
+                    del _CACHE[k]
     return entry.value
 
 
@@ -108,4 +105,3 @@ def clear() -> None:
     """Forget every cached tensor (frees their memory)."""
     with _LOCK:
         _CACHE.clear()
-        _GROUPS.clear()

@@ -44,7 +44,7 @@ def enabled() -> bool:
 
 def wanted(*tensors: Optional[Tensor]) -> bool:
     """A compiled (not exported) CPU inference graph is being traced over these plain tensors."""
-    if not (_enabled and torch.compiler.is_compiling()) or torch.compiler.is_exporting():
+    if not (_enabled and torch.compiler.is_compiling()):
         return False
-    ts = [t for t in tensors if t is not None]
-    return bool(ts) and all(t.device.type == "cpu" for t in ts) and unobserved(*ts)
+    # unobserved: plain tensors on one device, no gradient, no autocast, not exporting
+    return unobserved(*tensors) and next(t for t in tensors if t is not None).device.type == "cpu"

@@ -39,7 +39,6 @@ def real(t: Tensor) -> bool:
     return not is_fake(t)
 
 
-
 def same_sizes(a: Sequence[object], b: Sequence[object]) -> bool:
     """``a == b`` when both are concrete; for symbolic sizes only when provably equal (no guard)."""
     if concrete(a) and concrete(b):
