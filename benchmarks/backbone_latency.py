@@ -21,6 +21,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from torch_count import count_cpu_attention  # noqa: F401  (CPU attention in the counted FLOPs)
+
 import piip
 from piip.runtime import tune_malloc
 

@@ -18,6 +18,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from torch_count import count_cpu_attention  # noqa: F401  (CPU attention in the counted FLOPs)
+
 from piip.tasks.segmentation import SegmentorConfig, build_segmentor
 
 PAIR = (("piip_tsb_896_448_336_seg", 896), ("vit_b_640_seg", 640))

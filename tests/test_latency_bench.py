@@ -105,3 +105,52 @@ def test_micro_ops_rewrites_agree_with_the_plain_ops():
             for x, y in zip(a, b) if isinstance(a, tuple) else [(a, b)]:
                 assert x.shape == y.shape, name
                 torch.testing.assert_close(y, x, atol=atol, rtol=0 if key == "locations" else atol, msg=name)
+
+
+def test_counted_flops_include_cpu_attention():
+    """torch's counter has no formula for CPU attention; the benchmarks' counts register one, so
+    the counted ratios include every model's attention (2 products of b*h*Sq*Sk*d multiply-adds)."""
+    torch_count = pytest.importorskip("torch_count")
+    q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 7, 8)
+    assert torch_count.counted_macs(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k)) \
+        == 2 * 2 * 3 * 10 * 7 * 8
+    qg = q.clone().requires_grad_()
+    both = torch_count.counted_macs(lambda: torch.nn.functional.scaled_dot_product_attention(qg, k, k).sum().backward())
+    assert both > 2 * 2 * 3 * 10 * 7 * 8        # the backward's products are counted too
+
+
+def test_breakdown_splits_both_models_without_changing_them():
+    """benchmarks/breakdown.py: by-op and by-part splits of a tiny as-built pair. The parts add up to
+    the step, PIIP's blocks / interactions / merge / pyramid are seen, the baseline has no
+    interactions, and the timing hooks leave the model's output bit-identical (they sit on modules
+    whose fused eager paths never check for hooks)."""
+    breakdown = pytest.importorskip("breakdown")
+    over = {"piip": _tiny(3), "base": {"branches": [TINY_VIT]}}
+    case = _case("tsb-1120-built", 1 / 16)
+    res = breakdown.measure(case, True, False, 2, overrides=over)
+    p, b = res["piip"], res["base"]
+    for r in (p, b):
+        assert r["ops"]["GEMMs"] > 0 and r["macs"]["GEMMs"] > 0 and r["macs"]["attention"] > 0
+        assert sum(r["parts"][k] for k in breakdown.PARTS) == pytest.approx(r["parts"]["step"])
+    assert all(p["parts"][k] > 0 for k in ("blocks", "interactions", "merge", "pyramid"))
+    assert b["parts"]["interactions"] == 0 and b["parts"]["blocks"] > 0
+    text = breakdown.report(case, res, False)
+    assert "| GEMMs |" in text and "| interactions |" in text and "**step**" in text
+    # the hooks change nothing the model computes
+    sides = latency.case_sides(case, True)
+    model, _ = latency.build_model(case, "piip", sides["piip"], torch.device("cpu"), **over["piip"])
+    latency.draw_gates(model)
+    x = torch.randn(1, 3, sides["piip"], sides["piip"])
+    with torch.inference_mode():
+        plain = model(x)
+        timer = breakdown.PartTimer()
+        breakdown.watch_parts(model, timer)
+        hooked = model(x)
+        timer.remove()
+    assert timer.acc["interactions"] > 0
+    assert all(torch.equal(plain[k], hooked[k]) for k in plain)
+    assert breakdown.op_kind("aten::mm") == breakdown.op_kind("aten.addmm.default") == "GEMMs"
+    assert breakdown.op_kind("aten::_embedding_bag_forward_only") == "sampling gathers"
+    assert breakdown.op_kind("graph_0_cpp_fused_native_layer_norm_onednn_linear_9") == "compiled kernels"
+    with pytest.raises(SystemExit):
+        breakdown.main(["--cases", "nope"])
