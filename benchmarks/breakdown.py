@@ -40,13 +40,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 from latency import CASES, Case, build_model, case_sides, make_step
 from piip.backbone import PIIPBackbone
 from piip.layers.interaction import InteractionGroup
 from piip.layers.merge import BranchMerge
 from piip.layers.pyramid import SimpleFeaturePyramid
+from torch_count import macs_by_op
 
 CPU = torch.device("cpu")
 OP_KINDS = ("GEMMs", "convolutions", "attention", "sampling gathers", "norms", "compiled kernels", "other")
@@ -86,11 +86,9 @@ def by_op(step: Callable[[], Any]) -> dict[str, float]:
 
 def counted_macs(step: Callable[[], Any]) -> dict[str, float]:
     """Multiply-adds of one eager step per op kind, as ``torch.utils.flop_counter`` counts them."""
-    with FlopCounterMode(display=False) as fc:
-        step()
     macs: dict[str, float] = defaultdict(float)
-    for op, flops in fc.get_flop_counts().get("Global", {}).items():
-        macs[op_kind(str(op))] += flops / 2
+    for op, n in macs_by_op(step).items():
+        macs[op_kind(op)] += n
     return macs
 
 
@@ -209,7 +207,7 @@ def report(case: Case, res: dict[str, dict], compiled: bool) -> str:
                  f"{_ratio(sum(p['macs'].values()), sum(b['macs'].values()))} |")
     lines.append(f"| aten op calls | {int(p['ops']['calls'])} | {int(b['ops']['calls'])} | | | | |")
     if "parts" in p:
-        lines += ["", f"| by part (median of steps, exclusive) | PIIP s | base s | PIIP / base | share of PIIP |",
+        lines += ["", "| by part (median of steps, exclusive) | PIIP s | base s | PIIP / base | share of PIIP |",
                   "|---|---|---|---|---|"]
         for k in PARTS:
             if p["parts"][k] < 5e-4 and b["parts"][k] < 5e-4:

@@ -20,10 +20,12 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from torch_count import count_cpu_attention  # noqa: F401  (CPU attention in the counted FLOPs)
+from torch_count import count_cpu_attention
 
 import piip
 from piip.complexity import count
+
+count_cpu_attention()   # torch's FLOP counter then counts CPU attention (benchmarks/torch_count.py)
 
 BASELINE = "llava15_clip_l_336"
 

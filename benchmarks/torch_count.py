@@ -33,8 +33,14 @@ def count_cpu_attention() -> None:
 count_cpu_attention()
 
 
-def counted_macs(fn: Callable[[], Any]) -> float:
-    """Multiply-adds (half of torch's FLOPs) of the matrix products, convolutions and attention ``fn`` runs."""
+def macs_by_op(fn: Callable[[], Any]) -> dict[str, float]:
+    """Multiply-adds (half of torch's FLOPs) per counted op ('aten.mm', ...) of what ``fn`` runs:
+    matrix products, convolutions and attention."""
     with FlopCounterMode(display=False) as fc:
         fn()
-    return fc.get_total_flops() / 2
+    return {str(op): flops / 2 for op, flops in fc.get_flop_counts().get("Global", {}).items()}
+
+
+def counted_macs(fn: Callable[[], Any]) -> float:
+    """All multiply-adds :func:`macs_by_op` counts."""
+    return sum(macs_by_op(fn).values())
