@@ -62,7 +62,6 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 BEGIN, END = "<!-- latency.py:begin -->", "<!-- latency.py:end -->"
 
 
-
 @dataclasses.dataclass
 class Case:
     """One PIIP-vs-baseline comparison; ``kind`` picks how models are built and stepped."""

@@ -3,8 +3,8 @@
 torch 2.14's counter has formulas for the CUDA attention kernels only. On CPU,
 ``scaled_dot_product_attention`` runs ``_scaled_dot_product_flash_attention_for_cpu``, which it did
 not count, so every benchmark's "counted" FLOPs left attention out of both models until 2026-12-07.
-ViTDet-B's global attention is about a quarter of its multiply-adds, so the counted PIIP / ViTDet
-ratios came out too high: trunk 0.633 instead of 0.507, as built 0.863 instead of 0.702 (PIIP-TSB
+ViTDet-B's attention (four of its twelve blocks global) is about a quarter of its multiply-adds,
+PIIP-TSB's 5 %, so the counted PIIP / ViTDet ratios came out too high: trunk 0.633 instead of 0.507, as built 0.863 instead of 0.702 (PIIP-TSB
 1120 against ViTDet-B 1024). Importing this module registers the missing formulas (forward and
 backward); a later torch that has its own keeps them. ``piip.complexity`` counts attention itself
 and is not affected.
