@@ -26,8 +26,9 @@ merge, pyramid, top-level modules), so the timed step runs the same code as an u
     PYTHONPATH=src python benchmarks/breakdown.py --cases seg dino --quick    # a quarter of the side
 
 One thread by default; set ``OMP_NUM_THREADS`` to ``--threads`` as for ``latency.py``. The profiler
-adds a little time to every op call, most to PIIP's many small ones, so the by-op split is a
-profile, and ``latency.py`` gives the latencies.
+adds a little time to every op call, most to PIIP's many small ones (seconds to a DINO training
+step's ~160k calls), so the by-op split is a profile: the by-part split and ``latency.py`` give
+the latencies.
 """
 from __future__ import annotations
 
