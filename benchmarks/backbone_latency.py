@@ -19,14 +19,11 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from torch_count import count_cpu_attention
+from torch_count import counted_macs
 
 import piip
 from piip.runtime import tune_malloc
-
-count_cpu_attention()   # torch's FLOP counter then counts CPU attention (benchmarks/torch_count.py)
 
 # name, baseline, resolution of the PIIP input, baseline input, papers' FLOPs (G) PIIP / baseline
 PAIRS = {
@@ -63,9 +60,7 @@ def measure_pair(pair: str, variant: str, repeats: int, threads: int, memory: bo
     flops, times = {}, {name: [], base: []}
     with torch.inference_mode():
         for k, m in models.items():  # warm-up doubles as the FLOP count
-            with FlopCounterMode(display=False) as fc:
-                runner(m, variant)(inputs[k])
-            flops[k] = fc.get_total_flops() / 2e9  # multiply-adds, the papers' "FLOPs"
+            flops[k] = counted_macs(lambda: runner(m, variant)(inputs[k])) / 1e9  # the papers' "FLOPs"
         for _ in range(repeats):
             for k, m in models.items():
                 t = time.perf_counter()

@@ -46,7 +46,6 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import piip
 from piip.complexity import count
@@ -54,9 +53,7 @@ from piip.layers import fold as feat_fold
 from piip.ops import linear as onednn_linear
 from piip.ops import opaque
 from piip.runtime import tune_malloc
-from torch_count import count_cpu_attention
-
-count_cpu_attention()   # torch's FLOP counter then counts CPU attention (benchmarks/torch_count.py)
+from torch_count import counted_macs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 BEGIN, END = "<!-- latency.py:begin -->", "<!-- latency.py:end -->"
@@ -267,9 +264,7 @@ def measure_case(case: Case, quick: bool, repeats: int, device: torch.device, co
     for w in ("piip", "base"):
         models[w], flops[w] = build_model(case, w, sides[w], device, **dict(overrides.get(w, {})))
         steps[w] = _autocast(make_step(case, models[w], sides[w], device), device, autocast)
-        with FlopCounterMode(display=False) as fc:   # eager warm-up = FLOP count
-            steps[w]()
-        counted[w] = fc.get_total_flops() / 2
+        counted[w] = counted_macs(steps[w])   # eager warm-up = FLOP count
         steps[w]()   # a warm-up outside the counter too
     if compile_ is not None:
         for w in ("piip", "base"):

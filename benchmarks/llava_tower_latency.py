@@ -18,14 +18,11 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from torch_count import count_cpu_attention
+from torch_count import counted_macs
 
 import piip
 from piip.complexity import count
-
-count_cpu_attention()   # torch's FLOP counter then counts CPU attention (benchmarks/torch_count.py)
 
 BASELINE = "llava15_clip_l_336"
 
@@ -45,10 +42,8 @@ def measure(names: list[str], device: torch.device, dtype: torch.dtype, batch: i
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-            with FlopCounterMode(display=False) as fc:
-                m.forward_branches(inputs[n])
+            flops[n] = counted_macs(lambda: m.forward_branches(inputs[n])) / 1e9 / batch
             _sync(device)
-            flops[n] = fc.get_total_flops() / 2e9 / batch
             if device.type == "cuda":
                 mem[n] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         for _ in range(repeats):

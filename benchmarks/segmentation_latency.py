@@ -16,13 +16,10 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from torch_count import count_cpu_attention
+from torch_count import counted_macs
 
 from piip.tasks.segmentation import SegmentorConfig, build_segmentor
-
-count_cpu_attention()   # torch's FLOP counter then counts CPU attention (benchmarks/torch_count.py)
 
 PAIR = (("piip_tsb_896_448_336_seg", 896), ("vit_b_640_seg", 640))
 PAPER = {"piip_tsb_896_448_336_seg": 118.0, "vit_b_640_seg": 159.0}
@@ -55,12 +52,8 @@ def main() -> None:
         times[name] = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for name, m in models.items():         # warm-up + FLOPs
-            with FlopCounterMode(display=False) as fc:
-                m(inputs[name])
-            flops[name] = fc.get_total_flops() / 2          # MACs, the papers' "FLOPs"
-            with FlopCounterMode(display=False) as fc:
-                m.backbone(inputs[name])
-            bb_flops[name] = fc.get_total_flops() / 2
+            flops[name] = counted_macs(lambda: m(inputs[name]))          # MACs, the papers' "FLOPs"
+            bb_flops[name] = counted_macs(lambda: m.backbone(inputs[name]))
         for _ in range(args.repeats):
             for name, m in models.items():
                 _sync(device)

@@ -5,9 +5,9 @@ torch 2.14's counter has formulas for the CUDA attention kernels only. On CPU,
 not count, so every benchmark's "counted" FLOPs left attention out of both models until 2026-12-07.
 ViTDet-B's attention (four of its twelve blocks global) is about a quarter of its multiply-adds,
 PIIP-TSB's 5 %, so the counted PIIP / ViTDet ratios came out too high: trunk 0.633 instead of 0.507, as built 0.863 instead of 0.702 (PIIP-TSB
-1120 against ViTDet-B 1024). Importing this module registers the missing formulas (forward and
-backward); a later torch that has its own keeps them. ``piip.complexity`` counts attention itself
-and is not affected.
+1120 against ViTDet-B 1024). The benchmarks count through :func:`macs_by_op` / :func:`counted_macs`,
+which register the missing formulas (forward and backward) first; a later torch that has its own
+keeps them. ``piip.complexity`` counts attention itself and is not affected.
 """
 from __future__ import annotations
 
@@ -30,12 +30,10 @@ def count_cpu_attention() -> None:
             lambda g, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(g, q, k, v))
 
 
-count_cpu_attention()
-
-
 def macs_by_op(fn: Callable[[], Any]) -> dict[str, float]:
     """Multiply-adds (half of torch's FLOPs) per counted op ('aten.mm', ...) of what ``fn`` runs:
     matrix products, convolutions and attention."""
+    count_cpu_attention()
     with FlopCounterMode(display=False) as fc:
         fn()
     return {str(op): flops / 2 for op, flops in fc.get_flop_counts().get("Global", {}).items()}
