@@ -9,7 +9,9 @@
     16 heads); (b) their forward and forward+backward time against ``reference`` and ``fused``
     (interleaved, median); (c) PIIP-TSB 1120/896/448 vs ViTDet-B 1024 as built: eval latency and a
     training step (forward + backward) with peak memory, bfloat16 autocast, eager and compiled
-    (``benchmarks/latency.py``'s measurement). Results go to ``gpu_suite.json`` and ``gpu_suite.md``
+    (``benchmarks/latency.py``'s measurement); (d) the same pair's eval forward under other schedules:
+    PIIP's branches on their own CUDA streams (``benchmarks/branch_concurrency.py``), each model
+    replayed as one captured CUDA graph (a fixed input size), and both. Results go to ``gpu_suite.json`` and ``gpu_suite.md``
     in ``--out`` after every section (a timeout keeps what finished); ``--docs`` regenerates the block in
     docs/performance.md. Without CUDA it prints one line and exits 0. ``--dry-run`` runs everything
     on CPU at tiny sizes with Triton's interpreter (what the test-suite checks).
@@ -109,20 +111,27 @@ def time_impls(shapes: dict, device: str, impls: list[str], repeats: int) -> lis
     return rows
 
 
-def model_pairs(device: str, dry_run: bool, repeats: int, compile_: Optional[dict]) -> list[dict]:
-    """(c): PIIP-TSB vs ViTDet-B as built, eval and training step, bf16 autocast, eager and compiled."""
+def _pair_case(key: str, dry_run: bool) -> tuple[Any, Optional[dict]]:
+    """``latency.py``'s case ``key`` and its model overrides: in the dry run 2-block, 32-wide
+    branches at 64 px (the same code path in seconds)."""
     import dataclasses
 
     import latency
+    case = latency.CASES[key]
+    if not dry_run:
+        return case, None
+    over = {"piip": {"branches": [{"embed_dim": 32 * (i + 1), "num_heads": 2, "depth": 2} for i in range(3)],
+                     "deform_num_heads": 2},
+            "base": {"branches": [{"embed_dim": 32, "num_heads": 2, "depth": 2}]}}
+    return dataclasses.replace(case, quick_scale=1 / 16), over
+
+
+def model_pairs(device: str, dry_run: bool, repeats: int, compile_: Optional[dict]) -> list[dict]:
+    """(c): PIIP-TSB vs ViTDet-B as built, eval and training step, bf16 autocast, eager and compiled."""
+    import latency
     rows = []
-    over = None
     for key in ("tsb-1120-built", "tsb-1120-train"):
-        case = latency.CASES[key]
-        if dry_run:  # 2-block, 32-wide branches at 64 px: the same code path in seconds
-            case = dataclasses.replace(case, quick_scale=1 / 16)
-            over = {"piip": {"branches": [{"embed_dim": 32 * (i + 1), "num_heads": 2, "depth": 2} for i in range(3)],
-                             "deform_num_heads": 2},
-                    "base": {"branches": [{"embed_dim": 32, "num_heads": 2, "depth": 2}]}}
+        case, over = _pair_case(key, dry_run)
         r = latency.measure_case(case, dry_run, repeats, torch.device(device), compile_, overrides=over,
                                  autocast=torch.bfloat16)
         r.pop("times", None)
@@ -131,6 +140,92 @@ def model_pairs(device: str, dry_run: bool, repeats: int, compile_: Optional[dic
               f" FLOPs ratio {r['flops_ratio']:.3f}, peak MiB {r['peak_mib']}, compile errors {r['compile_errors']}",
               flush=True)
     return rows
+
+
+def cuda_graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` (no arguments, fixed inputs) captured once as a CUDA graph; the returned callable
+    replays it and returns the captured outputs (overwritten by every replay). Warm-up runs on a
+    side stream first, as capture requires (lazy initialisations, the kept derived weights)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+    return replay
+
+
+def _rel_diff(a: Any, b: Any) -> float:
+    """max |a - b| / max |b| over the maps of two outputs (dicts of maps, or tensors)."""
+    ta = list(a.values()) if isinstance(a, dict) else [a]
+    tb = list(b.values()) if isinstance(b, dict) else [b]
+    return max(float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-12))
+               for x, y in zip(ta, tb))
+
+
+def schedules(device: str, dry_run: bool, repeats: int) -> dict:
+    """(d): the as-built pair's eval forward (batch 1, bf16 autocast) under other schedules: PIIP's
+    branches on CUDA streams, each model as one CUDA graph, PIIP with both; interleaved medians,
+    each variant's largest difference from its model's eager output."""
+    import branch_concurrency
+    import latency
+    from deform_attn import timed_interleaved
+    case, over = _pair_case("tsb-1120-built", dry_run)
+    over = over or {}
+    dev = torch.device(device)
+    sides = latency.case_sides(case, dry_run)
+    models = {w: latency.build_model(case, w, sides[w], dev, **dict(over.get(w, {})))[0].eval() for w in sides}
+    g = torch.Generator().manual_seed(0)
+    inputs = {w: torch.randn(1, 3, s, s, generator=g).to(dev) for w, s in sides.items()}
+
+    def forward(w: str) -> Callable[[], Any]:
+        def run() -> Any:   # the autocast cache is off: a CUDA graph cannot capture its reuse
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False):
+                return models[w](inputs[w])
+        return run
+
+    streams = branch_concurrency.streamed(models["piip"], dev)
+
+    def streamed() -> Any:
+        with branch_concurrency.scheduled(models["piip"], streams):
+            return forward("piip")()
+
+    fns: dict[str, Callable[[], Any]] = {"piip eager": forward("piip"), "base eager": forward("base"),
+                                          "piip streams": streamed}
+    errors: dict[str, str] = {}
+    if dev.type == "cuda":
+        for name, fn in (("piip graph", forward("piip")), ("base graph", forward("base")),
+                         ("piip streams+graph", streamed)):
+            try:
+                fns[name] = cuda_graphed(fn)
+            except Exception as e:  # reported, the other variants still run
+                errors[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+    else:
+        errors["graphs"] = "CUDA graphs need CUDA (dry run on CPU)"
+    eager = {w: fns[f"{w} eager"]() for w in ("piip", "base")}
+    rows = []
+    for name, fn in fns.items():
+        rows.append({"variant": name, "rel_diff": _rel_diff(fn(), eager[name.split()[0]])})
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = timed_interleaved(fns, repeats, sync)
+    for r in rows:
+        w = r["variant"].split()[0]
+        r.update(s=times[r["variant"]], vs_base_eager=times[r["variant"]] / times["base eager"],
+                 speedup=times[f"{w} eager"] / times[r["variant"]])
+        print(f"(d) {r['variant']:20s} {r['s'] * 1e3:9.2f} ms  x{r['speedup']:.2f} over its eager  "
+              f"/ base eager {r['vs_base_eager']:.3f}  rel diff {r['rel_diff']:.1e}", flush=True)
+    out = {"case": case.key, "piip_side": sides["piip"], "base_side": sides["base"], "repeats": repeats,
+           "rows": rows, "errors": errors}
+    if "piip graph" in times and "base graph" in times:
+        out["graph_ratio"] = times["piip graph"] / times["base graph"]
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -158,6 +253,20 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res.get("models"):
         lines += ["(c) PIIP-TSB vs ViTDet-B, bfloat16 autocast:", "", latency_md(res["models"], "").strip(), ""]
+    sch = res.get("schedules")
+    if sch:
+        lines += [f"(d) PIIP-TSB ({sch['piip_side']} px) vs ViTDet-B ({sch['base_side']} px) as built, eval forward, "
+                  f"batch 1, bfloat16 autocast, schedules (median of {sch['repeats']} interleaved runs):", "",
+                  "| variant | ms | speed-up over the model's eager | / ViTDet-B eager | max rel diff from eager |",
+                  "|---|---|---|---|---|"]
+        for r in sch["rows"]:
+            lines.append(f"| {r['variant']} | {r['s'] * 1e3:.2f} | {r['speedup']:.2f} | {r['vs_base_eager']:.3f} | "
+                         f"{r['rel_diff']:.1e} |")
+        if "graph_ratio" in sch:
+            lines += ["", f"Both as CUDA graphs, PIIP / ViTDet-B: **{sch['graph_ratio']:.3f}**."]
+        for k, v in sch["errors"].items():
+            lines += ["", f"{k}: {v}"]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -165,8 +274,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="folder for the results")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, Triton interpreter")
-    ap.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 for the op, 10 for models)")
+    ap.add_argument("--sections", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs (default 20 for the op, 10 for models, 20 for the schedules)")
     ap.add_argument("--no-compile", action="store_true", help="(c) eager only")
     ap.add_argument("--docs", action="store_true", help="regenerate the block in docs/performance.md")
     args = ap.parse_args(argv)
@@ -215,6 +325,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         backend = "aot_eager" if args.dry_run else "inductor"
         res["models"] = model_pairs(device, args.dry_run, args.repeats or (1 if args.dry_run else 10),
                                     None if args.no_compile else {"backend": backend})
+        save()
+    if "d" in args.sections:
+        res["schedules"] = schedules(device, args.dry_run, args.repeats or (2 if args.dry_run else 20))
         save()
     table = markdown(res)
     print(table)

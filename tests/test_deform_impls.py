@@ -176,6 +176,26 @@ def test_triton_under_interpreter():
     assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-2000:]
 
 
+@pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="runs in test_triton_under_interpreter's subprocess")
+def test_triton_level_tables_kept_and_trainable():
+    """The level table is made once per layout (no host-to-device copy per call, which a CUDA graph
+    could not capture) and stays usable for training after a first call under inference_mode."""
+    from piip.ops.deform_triton import level_tables
+    value, sh, st, loc, attn = make_inputs([(5, 7), (3, 4)], dtype=torch.float32)
+    shapes, starts = ((5, 7), (3, 4)), (0, 35)
+    with torch.inference_mode():
+        first = level_tables(shapes, starts, value.device)
+        out_inf = ms_deform_attn(value, shapes, starts, loc, attn, impl="triton")
+    again = level_tables(shapes, starts, value.device)
+    assert all(a is b for a, b in zip(first, again)) and not any(t.is_inference() for t in first)
+    assert first[0].tolist() == [[5, 7], [3, 4]] and first[1].tolist() == [0, 35]
+    tensors = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(tensors[0], shapes, starts, tensors[1], tensors[2], impl="triton")
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), out_inf)
+    assert all(t.grad is not None for t in tensors)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device in this environment")
 def test_triton_cuda_matches_reference():
     value, sh, st, loc, attn = make_inputs([(5, 7), (3, 4)], dtype=torch.float32)

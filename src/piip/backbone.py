@@ -171,13 +171,20 @@ class PIIPBackbone(PretrainedCfgMixin, nn.Module):
             raise ValueError(f"expected {len(self.branches)} views (one per branch), got {len(views)}")
         states = [br.embed(v) for br, v in zip(self.branches, views)]
         for g in range(self.num_groups):
-            states = [br.forward_group(t, g) for br, t in zip(self.branches, states)]
+            states = self.forward_group(states, g)
             if self.interactions is not None:
                 xs = self.interactions[g]([t.x for t in states], [t.hw for t in states])
                 states = [t._replace(x=nx) for t, nx in zip(states, xs)]
             if taps is not None and g in self.out_groups:
                 taps.append(self.merge_tokens(states, g))
         return states
+
+    def forward_group(self, states: list[Tokens], group: int) -> list[Tokens]:
+        """Every branch's blocks of one group, one branch after another. The branches are
+        independent here (they meet only in the interactions after it), so a schedule that runs them
+        concurrently replaces this on an instance (``benchmarks/branch_concurrency.py``: threads on CPU,
+        CUDA streams)."""
+        return [br.forward_group(t, group) for br, t in zip(self.branches, states)]
 
     def merge_tokens(self, states: list[Tokens], group: Optional[int] = None) -> Tensor:
         """Branch states -> one map at the finest branch's grid (``group``: an intermediate merge)."""

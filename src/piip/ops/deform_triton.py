@@ -9,6 +9,7 @@ Selected automatically for CUDA tensors when Triton imports; on CPU it runs only
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -168,6 +169,31 @@ class _TritonDeformAttn(torch.autograd.Function):
         return grad_value, None, None, grad_loc, grad_attn
 
 
+def level_tables(shapes: tuple, starts: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (L, 2) level shapes and (L,) start offsets the kernels read from device memory.
+
+    Eagerly they are made once per layout and device and kept: built per call, each call copied
+    them from host memory (a synchronous copy, two for every interaction edge of a forward), and a
+    CUDA graph cannot capture such a copy. Traced (symbolic sizes, compile, export) they are built
+    in the graph."""
+    if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or not all(type(v) is int for v in (*(d for hw in shapes for d in hw), *starts))):
+        return _tables(shapes, starts, device)
+    return _kept_tables(tuple(tuple(hw) for hw in shapes), tuple(starts), device)
+
+
+def _tables(shapes: tuple, starts: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    return (torch.tensor([list(hw) for hw in shapes], dtype=torch.int64, device=device),
+            torch.tensor(list(starts), dtype=torch.int64, device=device))
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_tables(shapes: tuple, starts: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    # normal tensors even when first made under inference_mode: a training call saves them for backward
+    with torch.inference_mode(False):
+        return _tables(shapes, starts, device)
+
+
 def _runnable(value: Tensor) -> bool:
     return HAS_TRITON and (value.is_cuda or interpreting())
 
@@ -187,9 +213,7 @@ if HAS_TRITON:
                              f"got value on {value.device}")
         dt = torch.promote_types(value.dtype, torch.float32)
         shapes, starts = level_layout(spatial_shapes, level_start_index)
-        # the kernels read the level table from device memory: built from the ints here
-        shapes_t = torch.tensor([list(hw) for hw in shapes], dtype=torch.int64, device=value.device)
-        starts_t = torch.tensor(list(starts), dtype=torch.int64, device=value.device)
+        shapes_t, starts_t = level_tables(shapes, starts, value.device)
         out = _TritonDeformAttn.apply(value.to(dt).contiguous(), shapes_t, starts_t,
                                       sampling_locations.to(dt).contiguous(),
                                       attention_weights.to(dt).contiguous())
