@@ -29,7 +29,7 @@ import torch
 import latency
 from compiled_impl import max_rel_diff
 from deform_attn import timed_interleaved
-from latency import CASES, build_model, case_sides, draw_gates, make_step
+from latency import CASES, build_model, case_key, case_sides, draw_gates, make_step
 from piip.runtime import tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,15 +106,12 @@ def compare(base: Any, key: str, repeats: int, gates: bool, quick: bool = False,
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="git revision to compare against (e.g. HEAD~1, a commit)")
-    ap.add_argument("--cases", nargs="+", default=["cls-eval"], metavar="CASE")
+    ap.add_argument("--cases", nargs="+", default=["cls-eval"], metavar="CASE", type=case_key)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="latency.py's reduced sizes")
     ap.add_argument("--gates", action="store_true", help="interaction gates drawn in [0.5, 1.5]")
     args = ap.parse_args(argv)
-    unknown = [k for k in args.cases if k not in CASES]
-    if unknown:
-        raise SystemExit(f"ab_revisions.py: unknown case(s) {unknown}; choose from {list(CASES)}")
     torch.set_num_threads(args.threads)
     tune_malloc()
     tmp = Path(tempfile.mkdtemp(prefix="piip_ab_"))

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from latency import CASES, Case, build_model, case_sides, make_step
+from latency import CASES, Case, build_model, case_key, case_sides, make_step
 from piip.backbone import PIIPBackbone
 from piip.layers.interaction import InteractionGroup
 from piip.layers.merge import BranchMerge
@@ -222,7 +222,7 @@ def report(case: Case, res: dict[str, dict], compiled: bool) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["tsb-1120", "tsb-1120-built", "cls-eval"], metavar="CASE",
+    ap.add_argument("--cases", nargs="+", default=["tsb-1120", "tsb-1120-built", "cls-eval"], metavar="CASE", type=case_key,
                     help=f"latency.py cases ({', '.join(CASES)})")
     ap.add_argument("--quick", action="store_true", help="latency.py's reduced sizes")
     ap.add_argument("--compiled", action="store_true", help="profile the torch.compile'd steps (by op only)")
@@ -230,9 +230,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="steps whose median gives the by-part split")
     ap.add_argument("--markdown", help="also write the tables to this file")
     args = ap.parse_args(argv)
-    unknown = [c for c in args.cases if c not in CASES]
-    if unknown:
-        ap.error(f"--cases: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
     torch.set_num_threads(args.threads)

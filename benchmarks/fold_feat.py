@@ -16,7 +16,7 @@ import torch
 
 from compiled_impl import max_rel_diff
 from deform_attn import timed_interleaved
-from latency import CASES, build_model, case_sides, draw_gates, make_step
+from latency import CASES, build_model, case_key, case_sides, draw_gates, make_step
 from onednn_linear import switched
 from piip.layers import fold
 from piip.layers.interaction import InteractionEdge
@@ -56,7 +56,8 @@ def edge_paths(model, step, repeats: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["tsb-1120", "tsb-1120-built", "cls-eval"])
+    ap.add_argument("--cases", nargs="+", default=["tsb-1120", "tsb-1120-built", "cls-eval"], metavar="CASE",
+                    type=case_key)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="inputs at the cases' quick scale")

@@ -205,7 +205,10 @@ def schedules(device: str, dry_run: bool, repeats: int) -> dict:
                          ("piip streams+graph", streamed)):
             try:
                 fns[name] = cuda_graphed(fn)
+                fns[name]()
+                torch.cuda.synchronize()
             except Exception as e:  # reported, the other variants still run
+                fns.pop(name, None)
                 errors[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
     else:
         errors["graphs"] = "CUDA graphs need CUDA (dry run on CPU)"
@@ -321,13 +324,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             fwd = [r["fwd_speedup"] for r in res["speed"] if r["impl"] == "triton"]
             res["triton_fwd_speedup_geomean"] = statistics.geometric_mean(fwd)
         save()
+    # (d) before (c): it compiles nothing, while (c)'s compiles may run into a time limit
+    if "d" in args.sections:
+        res["schedules"] = schedules(device, args.dry_run, args.repeats or (2 if args.dry_run else 20))
+        save()
     if "c" in args.sections:
         backend = "aot_eager" if args.dry_run else "inductor"
         res["models"] = model_pairs(device, args.dry_run, args.repeats or (1 if args.dry_run else 10),
                                     None if args.no_compile else {"backend": backend})
-        save()
-    if "d" in args.sections:
-        res["schedules"] = schedules(device, args.dry_run, args.repeats or (2 if args.dry_run else 20))
         save()
     table = markdown(res)
     print(table)

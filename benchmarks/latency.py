@@ -104,6 +104,14 @@ CASES = {c.key: c for c in _table1() + [
 ]}
 
 
+def case_key(key: str) -> str:
+    """argparse ``type`` of every benchmark's ``--cases``: an unknown key is one usage line and exit
+    code 2, naming the known ones."""
+    if key not in CASES:
+        raise argparse.ArgumentTypeError(f"unknown case {key!r}; choose from {', '.join(CASES)} (--list in latency.py)")
+    return key
+
+
 def _side(size: int, scale: float, multiple: int = 32) -> int:
     return max(multiple, int(round(size * scale / multiple)) * multiple)
 
@@ -334,7 +342,7 @@ def update_docs(table: str, path: Path = DOCS, begin: str = BEGIN, end: str = EN
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=None, metavar="CASE",
+    ap.add_argument("--cases", nargs="+", default=None, metavar="CASE", type=case_key,
                     help="cases to run (default: all, or the --quick selection); see --list")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--quick", action="store_true", help="reduced inputs, one Table I configuration per family")
@@ -362,11 +370,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{c.key:16s} {c.kind:8s} {c.piip} vs {c.base} ({c.step}){'  [quick]' if c.quick else ''}")
         return 0
     keys = args.cases or [k for k, c in CASES.items() if c.quick or not args.quick]
-    unknown = [k for k in keys if k not in CASES]
-    if unknown:
-        raise SystemExit(f"latency.py: unknown case(s) {unknown}; choose from {list(CASES)}")
     if args.repeats < 1:
-        raise SystemExit("latency.py: --repeats must be >= 1")
+        ap.error("--repeats must be >= 1")
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     torch.set_num_threads(args.threads)
     tuned = tune_malloc()

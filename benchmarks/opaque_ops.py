@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from compiled_impl import max_rel_diff
-from latency import CASES, build_model, case_sides, make_step
+from latency import CASES, build_model, case_key, case_sides, make_step
 from piip.ops import opaque
 from piip.runtime import tune_malloc
 
@@ -84,14 +84,11 @@ def report(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["tsb-1120-built", "tsb-1120"], metavar="CASE")
+    ap.add_argument("--cases", nargs="+", default=["tsb-1120-built", "tsb-1120"], metavar="CASE", type=case_key)
     ap.add_argument("--quick", action="store_true", help="latency.py's reduced sizes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    for c in args.cases:
-        if c not in CASES:
-            raise SystemExit(f"--cases: unknown case {c!r}; choose from {', '.join(sorted(CASES))}")
     torch.set_num_threads(args.threads)
     tune_malloc()
     rows = [measure(c, args.quick, args.repeats) for c in args.cases]
