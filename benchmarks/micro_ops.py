@@ -15,6 +15,8 @@ produces, in one run, and prints their ratio and the largest difference of their
 * ``dwconv``: the ConvFFN's depthwise conv on its channels-last token map, with the weight's default
   strides against a channels-last weight, back to tokens (``DWConv``, ``layers/conv.py``);
 * ``conv3x3``: the same for the detection merge's 3x3 convs (output compared in either layout);
+* ``winograd``: wide channels-last 3x3 convs, oneDNN's direct convolution against Winograd's
+  F(2x2, 3x3) (``piip.ops.winograd``), whose output differs by float rounding;
 * ``fused``: ``fused`` deformable sampling without a gradient, the training forward (``_FusedLevel``:
   in-map mask) against the inference path (``_sample_no_grad``: clamped cells, two-pixel border).
 """
@@ -102,6 +104,23 @@ def conv3x3_rows() -> list[tuple[str, Callable, Callable]]:
     return rows
 
 
+def winograd_rows() -> list[tuple[str, Callable, Callable]]:
+    """Channels-last 3x3 convs, oneDNN's direct convolution (channels-last weight) against
+    ``piip.ops.winograd.conv3x3``: the merge's shapes (PIIP-TSB 1120), and a 256-wide pyramid
+    conv on the stride-4 map, below the width the automatic choice needs (``MIN_CHANNELS``)."""
+    from piip.ops import winograd
+    rows = []
+    for c, co, side in ((768, 768, 70), (768, 768, 56), (768, 768, 28), (384, 768, 56), (192, 768, 70),
+                        (256, 256, 280)):
+        x = torch.randn(1, side * side, c).transpose(1, 2).reshape(1, c, side, side)
+        w = torch.randn(co, c, 3, 3) * (9 * c) ** -0.5
+        u = winograd.filter_transform(w)         # kept by the layer: made here outside the timing
+        rows.append((f"conv 3x3 {c}->{co} at {side}x{side}, Winograd",
+                     lambda x=x, w=w.to(memory_format=torch.channels_last): F.conv2d(x, w, None, 1, 1),
+                     lambda x=x, w=w, u=u: winograd.conv3x3(x, w, None, transformed=u)))
+    return rows
+
+
 def fused_rows() -> list[tuple[str, Callable, Callable]]:
     from piip.ops import deform_fused as df
 
@@ -120,7 +139,7 @@ def fused_rows() -> list[tuple[str, Callable, Callable]]:
 
 
 ROWS = {"softmax": softmax_rows, "locations": location_rows, "dwconv": dwconv_rows, "conv3x3": conv3x3_rows,
-        "fused": fused_rows}
+        "winograd": winograd_rows, "fused": fused_rows}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

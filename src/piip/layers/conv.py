@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import derived
+from ..ops import derived, winograd
 from ..ops.symbolic import grad_wanted, tracing
 
 
@@ -23,7 +23,9 @@ class Conv2d(nn.Conv2d):
     0.99-1.00x).
     At PIIP-TSB 1120's shapes on one core (``benchmarks/micro_ops.py --rows dwconv conv3x3``): the
     ConvFFN's depthwise convs, back to tokens, in 0.25-0.37 of the time (no copy either way); the
-    detection merge's 3x3 convs in 0.90-0.96. Traced graphs and other inputs take the stock call.
+    detection merge's 3x3 convs in 0.90-0.96. Wide 3x3 convolutions (both widths >= 384, float32:
+    the merge's) go through Winograd's F(2x2, 3x3) instead (``piip.ops.winograd``: 1.4-1.65x at the
+    merge's shapes). Traced graphs and other inputs take the stock call.
     """
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
@@ -31,6 +33,8 @@ class Conv2d(nn.Conv2d):
                 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                 and not grad_wanted(x, self.weight)):
             return super().forward(x)
+        if winograd.applies(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups):
+            return winograd.conv3x3(x, self.weight, self.bias)
         return channels_last_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

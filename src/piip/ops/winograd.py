@@ -1,0 +1,132 @@
+"""3x3 convolutions of wide channels-last maps by Winograd's F(2x2, 3x3) (eager CPU inference).
+
+The detection merge (``layers/merge.py``, the released code's ``conv`` merging) runs two 3x3
+convolutions per branch at up to 768 channels on the finest grid: 68 of the 375 GMAC of an
+as-built PIIP-TSB 1120 forward, against 2.4 GMAC of convolution in ViTDet-B. Winograd's minimal
+filtering computes each 2x2 output tile from a 4x4 input tile with 16 channel GEMMs instead of 36
+multiply-adds per (input, output) channel pair: 2.25x fewer multiply-adds, paid for with element-wise
+transforms of the input and output tiles. Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks" (CVPR 2016), with their F(2x2, 3x3) matrices:
+
+    Y = A^T [ (G g G^T) . (B^T d B) ] A
+
+where g is a 3x3 filter, d a 4x4 input tile, Y the 2x2 output tile. With every channel, the
+product ``.`` becomes one (tiles x C_in) @ (C_in x C_out) GEMM per tile position (16 of them).
+
+The transforms are additions only (B, A) or halvings (G), so it is accurate: against a float64
+convolution the error was 2-4x smaller than oneDNN's direct float32 convolution's at the merge's
+shapes. They cost memory passes, which is why it pays only for wide channels: on one core of this
+project's Xeon VM the merge's 768-channel convolutions ran 1.2-1.6x faster, 192 -> 768 at 70x70
+1.09x, and a 256-channel pyramid conv on a 280x280 map 0.6x (``benchmarks/micro_ops.py --rows
+winograd``). :func:`applies` takes it only at both widths >= 384.
+
+The filter transform ``G g G^T`` (16 x C_in x C_out, 16/9 of the weight's memory) is computed once
+per weight state and kept (``piip.ops.derived``); weights that cannot be tracked (made under
+``inference_mode``) keep the direct convolution. ``PIIP_WINOGRAD=0`` or :func:`set_enabled`
+turns it off.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import derived
+
+_enabled = os.environ.get("PIIP_WINOGRAD", "1") != "0"
+MIN_CHANNELS = 384   # both widths at least this (narrower convolutions gain little or lose)
+
+# F(2x2, 3x3): filter transform G (4 x 3); B^T and A^T are applied as explicit sums below
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the Winograd path on or off (process-wide); returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> bool:
+    """A float32 3x3, stride-1, padding-1 convolution of two wide channel counts (the caller checked
+    that the map is channels-last and that no gradient is wanted or traced)."""
+    return (_enabled and x.dtype == torch.float32 and weight.dtype == torch.float32 and groups == 1
+            and tuple(weight.shape[2:]) == (3, 3) and _pair(stride) == (1, 1) and _pair(padding) == (1, 1)
+            and _pair(dilation) == (1, 1) and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
+            and (bias is None or bias.dtype == torch.float32)
+            and derived.trackable((weight, bias)))
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def filter_transform(weight: Tensor) -> Tensor:
+    """(C_out, C_in, 3, 3) -> (16, C_in, C_out): ``G g G^T`` per channel pair, tile positions
+    (u, v) row-major; computed in float64 (the entries of G are exact in binary)."""
+    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ui,ocij,vj->uvco", g, weight.detach().double(), g)
+    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+
+
+def conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], transformed: Optional[Tensor] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a channels-last (B, C_in, H, W) map, returned
+    channels-last (B, C_out, H, W). No gradient. ``transformed``: :func:`filter_transform` of
+    ``weight`` made by the caller (else kept in ``piip.ops.derived``)."""
+    u = transformed if transformed is not None else derived.cached("winograd", (weight,),
+                                                                  lambda: filter_transform(weight))
+    b, c, h, w = x.shape
+    co = u.shape[-1]
+    th, tw = (h + 1) // 2, (w + 1) // 2          # 2x2 output tiles; odd sizes get a cropped last tile
+    hp, wp = 2 * th + 2, 2 * tw + 2
+    # the zero-padded map (B, hp, wp, C): one pixel on top / left, one or two on the bottom / right
+    xp = x.new_empty(b, hp, wp, c)
+    xp[:, 0].zero_()
+    xp[:, h + 1:].zero_()
+    xp[:, 1:h + 1, 0].zero_()
+    xp[:, 1:h + 1, w + 1:].zero_()
+    xp[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
+    sb, sh, sw, sc = xp.stride()
+    # B^T along the rows: tile row i reads padded rows 2i..2i+3 (r0..r3), without cutting columns yet
+    r = xp.as_strided((4, b, th, wp, c), (sh, sb, 2 * sh, sw, sc))
+    rows = xp.new_empty(4, b, th, wp, c)
+    _bt(r[0], r[1], r[2], r[3], rows)
+    # B^T along the columns: tile column j reads columns 2j..2j+3 -> V (4, 4, B*th*tw, C)
+    sk, sb, st, sw, sc = rows.stride()
+    cols = rows.as_strided((4, 4, b, th, tw, c), (sw, sk, sb, st, 2 * sw, sc))   # (column v, row u, ...)
+    v = xp.new_empty(4, 4, b, th, tw, c)
+    _bt(cols[0], cols[1], cols[2], cols[3], v.transpose(0, 1))
+    # the 16 channel GEMMs
+    t = b * th * tw
+    m = torch.bmm(v.view(16, t, c), u).view(4, 4, b, th, tw, co)
+    # A^T along u (rows) then v (columns), written into the (B, th, 2, tw, 2, C_out) output tiles
+    s = xp.new_empty(2, 4, b, th, tw, co)
+    _at(m[0], m[1], m[2], m[3], s)
+    out = xp.new_empty(b, th, 2, tw, 2, co)
+    _at(s[:, 0], s[:, 1], s[:, 2], s[:, 3], out.permute(4, 2, 0, 1, 3, 5))
+    if bias is not None:
+        out += bias
+    out = out.view(b, 2 * th, 2 * tw, co)
+    if (2 * th, 2 * tw) != (h, w):
+        out = out[:, :h, :w].contiguous()
+    return out.permute(0, 3, 1, 2)
+
+
+def _bt(d0: Tensor, d1: Tensor, d2: Tensor, d3: Tensor, out: Tensor) -> None:
+    """out[k] = (B^T d)[k] for B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]."""
+    torch.sub(d0, d2, out=out[0])
+    torch.add(d1, d2, out=out[1])
+    torch.sub(d2, d1, out=out[2])
+    torch.sub(d1, d3, out=out[3])
+
+
+def _at(m0: Tensor, m1: Tensor, m2: Tensor, m3: Tensor, out: Tensor) -> None:
+    """out[k] = (A^T m)[k] for A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]."""
+    torch.add(m0, m1, out=out[0]).add_(m2)
+    torch.sub(m1, m2, out=out[1]).sub_(m3)
