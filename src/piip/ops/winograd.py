@@ -22,8 +22,9 @@ winograd``). :func:`applies` takes it only at both widths >= 384.
 
 The filter transform ``G g G^T`` (16 x C_in x C_out, 16/9 of the weight's memory) is computed once
 per weight state and kept (``piip.ops.derived``); weights that cannot be tracked (made under
-``inference_mode``) keep the direct convolution. ``PIIP_WINOGRAD=0`` or :func:`set_enabled`
-turns it off.
+``inference_mode``) keep the direct convolution. Compiled CPU inference calls it as the opaque op
+``piip::winograd_conv3x3`` (``piip.ops.opaque``). ``PIIP_WINOGRAD=0`` or :func:`set_enabled` turns it
+off.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import derived
@@ -53,14 +55,19 @@ def enabled() -> bool:
     return _enabled
 
 
+def suitable(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> bool:
+    """A float32 3x3, stride-1, padding-1 convolution of two wide channel counts, the path on."""
+    return (_enabled and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and groups == 1 and tuple(weight.shape[2:]) == (3, 3) and _pair(stride) == (1, 1)
+            and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1)
+            and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
+            and (bias is None or bias.dtype == torch.float32))
+
+
 def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> bool:
-    """A float32 3x3, stride-1, padding-1 convolution of two wide channel counts (the caller checked
-    that the map is channels-last and that no gradient is wanted or traced)."""
-    return (_enabled and x.dtype == torch.float32 and weight.dtype == torch.float32 and groups == 1
-            and tuple(weight.shape[2:]) == (3, 3) and _pair(stride) == (1, 1) and _pair(padding) == (1, 1)
-            and _pair(dilation) == (1, 1) and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
-            and (bias is None or bias.dtype == torch.float32)
-            and derived.trackable((weight, bias)))
+    """:func:`suitable`, and its filter transform can be kept (the caller checked that the map is
+    channels-last and that no gradient is wanted or traced)."""
+    return suitable(x, weight, bias, stride, padding, dilation, groups) and derived.trackable((weight, bias))
 
 
 def _pair(v) -> tuple:
@@ -69,10 +76,13 @@ def _pair(v) -> tuple:
 
 def filter_transform(weight: Tensor) -> Tensor:
     """(C_out, C_in, 3, 3) -> (16, C_in, C_out): ``G g G^T`` per channel pair, tile positions
-    (u, v) row-major; computed in float64 (the entries of G are exact in binary)."""
+    (u, v) row-major. Computed in float64 (the entries of G are exact in binary, so each entry is
+    rounded once) as two GEMMs over all channel pairs at once (an einsum of the same took ~10x longer)."""
+    co, c = weight.shape[:2]
     g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ui,ocij,vj->uvco", g, weight.detach().double(), g)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    w = weight.detach().double().permute(2, 1, 0, 3).reshape(3, c * co * 3)      # (i, (c, o, j))
+    a = (g @ w).view(4 * c * co, 3)                                                 # (u, c, o) x j
+    return (a @ g.T).view(4, c, co, 4).permute(0, 3, 1, 2).reshape(16, c, co).to(weight.dtype)
 
 
 def conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], transformed: Optional[Tensor] = None) -> Tensor:
@@ -130,3 +140,19 @@ def _at(m0: Tensor, m1: Tensor, m2: Tensor, m3: Tensor, out: Tensor) -> None:
     """out[k] = (A^T m)[k] for A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]."""
     torch.add(m0, m1, out=out[0]).add_(m2)
     torch.sub(m1, m2, out=out[1]).sub_(m3)
+
+
+@torch.library.custom_op("piip::winograd_conv3x3", mutates_args=())
+def conv3x3_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """:func:`conv3x3` as one opaque op of a compiled CPU inference graph (its weights are graph
+    inputs; the kept filter transform is looked up when the graph runs). Weights it cannot keep a
+    transform of take the direct convolution. Returns a channels-last map either way."""
+    if derived.trackable((weight, bias)):
+        return conv3x3(x, weight, bias)
+    return F.conv2d(x, weight, bias, 1, 1).contiguous(memory_format=torch.channels_last)
+
+
+@conv3x3_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    b, _, h, w = x.shape
+    return x.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
