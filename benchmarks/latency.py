@@ -51,7 +51,7 @@ import piip
 from piip.complexity import count
 from piip.layers import fold as feat_fold
 from piip.ops import linear as onednn_linear
-from piip.ops import opaque
+from piip.ops import opaque, winograd
 from piip.runtime import tune_malloc
 from torch_count import counted_macs
 
@@ -359,6 +359,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="oneDNN re-lays each weight out on every call (piip.ops.linear.set_prepack(False))")
     ap.add_argument("--no-fold", action="store_true",
                     help="interaction edges' feature path unfolded (piip.layers.fold off), eager and compiled")
+    ap.add_argument("--no-winograd", action="store_true",
+                    help="the merge's wide 3x3 convs by direct convolution (piip.ops.winograd off), eager and compiled")
     ap.add_argument("--no-opaque", action="store_true",
                     help="compiled CPU inference without piip's opaque eager ops (piip.ops.opaque off)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
@@ -383,6 +385,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         feat_fold.set_enabled(False)
     if args.no_opaque:
         opaque.set_enabled(False)
+    if args.no_winograd:
+        winograd.set_enabled(False)
     header = (f"Measured {datetime.date.today()} with `python benchmarks/latency.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`: {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, {args.threads} thread(s), {'bfloat16 autocast' if args.bf16 else 'float32'}, "
@@ -391,7 +395,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"oneDNN linears (eager inference): {'on' if onednn_linear.enabled() else 'off'}"
               f"{' (engine tuned per shape)' if onednn_linear.enabled() and onednn_linear.tuning() else ''}"
               f"{', weights prepacked' if onednn_linear.enabled() and onednn_linear.prepacking() else ''}, "
-              f"feature-path fold (inference): {'on' if feat_fold.enabled() else 'off'}, compile: "
+              f"feature-path fold (inference): {'on' if feat_fold.enabled() else 'off'}, "
+              f"Winograd merge convs (inference): {'on' if winograd.enabled() else 'off'}, compile: "
               f"{'off' if args.no_compile else f'backend {args.backend}, mode {args.mode}'}"
               f"{'' if args.no_compile else ', opaque eager ops ' + ('on' if opaque.enabled() else 'off')}"
               + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else "") + ".")

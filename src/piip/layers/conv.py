@@ -24,8 +24,8 @@ class Conv2d(nn.Conv2d):
     At PIIP-TSB 1120's shapes on one core (``benchmarks/micro_ops.py --rows dwconv conv3x3``): the
     ConvFFN's depthwise convs, back to tokens, in 0.25-0.37 of the time (no copy either way); the
     detection merge's 3x3 convs in 0.90-0.96. Wide 3x3 convolutions (both widths >= 384, float32:
-    the merge's) go through Winograd's F(2x2, 3x3) instead (``piip.ops.winograd``: 1.4-1.65x at the
-    merge's shapes). Traced graphs and other inputs take the stock call.
+    the merge's) go through Winograd's F(2x2, 3x3) instead (``piip.ops.winograd``: 1.17-1.75x at
+    the merge's shapes). Traced graphs and other inputs take the stock call.
     """
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]

@@ -16,9 +16,10 @@ product ``.`` becomes one (tiles x C_in) @ (C_in x C_out) GEMM per tile position
 The transforms are additions only (B, A) or halvings (G), so it is accurate: against a float64
 convolution the error was 2-4x smaller than oneDNN's direct float32 convolution's at the merge's
 shapes. They cost memory passes, which is why it pays only for wide channels: on one core of this
-project's Xeon VM the merge's 768-channel convolutions ran 1.2-1.6x faster, 192 -> 768 at 70x70
-1.09x, and a 256-channel pyramid conv on a 280x280 map 0.6x (``benchmarks/micro_ops.py --rows
-winograd``). :func:`applies` takes it only at both widths >= 384.
+project's Xeon VM the merge's 768 -> 768 convolutions ran 1.4-1.75x faster and 384 -> 768 1.17x,
+while 192 -> 768 at 70x70 ran 0.94x and a 256-channel pyramid conv on a 280x280 map 0.70x
+(``benchmarks/micro_ops.py --rows winograd``, docs/performance.md). :func:`applies` takes it only
+at both widths >= 384.
 
 The filter transform ``G g G^T`` (16 x C_in x C_out, 16/9 of the weight's memory) is computed once
 per weight state and kept (``piip.ops.derived``); weights that cannot be tracked (made under
