@@ -31,6 +31,20 @@ def test_matches_float64_convolution(b, c, co, h, w, bias):
     assert (direct.double() - ref).abs().max() <= 2e-6 * ref.abs().max()
 
 
+def test_bands_of_tile_rows_give_the_same_output(monkeypatch):
+    """A working-set bound small enough for one tile row a band (and odd sizes, a batch of two)
+    gives the one-band output exactly (each band's arithmetic is the same)."""
+    g = torch.Generator().manual_seed(5)
+    x = _cl(torch.randn(2, 16, 11, 9, generator=g))
+    weight, bias = torch.randn(8, 16, 3, 3, generator=g), torch.randn(8, generator=g)
+    u = winograd.filter_transform(weight)
+    whole = winograd.conv3x3(x, weight, bias, transformed=u)
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)
+    assert torch.equal(winograd.conv3x3(x, weight, bias, transformed=u), whole)
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 16 * 2 * 5 * 16 * 4 * 2)     # two tile rows a band
+    assert torch.equal(winograd.conv3x3(x, weight, bias, transformed=u), whole)
+
+
 def test_applies_only_where_it_pays_and_matches():
     w = torch.zeros(384, 384, 3, 3)
     x = _cl(torch.zeros(1, 384, 6, 6))
@@ -54,9 +68,9 @@ def test_applies_only_where_it_pays_and_matches():
 
 
 def test_conv2d_layer_takes_it_eagerly_and_refolds_after_a_change(monkeypatch):
-    """The layer's eager no-grad call on a channels-last map goes through Winograd (the filter
-    transform kept), training and default-strided maps keep the stock call, and an in-place change
-    of the weight is seen."""
+    """The layer's eager no-grad call goes through Winograd (the filter transform kept), for a
+    channels-last map and a default-strided one alike; training keeps the stock call, and an
+    in-place change of the weight is seen."""
     torch.manual_seed(0)
     conv = Conv2d(384, 384, 3, padding=1, bias=True)
     x = _cl(torch.randn(1, 384, 7, 5))
@@ -70,10 +84,10 @@ def test_conv2d_layer_takes_it_eagerly_and_refolds_after_a_change(monkeypatch):
         conv.weight.mul_(2.0)
         conv.bias.mul_(2.0)
         assert torch.allclose(conv(x), 2 * out, rtol=1e-5, atol=1e-5 * out.abs().max().item())
-        conv(x.contiguous())                                        # an NCHW map: stock call
-    assert len(calls) == 2
+        nchw = conv(x.contiguous())                                 # an NCHW map: Winograd too
+        assert len(calls) == 3 and torch.equal(nchw, conv(x))
     y = conv(x)                                                     # a gradient is wanted: stock call
-    assert len(calls) == 2 and y.requires_grad
+    assert len(calls) == 4 and y.requires_grad
 
 
 def test_merge_output_with_winograd_equals_stock(monkeypatch):
@@ -129,3 +143,29 @@ def test_compiled_inference_takes_the_opaque_op(monkeypatch):
         assert seen == [0]
     finally:
         torch._dynamo.reset()
+
+
+def test_segmentor_head_takes_it_and_matches(monkeypatch):
+    """The UperNet head's convs are piip Conv2d (same keys as transformers'); with the width bound
+    lowered for a tiny head its 3x3 convs take Winograd in eval and the logits match stock."""
+    from piip.tasks.configs import SegmentorConfig
+    from piip.tasks.segmentation import build_segmentor
+    from conftest import tiny_overrides
+    torch.manual_seed(0)
+    seg = build_segmentor("piip_tsb_896_448_336_seg", 5, SegmentorConfig(channels=32, aux_channels=16),
+                          **tiny_overrides("piip_tsb_896_448_336_seg")).eval()
+    assert all(type(m.conv) is Conv2d for m in seg.decode_head.fpn_convs)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        previous = winograd.set_enabled(False)
+        try:
+            ref = seg(x)
+        finally:
+            winograd.set_enabled(previous)
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+        calls = []
+        real = winograd.conv3x3
+        monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(1) or real(*a, **k))
+        out = seg(x)
+    assert len(calls) >= 5          # PPM bottleneck, 3 FPN convs, the fuse (+ the backbone merge's)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()

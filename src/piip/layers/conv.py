@@ -24,8 +24,8 @@ class Conv2d(nn.Conv2d):
     At PIIP-TSB 1120's shapes on one core (``benchmarks/micro_ops.py --rows dwconv conv3x3``): the
     ConvFFN's depthwise convs, back to tokens, in 0.25-0.37 of the time (no copy either way); the
     detection merge's 3x3 convs in 0.90-0.96. Wide 3x3 convolutions (both widths >= 384, float32:
-    the merge's) go through Winograd's F(2x2, 3x3) instead (``piip.ops.winograd``: 1.17-1.75x at
-    the merge's shapes). Traced graphs and other inputs take the stock call.
+    the detection merge's and the UperNet head's), channels-last or not, go through Winograd's
+    F(2x2, 3x3) instead (``piip.ops.winograd``). Traced graphs and other inputs take the stock call.
     """
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
@@ -33,12 +33,14 @@ class Conv2d(nn.Conv2d):
                 and winograd.suitable(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)):
             return winograd.conv3x3_op(x, self.weight, self.bias)    # compiled inference: as one opaque op
         if not (x.dim() == 4 and x.device.type == "cpu" and self.padding_mode == "zeros" and not tracing()
-                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                 and not grad_wanted(x, self.weight)):
             return super().forward(x)
         if winograd.applies(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups):
-            return winograd.conv3x3(x, self.weight, self.bias)
-        return channels_last_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return winograd.conv3x3(x, self.weight, self.bias)      # any memory format in, channels-last out
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return channels_last_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                      self.groups)
+        return super().forward(x)
 
 
 def channels_last_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,

@@ -87,9 +87,11 @@ def filter_transform(weight: Tensor) -> Tensor:
 
 
 def conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], transformed: Optional[Tensor] = None) -> Tensor:
-    """``F.conv2d(x, weight, bias, padding=1)`` for a channels-last (B, C_in, H, W) map, returned
-    channels-last (B, C_out, H, W). No gradient. ``transformed``: :func:`filter_transform` of
-    ``weight`` made by the caller (else kept in ``piip.ops.derived``)."""
+    """``F.conv2d(x, weight, bias, padding=1)`` for a (B, C_in, H, W) map (any memory format; a
+    channels-last one is read without a transposing copy), returned channels-last (B, C_out, H, W).
+    No gradient. ``transformed``: :func:`filter_transform` of ``weight`` made by the caller (else
+    kept in ``piip.ops.derived``). Tile rows are processed in chunks whose transformed input stays
+    under ``CHUNK_BYTES``, so the working set is bounded whatever the map size."""
     u = transformed if transformed is not None else derived.cached("winograd", (weight,),
                                                                   lambda: filter_transform(weight))
     b, c, h, w = x.shape
@@ -103,30 +105,43 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], transformed: Opti
     xp[:, 1:h + 1, 0].zero_()
     xp[:, 1:h + 1, w + 1:].zero_()
     xp[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
-    sb, sh, sw, sc = xp.stride()
-    # B^T along the rows: tile row i reads padded rows 2i..2i+3 (r0..r3), without cutting columns yet
-    r = xp.as_strided((4, b, th, wp, c), (sh, sb, 2 * sh, sw, sc))
-    rows = xp.new_empty(4, b, th, wp, c)
-    _bt(r[0], r[1], r[2], r[3], rows)
-    # B^T along the columns: tile column j reads columns 2j..2j+3 -> V (4, 4, B*th*tw, C)
-    sk, sb, st, sw, sc = rows.stride()
-    cols = rows.as_strided((4, 4, b, th, tw, c), (sw, sk, sb, st, 2 * sw, sc))   # (column v, row u, ...)
-    v = xp.new_empty(4, 4, b, th, tw, c)
-    _bt(cols[0], cols[1], cols[2], cols[3], v.transpose(0, 1))
-    # the 16 channel GEMMs
-    t = b * th * tw
-    m = torch.bmm(v.view(16, t, c), u).view(4, 4, b, th, tw, co)
-    # A^T along u (rows) then v (columns), written into the (B, th, 2, tw, 2, C_out) output tiles
-    s = xp.new_empty(2, 4, b, th, tw, co)
-    _at(m[0], m[1], m[2], m[3], s)
-    out = xp.new_empty(b, th, 2, tw, 2, co)
-    _at(s[:, 0], s[:, 1], s[:, 2], s[:, 3], out.permute(4, 2, 0, 1, 3, 5))
+    out = x.new_empty(b, th, 2, tw, 2, co)
+    step = max(1, CHUNK_BYTES // (16 * b * tw * max(c, co) * x.element_size()))
+    for i in range(0, th, step):
+        n = min(step, th - i)
+        _tile_rows(xp[:, 2 * i:2 * (i + n) + 2], u, out[:, i:i + n])
     if bias is not None:
         out += bias
     out = out.view(b, 2 * th, 2 * tw, co)
     if (2 * th, 2 * tw) != (h, w):
         out = out[:, :h, :w].contiguous()
     return out.permute(0, 3, 1, 2)
+
+
+CHUNK_BYTES = 16 << 20
+
+
+def _tile_rows(xp: Tensor, u: Tensor, out: Tensor) -> None:
+    """One band of tile rows: ``xp`` (B, 2n + 2, wp, C) padded input rows -> ``out`` (B, n, 2, tw, 2,
+    C_out) output tiles."""
+    b, hp, wp, c = xp.shape
+    n, tw, co = (hp - 2) // 2, (wp - 2) // 2, u.shape[-1]
+    sb, sh, sw, sc = xp.stride()
+    # B^T along the rows: tile row i reads padded rows 2i..2i+3 (r0..r3), without cutting columns yet
+    r = xp.as_strided((4, b, n, wp, c), (sh, sb, 2 * sh, sw, sc))
+    rows = xp.new_empty(4, b, n, wp, c)
+    _bt(r[0], r[1], r[2], r[3], rows)
+    # B^T along the columns: tile column j reads columns 2j..2j+3 -> V (4, 4, B*n*tw, C)
+    sk, sb, st, sw, sc = rows.stride()
+    cols = rows.as_strided((4, 4, b, n, tw, c), (sw, sk, sb, st, 2 * sw, sc))   # (column v, row u, ...)
+    v = xp.new_empty(4, 4, b, n, tw, c)
+    _bt(cols[0], cols[1], cols[2], cols[3], v.transpose(0, 1))
+    # the 16 channel GEMMs
+    m = torch.bmm(v.view(16, b * n * tw, c), u).view(4, 4, b, n, tw, co)
+    # A^T along u (rows) then v (columns), written into the output tiles
+    s = xp.new_empty(2, 4, b, n, tw, co)
+    _at(m[0], m[1], m[2], m[3], s)
+    _at(s[:, 0], s[:, 1], s[:, 2], s[:, 3], out.permute(4, 2, 0, 1, 3, 5))
 
 
 def _bt(d0: Tensor, d1: Tensor, d2: Tensor, d3: Tensor, out: Tensor) -> None:

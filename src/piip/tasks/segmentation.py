@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..backbone import PIIPBackbone
 from ..config import IMAGE_NORMS, PIIPConfig
+from ..layers.conv import Conv2d
 from ..ops.symbolic import concrete
 from .detection import _as_backbone
 from .configs import IGNORE_INDEX, SegmentorConfig
@@ -41,7 +42,9 @@ class ConvModule(nn.Module):
 
     def __init__(self, cin: int, cout: int, kernel_size: int, padding: int = 0) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, bias=False)
+        # piip's Conv2d: nn.Conv2d's parameters and keys; eager CPU inference runs the wide 3x3
+        # ones (the FPN convs and the fuse on the stride-4 map) through Winograd (piip.ops.winograd)
+        self.conv = Conv2d(cin, cout, kernel_size, padding=padding, bias=False)
         self.batch_norm = nn.BatchNorm2d(cout)
         self.activation = nn.ReLU()
 
