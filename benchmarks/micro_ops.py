@@ -106,12 +106,15 @@ def conv3x3_rows() -> list[tuple[str, Callable, Callable]]:
 
 def winograd_rows() -> list[tuple[str, Callable, Callable]]:
     """Channels-last 3x3 convs, oneDNN's direct convolution (channels-last weight) against
-    ``piip.ops.winograd.conv3x3``: the merge's shapes (PIIP-TSB 1120), and a 256-wide pyramid
-    conv on the stride-4 map, below the width the automatic choice needs (``MIN_CHANNELS``)."""
+    ``piip.ops.winograd.conv3x3``: the merge's shapes (PIIP-TSB 1120), the UperNet head's (PIIP-TSB
+    896 segmentor: 512 -> 512 FPN convs, the 2048 -> 512 fuse on a quarter of its 224x224 map, the
+    pooling bottleneck), and narrower ones below the width the automatic choice needs
+    (``MIN_CHANNELS``): a 192 -> 768 merge conv, 256-wide detection-FPN convs, 192 -> 192."""
     from piip.ops import winograd
     rows = []
-    for c, co, side in ((768, 768, 70), (768, 768, 56), (768, 768, 28), (384, 768, 56), (192, 768, 70),
-                        (256, 256, 280)):
+    for c, co, side in ((768, 768, 70), (768, 768, 56), (768, 768, 28), (384, 768, 56), (512, 512, 112),
+                        (2048, 512, 112), (2816, 512, 28), (192, 768, 70), (256, 256, 280), (256, 256, 70),
+                        (192, 192, 70)):
         x = torch.randn(1, side * side, c).transpose(1, 2).reshape(1, c, side, side)
         w = torch.randn(co, c, 3, 3) * (9 * c) ** -0.5
         u = winograd.filter_transform(w)         # kept by the layer: made here outside the timing
