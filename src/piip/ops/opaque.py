@@ -7,8 +7,9 @@ inference keeps between calls and a graph recomputes on every call; the coarser 
 bilinear input views; the deformable sampling's geometry; the ConvFFN's depthwise conv, which
 eager runs channels-last; the pyramid's transposed convolutions, whose eager pixel shuffle writes
 the output in one pass. With them the compiled as-built forward ran 1.04x faster, as fast as
-eager (``benchmarks/opaque_ops.py``). A sixth, the merge's wide 3x3 convolutions through Winograd's
-F(2x2, 3x3) (``ops/winograd.py``), is an algorithm Inductor does not use for convolutions. Each of these
+eager (``benchmarks/opaque_ops.py``). A sixth, wide 3x3 convolutions (the merge's, the UperNet
+head's) through Winograd's F(2x2, 3x3) (``ops/winograd.py``), is an algorithm Inductor does not use
+for convolutions. Each of these
 registers a ``torch.library.custom_op`` next to its eager code, whose body is that eager code, so
 a compiled inference graph calls it as one opaque kernel and Inductor fuses everything around it.
 

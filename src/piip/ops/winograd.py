@@ -1,25 +1,26 @@
-"""3x3 convolutions of wide channels-last maps by Winograd's F(2x2, 3x3) (eager CPU inference).
+"""Wide 3x3 convolutions by Winograd's F(2x2, 3x3) (CPU inference).
 
 The detection merge (``layers/merge.py``, the released code's ``conv`` merging) runs two 3x3
 convolutions per branch at up to 768 channels on the finest grid: 68 of the 375 GMAC of an
-as-built PIIP-TSB 1120 forward, against 2.4 GMAC of convolution in ViTDet-B. Winograd's minimal
-filtering computes each 2x2 output tile from a 4x4 input tile with 16 channel GEMMs instead of 36
-multiply-adds per (input, output) channel pair: 2.25x fewer multiply-adds, paid for with element-wise
-transforms of the input and output tiles. Lavin & Gray, "Fast Algorithms for Convolutional Neural
-Networks" (CVPR 2016), with their F(2x2, 3x3) matrices:
+as-built PIIP-TSB 1120 forward, against 2.4 GMAC of convolution in ViTDet-B. The segmentors'
+UperNet head (``tasks/segmentation.py``) fuses 2048 channels into 512 with a 3x3 convolution on
+the stride-4 map. Winograd's minimal filtering computes each 2x2 output tile from a 4x4 input tile
+with 16 channel GEMMs instead of 36 multiply-adds per (input, output) channel pair: 2.25x fewer
+multiply-adds, paid for with element-wise transforms of the input and output tiles. Lavin & Gray,
+"Fast Algorithms for Convolutional Neural Networks" (CVPR 2016), with their F(2x2, 3x3) matrices:
 
     Y = A^T [ (G g G^T) . (B^T d B) ] A
 
 where g is a 3x3 filter, d a 4x4 input tile, Y the 2x2 output tile. With every channel, the
-product ``.`` becomes one (tiles x C_in) @ (C_in x C_out) GEMM per tile position (16 of them).
+product ``.`` becomes one (tiles x C_in) @ (C_in x C_out) GEMM per tile position (16 of them),
+run on bands of tile rows whose transformed input stays under ``CHUNK_BYTES``.
 
 The transforms are additions only (B, A) or halvings (G), so it is accurate: against a float64
-convolution the error was 2-4x smaller than oneDNN's direct float32 convolution's at the merge's
-shapes. They cost memory passes, which is why it pays only for wide channels: on one core of this
-project's Xeon VM the merge's 768 -> 768 convolutions ran 1.4-1.75x faster and 384 -> 768 1.17x,
-while 192 -> 768 at 70x70 ran 0.94x and a 256-channel pyramid conv on a 280x280 map 0.70x
-(``benchmarks/micro_ops.py --rows winograd``, docs/performance.md). :func:`applies` takes it only
-at both widths >= 384.
+convolution the error was 2-4x smaller than oneDNN's direct float32 convolution's. They cost memory
+passes, which is why it is taken only for wide channels. On one core of this project's Xeon VM the
+merge's and the head's convolutions ran 1.3-2.0x faster, narrower ones between 0.57x and 1.27x
+from run to run (``benchmarks/micro_ops.py --rows winograd``, docs/performance.md). :func:`applies`
+takes it at both widths >= 384.
 
 The filter transform ``G g G^T`` (16 x C_in x C_out, 16/9 of the weight's memory) is computed once
 per weight state and kept (``piip.ops.derived``); weights that cannot be tracked (made under
