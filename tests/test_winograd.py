@@ -57,6 +57,13 @@ def test_applies_only_where_it_pays_and_matches():
     assert not winograd.applies(x, torch.zeros(384, 384, 1, 1), None, 1, 1, 1, 1)
     assert not winograd.applies(x, torch.zeros(256, 384, 3, 3), None, 1, 1, 1, 1)   # narrower than MIN_CHANNELS
     assert not winograd.applies(x.double(), w.double(), None, 1, 1, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                # autocast decides the conv's precision
+        assert not winograd.applies(x, w, None, 1, 1, 1, 1)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False):                             # counted as the convolution it is
+        assert not winograd.applies(x, w, None, 1, 1, 1, 1)
+    assert not winograd.applies(x, w.requires_grad_(), None, 1, 1, 1, 1)
+    w.requires_grad_(False)
     with torch.inference_mode():
         made_here = torch.zeros(384, 384, 3, 3)                      # no version counter: not kept
     assert not winograd.applies(x, made_here, None, 1, 1, 1, 1)

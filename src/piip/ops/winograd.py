@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import derived
+from .linear import unobserved
 
 _enabled = os.environ.get("PIIP_WINOGRAD", "1") != "0"
 MIN_CHANNELS = 384   # both widths at least this (narrower convolutions gain little or lose)
@@ -67,9 +68,11 @@ def suitable(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
 
 
 def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> bool:
-    """:func:`suitable`, and its filter transform can be kept (the caller checked that the map is
-    channels-last and that no gradient is wanted or traced)."""
-    return suitable(x, weight, bias, stride, padding, dilation, groups) and derived.trackable((weight, bias))
+    """:func:`suitable` for an eager call nothing can tell apart (no gradient, autocast, dispatch
+    mode such as FLOP counting, or tracing: ``piip.ops.linear.unobserved``), whose filter transform
+    can be kept."""
+    return (suitable(x, weight, bias, stride, padding, dilation, groups) and unobserved(x, weight, bias)
+            and derived.trackable((weight, bias)))
 
 
 def _pair(v) -> tuple:
