@@ -120,17 +120,16 @@ def test_merge_output_with_winograd_equals_stock(monkeypatch):
         assert (out[k] - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max()
 
 
-@pytest.mark.heavy
 def test_compiled_inference_takes_the_opaque_op(monkeypatch):
     """Compiled CPU inference calls ``piip::winograd_conv3x3`` (fake output channels-last like the
-    real one), and the compiled merge equals eager; training graphs keep the stock convolution."""
-    from conftest import tiny_overrides
+    real one) and equals eager; training graphs keep the stock convolution."""
     torch.library.opcheck(winograd.conv3x3_op, (_cl(torch.randn(2, 8, 5, 7)), torch.randn(6, 8, 3, 3), torch.randn(6)))
     torch.library.opcheck(winograd.conv3x3_op, (torch.randn(1, 8, 4, 4), torch.randn(8, 8, 3, 3), None))
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     torch.manual_seed(0)
-    model = piip.create_model("piip_tsb_1120_896_448", **tiny_overrides("piip_tsb_1120_896_448", 128)).eval()
-    x = torch.randn(1, 3, 128, 128)
+    model = torch.nn.Sequential(Conv2d(8, 16, 3, padding=1, bias=False), torch.nn.GroupNorm(4, 16), torch.nn.ReLU(),
+                                Conv2d(16, 8, 3, padding=1)).eval()
+    x = _cl(torch.randn(2, 8, 9, 6))
 
     def count(gm, inputs):
         seen.append(sum(str(n.target) == "piip.winograd_conv3x3.default" for n in gm.graph.nodes))
@@ -141,9 +140,8 @@ def test_compiled_inference_takes_the_opaque_op(monkeypatch):
         with torch.no_grad():
             ref = model(x)
             out = torch.compile(model, fullgraph=True, backend=count)(x)
-        assert seen == [6]
-        for k in ref:
-            torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5)
+        assert seen == [2]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         torch._dynamo.reset()
         seen = []
         torch.compile(model.train(), fullgraph=True, backend=count)(x)
