@@ -162,20 +162,13 @@ def cuda_graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
     return replay
 
 
-def _rel_diff(a: Any, b: Any) -> float:
-    """max |a - b| / max |b| over the maps of two outputs (dicts of maps, or tensors)."""
-    ta = list(a.values()) if isinstance(a, dict) else [a]
-    tb = list(b.values()) if isinstance(b, dict) else [b]
-    return max(float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-12))
-               for x, y in zip(ta, tb))
-
-
 def schedules(device: str, dry_run: bool, repeats: int) -> dict:
     """(d): the as-built pair's eval forward (batch 1, bf16 autocast) under other schedules: PIIP's
     branches on CUDA streams, each model as one CUDA graph, PIIP with both; interleaved medians,
     each variant's largest difference from its model's eager output."""
     import branch_concurrency
     import latency
+    from compiled_impl import max_rel_diff
     from deform_attn import timed_interleaved
     case, over = _pair_case("tsb-1120-built", dry_run)
     over = over or {}
@@ -209,13 +202,13 @@ def schedules(device: str, dry_run: bool, repeats: int) -> dict:
                 torch.cuda.synchronize()
             except Exception as e:  # reported, the other variants still run
                 fns.pop(name, None)
-                errors[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                errors[name] = latency._first_line(e)
     else:
         errors["graphs"] = "CUDA graphs need CUDA (dry run on CPU)"
     eager = {w: fns[f"{w} eager"]() for w in ("piip", "base")}
     rows = []
     for name, fn in fns.items():
-        rows.append({"variant": name, "rel_diff": _rel_diff(fn(), eager[name.split()[0]])})
+        rows.append({"variant": name, "rel_diff": max_rel_diff(fn(), eager[name.split()[0]])})
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = timed_interleaved(fns, repeats, sync)
     for r in rows:

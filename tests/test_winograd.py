@@ -14,6 +14,28 @@ def _cl(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _spy(monkeypatch) -> list:
+    """The calls of ``winograd.conv3x3`` from here on (one entry each)."""
+    calls: list = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _stock_then_winograd(monkeypatch, model: torch.nn.Module, x: torch.Tensor):
+    """``model(x)`` without Winograd, then with it taken at every width (the tiny models are
+    narrower than ``MIN_CHANNELS``): both outputs and the Winograd calls of the second."""
+    with torch.no_grad():
+        previous = winograd.set_enabled(False)
+        try:
+            ref = model(x)
+        finally:
+            winograd.set_enabled(previous)
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+        calls = _spy(monkeypatch)
+        return ref, model(x), calls
+
+
 @pytest.mark.parametrize("b,c,co,h,w,bias", [(1, 8, 8, 5, 7, True), (2, 16, 12, 6, 6, False), (1, 4, 8, 1, 3, True),
                                              (3, 8, 4, 9, 2, False), (1, 24, 16, 14, 14, True)])
 def test_matches_float64_convolution(b, c, co, h, w, bias):
@@ -81,9 +103,7 @@ def test_conv2d_layer_takes_it_eagerly_and_refolds_after_a_change(monkeypatch):
     torch.manual_seed(0)
     conv = Conv2d(384, 384, 3, padding=1, bias=True)
     x = _cl(torch.randn(1, 384, 7, 5))
-    calls = []
-    real = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _spy(monkeypatch)
     with torch.no_grad():
         ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
         out = conv(x)
@@ -104,17 +124,7 @@ def test_merge_output_with_winograd_equals_stock(monkeypatch):
     torch.manual_seed(0)
     model = piip.create_model("piip_tsb_1120_896_448", **tiny_overrides("piip_tsb_1120_896_448", 128)).eval()
     x = torch.randn(1, 3, 128, 128)     # every branch's map wider than 1x1 (else it is not channels-last only)
-    with torch.no_grad():
-        previous = winograd.set_enabled(False)
-        try:
-            ref = model(x)
-        finally:
-            winograd.set_enabled(previous)
-        monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
-        calls = []
-        real = winograd.conv3x3
-        monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(1) or real(*a, **k))
-        out = model(x)
+    ref, out, calls = _stock_then_winograd(monkeypatch, model, x)
     assert len(calls) == 6          # 2 convs a branch, 3 branches
     for k in ref:
         assert (out[k] - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max()
@@ -160,17 +170,6 @@ def test_segmentor_head_takes_it_and_matches(monkeypatch):
     seg = build_segmentor("piip_tsb_896_448_336_seg", 5, SegmentorConfig(channels=32, aux_channels=16),
                           **tiny_overrides("piip_tsb_896_448_336_seg")).eval()
     assert all(type(m.conv) is Conv2d for m in seg.decode_head.fpn_convs)
-    x = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        previous = winograd.set_enabled(False)
-        try:
-            ref = seg(x)
-        finally:
-            winograd.set_enabled(previous)
-        monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
-        calls = []
-        real = winograd.conv3x3
-        monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(1) or real(*a, **k))
-        out = seg(x)
+    ref, out, calls = _stock_then_winograd(monkeypatch, seg, torch.rand(1, 3, 64, 64))
     assert len(calls) >= 5          # PPM bottleneck, 3 FPN convs, the fuse (+ the backbone merge's)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
