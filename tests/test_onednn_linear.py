@@ -418,3 +418,24 @@ def test_prepacked_weight_follows_the_weights_and_dies_with_them():
         assert len(derived._CACHE) <= n - 2           # the packed and the gated entries went with the layer
     finally:
         onednn.set_prepack(previous)
+
+
+def test_a_weight_freed_after_the_cache_module_is_torn_down_raises_nothing(monkeypatch):
+    """At interpreter exit a module's globals are cleared (set to None) while weights can still be
+    alive; freeing one later runs its entry's weak-reference callback, which must not look the cache
+    up as a global (that printed "Exception ignored ... 'NoneType' object has no attribute 'get'")."""
+    import gc
+    import sys
+
+    from piip.ops import derived
+    raised = []
+    monkeypatch.setattr(sys, "unraisablehook", raised.append)
+    weight = nn.Parameter(torch.randn(8, 4))
+    derived.cached("test-shutdown", (weight,), lambda: weight.detach() * 2)
+    cache = derived._CACHE
+    monkeypatch.setattr(derived, "_CACHE", None)      # what shutdown does to the module's globals
+    del weight
+    gc.collect()
+    monkeypatch.undo()
+    assert not raised, [str(r.exc_value) for r in raised]
+    assert not any(k[0] == "test-shutdown" for k in cache)   # the entry still went with its weight

@@ -92,12 +92,15 @@ def _dead(entry: _Entry) -> bool:
 def _dropper(key: tuple, value: Any) -> Callable[[Any], None]:
     """The weak-reference callback of the entry holding ``value``: removes it unless a newer entry
     took its key. Takes no lock (it may run from the garbage collector inside a locked region); a
-    lone dict ``pop`` is atomic under the GIL."""
+    lone dict ``pop`` is atomic under the GIL. The cache is bound here, not looked up as a global:
+    a weight freed during interpreter shutdown, after this module's globals were cleared, would
+    otherwise print an "Exception ignored ... AttributeError" traceback at exit."""
+    cache = _CACHE
 
     def drop(_ref: Any) -> None:
-        current = _CACHE.get(key)
+        current = cache.get(key)
         if current is not None and current.value is value:
-            _CACHE.pop(key, None)
+            cache.pop(key, None)
     return drop
 
 
