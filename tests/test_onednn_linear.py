@@ -424,6 +424,7 @@ def test_a_weight_freed_after_the_cache_module_is_torn_down_raises_nothing(monke
     """At interpreter exit a module's globals are cleared (set to None) while weights can still be
     alive; freeing one later runs its entry's weak-reference callback, which must not look the cache
     up as a global (that printed "Exception ignored ... 'NoneType' object has no attribute 'get'")."""
+    import functools
     import gc
     import sys
 
@@ -431,7 +432,7 @@ def test_a_weight_freed_after_the_cache_module_is_torn_down_raises_nothing(monke
     raised = []
     monkeypatch.setattr(sys, "unraisablehook", raised.append)
     weight = nn.Parameter(torch.randn(8, 4))
-    derived.cached("test-shutdown", (weight,), lambda: weight.detach() * 2)
+    derived.cached("test-shutdown", (weight,), functools.partial(torch.mul, weight.detach(), 2))
     cache = derived._CACHE
     monkeypatch.setattr(derived, "_CACHE", None)      # what shutdown does to the module's globals
     del weight
