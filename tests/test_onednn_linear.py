@@ -440,3 +440,24 @@ def test_a_weight_freed_after_the_cache_module_is_torn_down_raises_nothing(monke
     monkeypatch.undo()
     assert not raised, [str(r.exc_value) for r in raised]
     assert not any(k[0] == "test-shutdown" for k in cache)   # the entry still went with its weight
+
+
+def test_switches_read_their_environment_and_every_module_shares_them(monkeypatch):
+    """One ``Switch`` behind every fast path's ``set_enabled`` / ``enabled``: a default-on path is
+    off only with ``env=0``, a default-off one (engine tuning) on only with ``env=1``."""
+    from piip.layers import fold
+    from piip.ops import opaque, winograd
+    from piip.ops.switch import Switch
+    for value, on, off in [(None, True, False), ("0", False, False), ("1", True, True), ("yes", True, False)]:
+        if value is None:
+            monkeypatch.delenv("PIIP_TEST_SWITCH", raising=False)
+        else:
+            monkeypatch.setenv("PIIP_TEST_SWITCH", value)
+        assert Switch("PIIP_TEST_SWITCH").on is on
+        assert Switch("PIIP_TEST_SWITCH", default=False).on is off
+    for set_, get in [(fold.set_enabled, fold.enabled), (opaque.set_enabled, opaque.enabled),
+                      (winograd.set_enabled, winograd.enabled), (onednn.set_prepack, onednn.prepacking),
+                      (onednn.set_tuning, onednn.tuning)]:
+        before = get()
+        assert set_(not before) is before and get() is (not before)
+        assert set_(before) is (not before) and get() is before

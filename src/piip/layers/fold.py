@@ -26,7 +26,6 @@ path to float32 rounding (below 1e-6 of the largest output on the PIIP-TSB model
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -35,23 +34,14 @@ from torch import Tensor, nn
 
 from ..ops import derived
 from ..ops.linear import linear, unobserved
+from ..ops.switch import Switch
 from .linear import unhooked
 
-_enabled = os.environ.get("PIIP_FOLD", "1") != "0"
+_SWITCH = Switch("PIIP_FOLD")
+set_enabled, enabled = _SWITCH.set, _SWITCH.get
 _DTYPES = (torch.float32, torch.float64)
 # the fold must save at least this share of the stock multiply-adds to be worth a second rounding
 _MAX_COST = 0.75
-
-
-def set_enabled(flag: bool) -> bool:
-    """Turn the fold on or off (process-wide); returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(flag)
-    return previous
-
-
-def enabled() -> bool:
-    return _enabled
 
 
 class Folded(NamedTuple):
@@ -135,7 +125,7 @@ def _(x: Tensor, wp: Tensor, bp: Optional[Tensor], gamma: Optional[Tensor], beta
 def folded_path(proj: nn.Module, norm: nn.Module, out: nn.Module, x: Tensor) -> Optional[Tensor]:
     """``out(norm(proj(x)))`` through the fold where it applies and pays, else None (the caller
     runs the stock modules)."""
-    if not (_enabled and type(proj) is nn.Linear and type(out) is nn.Linear
+    if not (_SWITCH.on and type(proj) is nn.Linear and type(out) is nn.Linear
             and type(norm) in (nn.LayerNorm, nn.Identity) and x.dtype in _DTYPES and x.dim() >= 2):
         return None
     has_norm = type(norm) is nn.LayerNorm

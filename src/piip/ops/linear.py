@@ -27,7 +27,6 @@ graph as constants ("weight must be a graph constant"), and its unfrozen graphs 
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Optional
 
@@ -37,10 +36,11 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import derived
+from .switch import Switch
 from .symbolic import PLAIN_TYPES, grad_wanted, tracing
 
 ACTS = (None, "gelu", "gelu_tanh")
-_enabled = os.environ.get("PIIP_ONEDNN_LINEAR", "1") != "0"
+_SWITCH = Switch("PIIP_ONEDNN_LINEAR")
 
 
 def _op_available() -> bool:
@@ -67,14 +67,12 @@ _DTYPES = (torch.float32, torch.bfloat16) if _AVAILABLE and _bf16_supported() el
 
 def set_enabled(flag: bool) -> bool:
     """Turn the oneDNN path on or off (process-wide); returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(flag)
-    return previous
+    return _SWITCH.set(flag)
 
 
 def enabled() -> bool:
     """Whether eligible calls take the oneDNN path (the switch is on and the op is built in)."""
-    return _enabled and _AVAILABLE
+    return _SWITCH.on and _AVAILABLE
 
 
 def _onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual: Optional[Tensor]) -> Tensor:
@@ -124,7 +122,7 @@ def unobserved(*tensors: Optional[Tensor]) -> bool:
 
 
 def _eligible(x: Tensor, *others: Optional[Tensor]) -> bool:
-    if not (_enabled and _AVAILABLE and torch.backends.mkldnn.enabled):
+    if not (_SWITCH.on and _AVAILABLE and torch.backends.mkldnn.enabled):
         return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2 or x.numel() == 0:
         return False
@@ -158,7 +156,7 @@ def _fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual
     """The oneDNN call of :func:`linear` on concrete tensors: eagerly, or as the body of
     ``piip::onednn_linear`` when a compiled graph runs. ``scale`` is per output channel and
     ``residual`` has the output's shape (the caller checked)."""
-    call = _tuned if _tuning else _onednn
+    call = _tuned if _TUNING.on else _onednn
     pack = call is _onednn and _prepack(x)
     # the weights' state is checked only where something derived from them would be read
     keep = (pack or scale is not None) and _keep(weight, bias, scale)
@@ -183,17 +181,15 @@ def set_tuning(flag: bool) -> bool:
     ViT shape, on an AVX-512 / AMX Xeon 1-8 % slower at the wide ones (docs/performance.md). Off by
     default because the two engines round differently, so a process's outputs would depend on
     timings (as ``torch.backends.cudnn.benchmark`` is off by default)."""
-    global _tuning
-    previous, _tuning = _tuning, bool(flag)
-    return previous
+    return _TUNING.set(flag)
 
 
 def tuning() -> bool:
     """Whether eligible calls time the two GEMM engines per call shape (:func:`set_tuning`)."""
-    return _tuning
+    return _TUNING.on
 
 
-_tuning = os.environ.get("PIIP_LINEAR_TUNE", "0") == "1"
+_TUNING = Switch("PIIP_LINEAR_TUNE", default=False)
 # (rows rounded up to a power of two, in, out, act, residual?, dtype) -> True: oneDNN is faster
 _CHOICES: dict[tuple, bool] = {}
 _TRIALS = 2   # timed runs of each engine after one warm-up run
@@ -225,7 +221,7 @@ def _tuned(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, residual
 # layout): every weight of the narrow branches and interaction units, the 768-wide attention
 # projections; a ViT-B MLP weight (2.4M) or a 6B model's weights are not doubled in memory
 _KEEP_MAX = 1 << 20
-_prepack_on = os.environ.get("PIIP_ONEDNN_PREPACK", "1") != "0"
+_PREPACK = Switch("PIIP_ONEDNN_PREPACK")
 
 
 def set_prepack(flag: bool) -> bool:
@@ -236,20 +232,18 @@ def set_prepack(flag: bool) -> bool:
     branches ran 1.06-1.10x faster on an AVX-512 Xeon and whole PIIP forwards 1.02-1.03x, with
     identical results (docs/performance.md). The price is a second copy of those weights
     while the model lives (freed with it)."""
-    global _prepack_on
-    previous, _prepack_on = _prepack_on, bool(flag)
-    return previous
+    return _PREPACK.set(flag)
 
 
 def prepacking() -> bool:
     """Whether eager float32 calls keep their (small enough) weights prepacked (:func:`set_prepack`)."""
-    return _prepack_on
+    return _PREPACK.on
 
 
 def _prepack(x: Tensor) -> bool:
     """Whether this call reads a prepacked weight: float32 (bf16 not measured) and more than one
     row (a single row takes another oneDNN kernel, whose results the prepacked one does not match)."""
-    return _prepack_on and x.dtype == torch.float32 and x.numel() > x.shape[-1]
+    return _PREPACK.on and x.dtype == torch.float32 and x.numel() > x.shape[-1]
 
 
 def _packed(weight: Tensor) -> Tensor:

@@ -21,32 +21,22 @@ image's resized views, which need no gradient, take the op there), and so do GPU
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .linear import unobserved
+from .switch import Switch
 
-_enabled = os.environ.get("PIIP_OPAQUE_OPS", "1") != "0"
-
-
-def set_enabled(flag: bool) -> bool:
-    """Turn the opaque ops of compiled inference graphs on or off; returns the previous setting
-    (graphs compiled before keep what they traced)."""
-    global _enabled
-    previous, _enabled = _enabled, bool(flag)
-    return previous
-
-
-def enabled() -> bool:
-    return _enabled
+# (graphs compiled before a change keep what they traced)
+_SWITCH = Switch("PIIP_OPAQUE_OPS")
+set_enabled, enabled = _SWITCH.set, _SWITCH.get
 
 
 def wanted(*tensors: Optional[Tensor]) -> bool:
     """A compiled (not exported) CPU inference graph is being traced over these plain tensors."""
-    if not (_enabled and torch.compiler.is_compiling()):
+    if not (_SWITCH.on and torch.compiler.is_compiling()):
         return False
     # unobserved: plain tensors on one device, no gradient, no autocast, not exporting
     return unobserved(*tensors) and next(t for t in tensors if t is not None).device.type == "cpu"

@@ -30,7 +30,6 @@ off.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -39,28 +38,19 @@ from torch import Tensor
 
 from . import derived
 from .linear import unobserved
+from .switch import Switch
 
-_enabled = os.environ.get("PIIP_WINOGRAD", "1") != "0"
+_SWITCH = Switch("PIIP_WINOGRAD")
+set_enabled, enabled = _SWITCH.set, _SWITCH.get
 MIN_CHANNELS = 384   # both widths at least this (narrower convolutions gain little or lose)
 
 # F(2x2, 3x3): filter transform G (4 x 3); B^T and A^T are applied as explicit sums below
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
-def set_enabled(flag: bool) -> bool:
-    """Turn the Winograd path on or off (process-wide); returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(flag)
-    return previous
-
-
-def enabled() -> bool:
-    return _enabled
-
-
 def suitable(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> bool:
     """A float32 3x3, stride-1, padding-1 convolution of two wide channel counts, the path on."""
-    return (_enabled and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
+    return (_SWITCH.on and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
             and groups == 1 and tuple(weight.shape[2:]) == (3, 3) and _pair(stride) == (1, 1)
             and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1)
             and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
