@@ -442,8 +442,8 @@ def test_a_weight_freed_after_the_cache_module_is_torn_down_raises_nothing(monke
     assert not any(k[0] == "test-shutdown" for k in cache)   # the entry still went with its weight
 
 
-def test_switches_read_their_environment_and_every_module_shares_them(monkeypatch):
-    """One ``Switch`` behind every fast path's ``set_enabled`` / ``enabled``: a default-on path is
+def test_switches_read_their_environment_and_each_pair_sets_and_reads(monkeypatch):
+    """The ``Switch`` behind every fast path's ``set_enabled`` / ``enabled``: a default-on path is
     off only with ``env=0``, a default-off one (engine tuning) on only with ``env=1``."""
     from piip.layers import fold
     from piip.ops import opaque, winograd
