@@ -85,9 +85,13 @@ def _table1() -> list[Case]:
             ("piip_tsbl_1792_1568_1120_448", 1792, "vitdet_l_1024")]:
         fam = name.split("_")[1]
         first = name in ("piip_tsb_1120_896_448", "piip_sbl_1344_896_448", "piip_tsbl_1344_896_672_448")
+        # two TSB configurations start at 1568: the second branch's size tells them apart
+        key = f"{fam}-{size}" + ("-896" if name == "piip_tsb_1568_896_448" else "")
         for kind in ("trunk", "as-built"):
-            cases.append(Case(f"{fam}-{size}" + ("" if kind == "trunk" else "-built"), kind, name, base, size, 1024,
+            cases.append(Case(key + ("" if kind == "trunk" else "-built"), kind, name, base, size, 1024,
                               0.25, quick=first and (kind == "trunk" or fam == "tsb")))
+    keys = [c.key for c in cases]
+    assert len(set(keys)) == len(keys), f"duplicate case keys: {keys}"
     return cases
 
 
@@ -369,7 +373,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.list:
         for c in CASES.values():
-            print(f"{c.key:16s} {c.kind:8s} {c.piip} vs {c.base} ({c.step}){'  [quick]' if c.quick else ''}")
+            print(f"{c.key:18s} {c.kind:8s} {c.piip} vs {c.base} ({c.step}){'  [quick]' if c.quick else ''}")
         return 0
     keys = args.cases or [k for k, c in CASES.items() if c.quick or not args.quick]
     if args.repeats < 1:

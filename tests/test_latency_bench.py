@@ -64,6 +64,20 @@ def test_dino_training_case_eager():
     assert "compiled_ratio" not in row
 
 
+def test_every_table1_pair_is_a_trunk_and_an_as_built_case():
+    """The papers' Table I: nine PIIP configurations, each against its ViTDet; two share the side
+    1568 (TSB 1568/896/448 and 1568/1120/672), which once shared a key, so one of them was dropped."""
+    table1 = {"piip_tsb_1120_896_448", "piip_tsb_1568_896_448", "piip_tsb_1568_1120_672", "piip_sbl_1120_672_448",
+              "piip_sbl_1344_896_448", "piip_sbl_1568_896_672", "piip_tsbl_1344_896_672_448",
+              "piip_tsbl_1568_1120_672_448", "piip_tsbl_1792_1568_1120_448"}
+    for kind in ("trunk", "as-built"):
+        cases = [c for c in latency.CASES.values() if c.kind == kind]
+        assert {c.piip for c in cases} == table1 and len(cases) == len(table1)
+        assert all(c.base == ("vitdet_b_1024" if "_tsb_" in c.piip else "vitdet_l_1024") for c in cases)
+    assert latency.CASES["tsb-1568-896"].piip == "piip_tsb_1568_896_448"
+    assert latency.CASES["tsb-1568"].piip == "piip_tsb_1568_1120_672"
+
+
 def test_cli_list_and_bad_case(capsys):
     assert latency.main(["--list"]) == 0
     out = capsys.readouterr().out
