@@ -61,6 +61,7 @@ from .layers.attention import Attention, CrossAttention
 from .layers.deform_attn import MSDeformAttn
 from .layers.interaction import InteractionEdge
 from .layers.merge import BranchMerge
+from .ops.symbolic import pair
 
 KINDS = ("linear", "conv", "attention", "deform", "norm", "act", "pool")
 
@@ -167,13 +168,9 @@ def deform_attention_flops(n_query: int, d: int, points: int = 4) -> int:
 
 
 def _conv_out(hw: tuple[int, int], m: Union[nn.Conv2d, nn.MaxPool2d]) -> tuple[int, int]:
-    k, s, p = (_pair(getattr(m, a)) for a in ("kernel_size", "stride", "padding"))
-    d = _pair(getattr(m, "dilation", 1))
+    k, s, p = (pair(getattr(m, a)) for a in ("kernel_size", "stride", "padding"))
+    d = pair(getattr(m, "dilation", 1))
     return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))  # type: ignore[return-value]
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _out_hw(m: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
@@ -181,8 +178,8 @@ def _out_hw(m: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
     if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
         return _conv_out(hw, m)
     if isinstance(m, nn.ConvTranspose2d):
-        k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
-        op = _pair(m.output_padding)
+        k, s, p = pair(m.kernel_size), pair(m.stride), pair(m.padding)
+        op = pair(m.output_padding)
         return tuple((hw[i] - 1) * s[i] - 2 * p[i] + k[i] + op[i] for i in range(2))  # type: ignore[return-value]
     return hw
 
@@ -196,12 +193,12 @@ def module_flops(m: nn.Module, geom: Geom, width: Optional[int] = None) -> Optio
         return "linear", geom.tokens * m.in_features * m.out_features
     if isinstance(m, nn.Conv2d):
         oh, ow = _conv_out(geom.hw, m)
-        kh, kw = _pair(m.kernel_size)
+        kh, kw = pair(m.kernel_size)
         pos = oh * ow
         macs = pos * kh * kw * (m.in_channels // m.groups) * m.out_channels
         return "conv", macs + (m.out_channels * pos if m.bias is not None else 0)
     if isinstance(m, nn.ConvTranspose2d):
-        kh, kw = _pair(m.kernel_size)
+        kh, kw = pair(m.kernel_size)
         oh, ow = _out_hw(m, geom.hw)
         macs = geom.hw[0] * geom.hw[1] * kh * kw * m.in_channels * (m.out_channels // m.groups)
         return "conv", macs + (m.out_channels * oh * ow if m.bias is not None else 0)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import MissingDependency, check_output_file
 from ..ops.ms_deform_attn import use_impl
+from ..ops.symbolic import pair
 from .tasks import ExportTask, find_task
 
 __all__ = ["export_model", "ExportResult", "ExportCheckError", "check_out_path", "require_export_deps"]
@@ -79,13 +80,6 @@ def size_bounds(task: ExportTask, model: nn.Module) -> tuple[int, int]:
     backbone = task.backbone(model)
     m = int(backbone.cfg.branches[0].max_stride)
     return m, int(math.ceil(backbone.smallest_input() / m) * m)
-
-
-def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 def _check_size(size: tuple[int, int], m: int, lo: int, what: str) -> None:
@@ -181,7 +175,7 @@ def export_model(model: nn.Module, format: str, out: str, example_size: Union[in
         raise ValueError(spec.onnx_dynamic_refusal)
     model.eval()
     m, lo = size_bounds(spec, model)
-    size = _pair(example_size if example_size is not None else int(spec.backbone(model).cfg.branches[0].img_size))
+    size = pair(example_size if example_size is not None else int(spec.backbone(model).cfg.branches[0].img_size))
     _check_size(size, m, lo, "example size")
     wrapper = spec.wrap(model).eval()
     example = spec.inputs(model, 2, size)   # batch 2: a batch of 1 would be specialised (0/1 rule)

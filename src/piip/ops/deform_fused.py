@@ -40,6 +40,7 @@ from torch import Tensor
 from . import opaque
 from .ms_deform_attn import (LevelShapes, ShapesArg, StartsArg, level_layout, ms_deform_attn_points,
                              register_impl)
+from .pad import zero_padded
 from .symbolic import grad_wanted
 
 
@@ -325,20 +326,7 @@ def _sample_no_grad(value: Tensor, x: Tensor, y: Tensor, attn: Tensor) -> Tensor
     rows = torch.add(base, cell, alpha=m).view(r, p)
     idx = _corner_rows(rows, w + 2, m)                     # the corner offsets of a 2-pixel border
     cw = _corner_weights(fx, fy, attn.reshape(n, lq, m, p))
-    return F.embedding_bag(idx, _pad2(value).view(-1, d), mode="sum", per_sample_weights=cw.view(r, p * 4))
-
-
-def _pad2(value: Tensor) -> Tensor:
-    """(N, H, W, M, D) -> (N, H+4, W+4, M, D) with a zero border of two pixels; only the border is
-    zeroed (``F.pad`` fills the whole map first)."""
-    n, h, w, m, d = value.shape
-    out = value.new_empty(n, h + 4, w + 4, m, d)
-    out[:, :2].zero_()
-    out[:, h + 2:].zero_()
-    out[:, 2:h + 2, :2].zero_()
-    out[:, 2:h + 2, w + 2:].zero_()
-    out[:, 2:h + 2, 2:w + 2] = value
-    return out
+    return F.embedding_bag(idx, zero_padded(value, 2, 2, 2, 2).view(-1, d), mode="sum", per_sample_weights=cw.view(r, p * 4))
 
 
 def _fast_path(value: Tensor, loc: Tensor, attn: Tensor) -> bool:

@@ -3,7 +3,7 @@ torch.jit.trace, FakeTensor / meta forwards), where sizes may be symbolic and ca
 size-dependent branches would freeze one size into the traced graph."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor
@@ -19,6 +19,15 @@ def grad_wanted(*tensors: Tensor) -> bool:
     """Autograd would record an op on these tensors (grad mode on and one of them requires grad):
     what decides between a path with a backward and an inference-only one."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
+    """``v`` as an (h, w) pair of ints: an int for both, or a two-element sequence (a conv's
+    ``stride``, an export's example size)."""
+    if isinstance(v, int):
+        return v, v
+    h, w = v
+    return int(h), int(w)
 
 
 def concrete(sizes: Sequence[object]) -> bool:

@@ -38,7 +38,9 @@ from torch import Tensor
 
 from . import derived
 from .linear import unobserved
+from .pad import zero_padded
 from .switch import Switch
+from .symbolic import pair
 
 _SWITCH = Switch("PIIP_WINOGRAD")
 set_enabled, enabled = _SWITCH.set, _SWITCH.get
@@ -51,8 +53,8 @@ _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 def suitable(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> bool:
     """A float32 3x3, stride-1, padding-1 convolution of two wide channel counts, the path on."""
     return (_SWITCH.on and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and groups == 1 and tuple(weight.shape[2:]) == (3, 3) and _pair(stride) == (1, 1)
-            and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1)
+            and groups == 1 and tuple(weight.shape[2:]) == (3, 3) and pair(stride) == (1, 1)
+            and pair(padding) == (1, 1) and pair(dilation) == (1, 1)
             and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
             and (bias is None or bias.dtype == torch.float32))
 
@@ -63,10 +65,6 @@ def applies(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
     can be kept."""
     return (suitable(x, weight, bias, stride, padding, dilation, groups) and unobserved(x, weight, bias)
             and derived.trackable((weight, bias)))
-
-
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def filter_transform(weight: Tensor) -> Tensor:
@@ -93,12 +91,7 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], transformed: Opti
     th, tw = (h + 1) // 2, (w + 1) // 2          # 2x2 output tiles; odd sizes get a cropped last tile
     hp, wp = 2 * th + 2, 2 * tw + 2
     # the zero-padded map (B, hp, wp, C): one pixel on top / left, one or two on the bottom / right
-    xp = x.new_empty(b, hp, wp, c)
-    xp[:, 0].zero_()
-    xp[:, h + 1:].zero_()
-    xp[:, 1:h + 1, 0].zero_()
-    xp[:, 1:h + 1, w + 1:].zero_()
-    xp[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
+    xp = zero_padded(x.permute(0, 2, 3, 1), 1, hp - h - 1, 1, wp - w - 1)
     out = x.new_empty(b, th, 2, tw, 2, co)
     step = max(1, CHUNK_BYTES // (16 * b * tw * max(c, co) * x.element_size()))
     for i in range(0, th, step):
