@@ -17,6 +17,7 @@ import time
 import torch
 
 import piip
+from piip.runtime import tune_malloc
 
 MODELS = [("piip_tsb_368_192_128_cls", 368, 17.4), ("deit_b_224_cls", 224, 17.6)]
 
@@ -36,9 +37,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-tune-malloc", action="store_true",
+                    help="keep glibc's default allocator settings (piip's CLI tunes them, see piip.runtime)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = False if args.no_tune_malloc else tune_malloc()
     dev = torch.device(args.device)
     torch.manual_seed(0)
     runs = []
@@ -53,7 +57,8 @@ def main() -> None:
             t = time.perf_counter()
             step(model, x, target)
             times.append(time.perf_counter() - t)
-    print(f"batch {args.batch}, {args.repeats} timed steps each (median), {torch.get_num_threads()} thread(s), {dev}")
+    print(f"batch {args.batch}, {args.repeats} timed steps each (median), {torch.get_num_threads()} thread(s), {dev}, "
+          f"malloc tuned: {tuned}")
     print(f"{'model':28s} {'input':>6s} {'GFLOPs':>7s} {'s/step':>8s} {'img/s':>7s}")
     rates = []
     for name, size, gflops, *_, times in runs:

@@ -19,6 +19,7 @@ import torch
 
 from torch_count import counted_macs
 
+from piip.runtime import tune_malloc
 from piip.tasks.segmentation import SegmentorConfig, build_segmentor
 
 PAIR = (("piip_tsb_896_448_336_seg", 896), ("vit_b_640_seg", 640))
@@ -37,9 +38,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--scale", type=float, default=1.0, help="input size factor (multiples of 16 are kept)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    ap.add_argument("--no-tune-malloc", action="store_true",
+                    help="keep glibc's default allocator settings (piip's CLI tunes them, see piip.runtime)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = False if args.no_tune_malloc else tune_malloc()
     device = torch.device(args.device)
     models, inputs, flops, bb_flops, times = {}, {}, {}, {}, {}
     for name, size in PAIR:
@@ -61,7 +65,8 @@ def main() -> None:
                 m(inputs[name])
                 _sync(device)
                 times[name].append(time.perf_counter() - t)
-    print(f"device {device}, threads {torch.get_num_threads()}, repeats {args.repeats}, bf16 {args.bf16}")
+    print(f"device {device}, threads {torch.get_num_threads()}, repeats {args.repeats}, bf16 {args.bf16}, "
+          f"malloc tuned: {tuned}")
     print(f"{'segmentor':28s} {'input':>6s} {'backbone GMACs':>15s} {'total GMACs':>12s} {'paper G':>8s} {'median s':>9s}")
     for name, _ in PAIR:
         print(f"{name:28s} {inputs[name].shape[-1]:6d} {bb_flops[name] / 1e9:15.1f} {flops[name] / 1e9:12.1f} "
