@@ -169,6 +169,8 @@ def measure(case: Case, quick: bool, compiled: bool, repeats: int,
         model, flops = build_model(case, role, sides[role], CPU, **dict((overrides or {}).get(role, {})))
         eager = make_step(case, model, sides[role], CPU)
         macs = counted_macs(eager)
+        if compiled:
+            torch._dynamo.reset()                         # each model's graph compiled afresh (latency.py)
         step = make_step(case, model, sides[role], CPU, compiled={}) if compiled else eager
         step()                                            # warm-up (compiles)
         step()

@@ -165,7 +165,13 @@ def make_step(case: Case, model: nn.Module, side: int, device: torch.device,
               compiled: Optional[dict] = None) -> Callable[[], Any]:
     """A zero-argument step of ``model`` on fixed random inputs: eager, or (``compiled``: the
     ``torch.compile`` keyword arguments) through ``torch.compile`` of the same module, the whole model
-    or, for DINO, its backbone."""
+    or, for DINO, its backbone.
+
+    Compiled with static shapes unless ``compiled`` says ``dynamic``: a PIIP model and its baseline
+    are often the same class (ViTDet and DeiT are one-branch PIIP models), so the second one compiled
+    is a recompile of the same code at another input size, which Dynamo's automatic dynamic shapes
+    would trace with symbolic sizes; a user compiling one model at one size gets a static graph."""
+    compiled = None if compiled is None else {"dynamic": False, **compiled}
     g = torch.Generator().manual_seed(0)
     if case.kind == "dino":
         h = side * 3 // 4
@@ -279,6 +285,9 @@ def measure_case(case: Case, quick: bool, repeats: int, device: torch.device, co
         counted[w] = counted_macs(steps[w])   # eager warm-up = FLOP count
         steps[w]()   # a warm-up outside the counter too
     if compile_ is not None:
+        # a fresh Dynamo state a case: earlier cases' graphs would count toward the recompile limit
+        # of the code they share (past it Dynamo runs the step eagerly, without an error)
+        torch._dynamo.reset()
         for w in ("piip", "base"):
             try:
                 step = _autocast(make_step(case, models[w], sides[w], device, compiled=compile_), device, autocast)

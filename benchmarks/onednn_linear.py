@@ -98,6 +98,7 @@ def main() -> None:
         case = CASES[key]
         sides = case_sides(case, args.quick)
         steps = {}
+        torch._dynamo.reset()    # a fresh Dynamo state a case (recompile limit; latency.measure_case)
         for role in ("piip", "base"):
             model, _ = build_model(case, role, sides[role], CPU)
             step = make_step(case, model, sides[role], CPU, compiled={} if args.compiled else None)

@@ -47,6 +47,7 @@ def measure(case_key: str, quick: bool, repeats: int) -> dict:
     sides = case_sides(case, quick)
     steps: dict[tuple[str, str], Callable[[], Any]] = {}
     diffs: dict[tuple[str, str], float] = {}
+    torch._dynamo.reset()        # a fresh Dynamo state a case (recompile limit; latency.measure_case)
     for w in ("piip", "base"):
         model, _ = build_model(case, w, sides[w], CPU)
         eager = make_step(case, model, sides[w], CPU)

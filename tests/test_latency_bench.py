@@ -53,6 +53,26 @@ def test_trunk_case_eager_and_compiled(tmp_path):
     assert "old" not in text and "| tsb-1120 |" in text and text.startswith("intro") and text.endswith("tail\n")
 
 
+@pytest.mark.heavy
+def test_each_compiled_model_gets_its_own_static_graph():
+    """PIIP and its baseline are often one class (DeiT-B is a one-branch PIIP classifier); compiled
+    one after the other at different sizes, Dynamo's automatic dynamic shapes traced the second one
+    with symbolic sizes, and a case after another reused or re-specialised the earlier graphs."""
+    symbolic: list[bool] = []
+
+    def record(gm, example_inputs):
+        symbolic.append(any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
+            isinstance(s, torch.SymInt) for s in x.shape)) for x in example_inputs))
+        return gm.forward
+
+    over = {"piip": _tiny(3), "base": {"branches": [TINY_VIT]}}
+    for key, scale in (("cls-eval", 1 / 4), ("tsb-1568-896", 1 / 16)):
+        start = len(symbolic)
+        row = latency.measure_case(_case(key, scale), True, 1, torch.device("cpu"), {"backend": record}, overrides=over)
+        assert row["piip_side"] != row["base_side"] and not row["compile_errors"]
+        assert symbolic[start:] == [False, False], (key, symbolic[start:])   # one static graph a model
+
+
 def test_dino_training_case_eager():
     """The DINO step (training, the backbone swapped in for the compiled variant); the classifier's
     train step is the same pattern on a plain model."""
