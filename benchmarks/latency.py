@@ -15,7 +15,7 @@ vs ViT-B 640 UperNet, eval forward); the DINO step (PIIP-TSB 1120 vs ViTDet-B 10
 head, forward + backward on one image with 6 boxes; compiled = the backbone compiled, the head eager).
 
 Method: the two models of a case and their compiled versions (``torch.compile`` of the same module,
-default settings) warm up first (eager: one pass counting FLOPs with ``torch.utils.flop_counter`` and
+static shapes, otherwise default settings; each case from a fresh Dynamo state) warm up first (eager: one pass counting FLOPs with ``torch.utils.flop_counter`` and
 one plain pass; compiled: two passes, the first timed as the compile time), then the four run interleaved ``--repeats`` times and
 the medians are printed. Ratios are PIIP / baseline latency of the same run next to the FLOPs ratio of
 ``piip.complexity`` (``piip flops``: paper convention for ``trunk``, as built otherwise; for the
